@@ -1,0 +1,110 @@
+"""The manifest: the one frozen description of an exported model that the runtime reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+MODEL_NAME = "model.onnx"
+TOKENIZER_NAME = "tokenizer.json"
+FORMAT_VERSION = 1  # bump when the graph contract changes; the engine refuses other versions
+
+# Graph I/O names. Layer-indexed names come from these templates, never from substring search.
+INPUT_IDS = "input_ids"
+POSITION_IDS = "position_ids"
+SEQLENS_K = "seqlens_k"
+TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
+LOGITS_INDEX = "logits_index"
+LOGITS = "logits"
+PAST_KEY = "past_key_values.{i}.key"
+PAST_VALUE = "past_key_values.{i}.value"
+PRESENT_KEY = "present.{i}.key"
+PRESENT_VALUE = "present.{i}.value"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """GPT-2 dimensions and export facts, written by export as manifest.json beside model.onnx."""
+
+    n_layer: int
+    n_head: int
+    n_embd: int
+    n_positions: int
+    vocab_size: int
+    eos_token_id: int
+    bos_token_id: int
+    dtype: str = "float32"  # activations / KV cache dtype: float32 | float16
+    quantization: str | None = None  # None | int8 | int4 (weight-only MatMulNBits)
+    source: str = ""  # checkpoint the model was exported from
+    exporter_version: str = ""
+    format_version: int = FORMAT_VERSION
+    onnx_bytes: int = 0  # size of model.onnx, to detect truncated copies
+    external_data: str | None = None  # file holding the weights when the model is over 2 GB
+    external_data_bytes: int = 0
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    def past_names(self) -> list[str]:
+        return [t.format(i=i) for i in range(self.n_layer) for t in (PAST_KEY, PAST_VALUE)]
+
+    def present_names(self) -> list[str]:
+        return [t.format(i=i) for i in range(self.n_layer) for t in (PRESENT_KEY, PRESENT_VALUE)]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write manifest.json into folder."""
+        path = Path(folder) / MANIFEST_NAME
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "ModelConfig":
+        """Read and validate manifest.json from an exported folder."""
+        path = Path(folder) / MANIFEST_NAME
+        if not path.is_file():
+            raise ValueError(
+                f"{path} not found: {folder} is not an exported model folder. "
+                f"Export a checkpoint first: gpt2-onnx export MODEL -o {folder}"
+            )
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-export the model with gpt2-onnx export") from e
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} does not hold a JSON object; re-export the model with gpt2-onnx export")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has format_version {version!r} but this engine reads format {FORMAT_VERSION}; "
+                "re-export the model with this version's gpt2-onnx export"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.name not in raw and f.default is dataclasses.MISSING)
+        if unknown or missing:
+            raise ValueError(f"{path}: unknown fields {unknown}, missing fields {missing}; re-export the model")
+        cfg = cls(**raw)
+        cfg.validate(str(path))
+        return cfg
+
+    def validate(self, where: str = "config") -> None:
+        """Raise ValueError if the dimensions are inconsistent."""
+        for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{where}: {name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"{where}: n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        for name in ("eos_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not 0 <= v < self.vocab_size:
+                raise ValueError(f"{where}: {name} {v!r} is outside the vocabulary [0, {self.vocab_size})")
+        if self.dtype not in ("float32", "float16"):
+            raise ValueError(f"{where}: dtype must be float32 or float16, got {self.dtype!r}")
+        if self.quantization not in (None, "int8", "int4"):
+            raise ValueError(f"{where}: quantization must be null, int8 or int4, got {self.quantization!r}")

@@ -1,0 +1,54 @@
+"""tokenizer.json via `tokenizers`, plus incremental decoding that only emits whole UTF-8 characters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+
+
+class Tokenizer:
+    """Encode text to ids and decode ids to text (special tokens dropped)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path} not found: the exported folder is incomplete; re-export with gpt2-onnx export")
+        try:
+            self._tok = _HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise ValueError(f"could not read tokenizer {path}: {e}") from e
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+class TextStream:
+    """Turns a growing id list into text deltas; a character split across tokens is held back."""
+
+    def __init__(self, tok: Tokenizer, ids: list[int] | None = None):
+        self.tok = tok
+        self.ids: list[int] = list(ids or [])
+        self.prefix = max(0, len(self.ids) - 5)  # decode with a little left context (spaces, merges)
+        self.read = len(self.ids)
+
+    def push(self, token_id: int) -> str:
+        """Add one id; return the newly completed text ('' while a character is incomplete)."""
+        self.ids.append(token_id)
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        after = self.tok.decode(self.ids[self.prefix :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            delta = after[len(before) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        after = self.tok.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before) :]

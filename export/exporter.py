@@ -1,0 +1,158 @@
+"""export_model: checkpoint in, self-contained engine folder out."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from engine import config as C
+from export import checkpoint
+from export.graph import build
+
+EXPORTER_VERSION = "0.1.0"
+TWO_GB = 2**31 - 1
+DATA_NAME = "model.onnx.data"
+
+Progress = Callable[[str], None]
+
+
+def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | None) -> tuple[C.ModelConfig, float, list[float]]:
+    hf = ck.config
+    n_layer, n_head, n_embd = hf.get("n_layer", 12), hf.get("n_head", 12), hf.get("n_embd", 768)
+    vocab = int(ck.weights["wte.weight"].shape[0])
+    eos = hf.get("eos_token_id", 50256)
+    bos = hf.get("bos_token_id", eos)
+    cfg = C.ModelConfig(
+        n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=hf.get("n_positions", 1024), vocab_size=vocab,
+        eos_token_id=eos if isinstance(eos, int) else eos[0], bos_token_id=bos if isinstance(bos, int) else bos[0],
+        dtype=dtype, quantization=quantization, source=ck.source, exporter_version=EXPORTER_VERSION,
+    )
+    cfg.validate(f"{ck.folder / 'config.json'}")
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise ValueError(f"{ck.folder / 'config.json'}: n_inner {hf['n_inner']} is not 4*n_embd; not supported")
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"{ck.folder / 'config.json'}: activation_function {hf['activation_function']!r} "
+                         "is not supported (gelu_new only)")
+    hs = n_embd // n_head
+    scales = []
+    for i in range(n_layer):
+        s = 1.0 / np.sqrt(hs) if hf.get("scale_attn_weights", True) else 1.0
+        if hf.get("scale_attn_by_inverse_layer_idx", False):
+            s /= i + 1
+        scales.append(float(s))
+    return cfg, float(hf.get("layer_norm_epsilon", 1e-5)), scales
+
+
+def _check_weights(cfg: C.ModelConfig, w: dict[str, np.ndarray], folder: Path) -> None:
+    E, V, P = cfg.n_embd, cfg.vocab_size, cfg.n_positions
+    expect = {"wte.weight": (V, E), "wpe.weight": (P, E), "ln_f.weight": (E,), "ln_f.bias": (E,)}
+    for i in range(cfg.n_layer):
+        p = f"h.{i}"
+        expect |= {
+            f"{p}.ln_1.weight": (E,), f"{p}.ln_1.bias": (E,), f"{p}.ln_2.weight": (E,), f"{p}.ln_2.bias": (E,),
+            f"{p}.attn.c_attn.weight": (E, 3 * E), f"{p}.attn.c_attn.bias": (3 * E,),
+            f"{p}.attn.c_proj.weight": (E, E), f"{p}.attn.c_proj.bias": (E,),
+            f"{p}.mlp.c_fc.weight": (E, 4 * E), f"{p}.mlp.c_fc.bias": (4 * E,),
+            f"{p}.mlp.c_proj.weight": (4 * E, E), f"{p}.mlp.c_proj.bias": (E,),
+        }
+    for name, shape in expect.items():
+        if name not in w:
+            raise ValueError(f"{folder}: weight {name} is missing; is this a complete GPT-2 checkpoint?")
+        if tuple(w[name].shape) != shape:
+            raise ValueError(f"{folder}: weight {name} has shape {tuple(w[name].shape)}, config implies {shape}")
+    if "lm_head.weight" in w and np.array_equal(w["lm_head.weight"], w["wte.weight"]):
+        del w["lm_head.weight"]  # tied: store wte once
+
+
+def write_tokenizer(folder: Path, dest: Path) -> None:
+    """Copy tokenizer.json, or build it from vocab.json + merges.txt (GPT-2 byte-level BPE)."""
+    if (folder / C.TOKENIZER_NAME).is_file():
+        shutil.copyfile(folder / C.TOKENIZER_NAME, dest)
+        return
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if not (vocab.is_file() and merges.is_file()):
+        raise ValueError(f"{folder} has no tokenizer: expected tokenizer.json or vocab.json + merges.txt")
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    if "<|endoftext|>" in json.loads(vocab.read_text()):
+        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    tok.save(str(dest))
+
+
+def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
+                 progress: Progress | None = None) -> Path:
+    """Export a GPT-2 checkpoint (Hub id or HF folder) to `out`; returns the folder.
+
+    The folder is written atomically: a failed export leaves no half-written model behind.
+    """
+    say = progress or (lambda msg: None)
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+    if quantize not in (None, "int8", "int4"):
+        raise ValueError(f"quantize must be int8 or int4, got {quantize!r}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / C.MANIFEST_NAME).is_file():
+        raise ValueError(f"{out} is a non-empty folder that is not a gpt2-onnx export; choose another -o")
+
+    say(f"reading checkpoint {model}")
+    ck = checkpoint.load(model)
+    cfg, eps, scales = _model_config(ck, dtype, quantize)
+    _check_weights(cfg, ck.weights, ck.folder)
+
+    quantizer = None
+    if quantize:
+        from export.quantize import matmul_nbits
+
+        bits = 8 if quantize == "int8" else 4
+        quantizer = lambda name, arr: matmul_nbits(arr, bits=bits, dtype=dtype)  # noqa: E731
+
+    say(f"building graph ({cfg.n_layer} layers, n_embd {cfg.n_embd}, {dtype}{', ' + quantize if quantize else ''})")
+    proto = build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer)
+    del ck.weights
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        import onnx
+
+        say("writing model.onnx")
+        big = proto.ByteSize() > TWO_GB if _can_size(proto) else True
+        onnx_path = tmp / C.MODEL_NAME
+        if big:
+            onnx.save_model(proto, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=DATA_NAME, size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(onnx_path))
+        write_tokenizer(ck.folder, tmp / C.TOKENIZER_NAME)
+        final = C.ModelConfig(**{**cfg.__dict__, "onnx_bytes": onnx_path.stat().st_size,
+                                 "external_data": DATA_NAME if big else None,
+                                 "external_data_bytes": (tmp / DATA_NAME).stat().st_size if big else 0})
+        final.save(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"exported to {out}")
+    return out
+
+
+def _can_size(proto) -> bool:
+    try:
+        proto.ByteSize()
+        return True
+    except ValueError:  # protobuf refuses to size messages over 2 GB
+        return False

@@ -1,0 +1,126 @@
+"""Build the GPT-2 decoder graph directly from weights, with onnxruntime contrib ops.
+
+Per layer: MatMul+Add -> GroupQueryAttention (packed QKV, past/present KV that may share one
+max-length buffer) -> MatMul -> SkipLayerNormalization -> MatMul -> FastGelu (= gelu_new, bias
+fused) -> MatMul -> SkipLayerNormalization. The embedding Gather and the LM head share `wte`;
+the LM head runs only on the positions named by `logits_index`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from engine import config as C
+
+MS = "com.microsoft"
+OPSET = 17
+IR_VERSION = 10
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self._n = 0
+
+    def weight(self, name: str, arr: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, *, domain: str = "", name: str = "",
+           outputs: list[str] | None = None, **attrs) -> list[str]:
+        self._n += 1
+        base = name or f"{op_type}_{self._n}"
+        outs = outputs or [f"{base}/out{j}" for j in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=base, domain=domain or None, **attrs))
+        return outs
+
+
+def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scales: list[float],
+          quantize=None) -> onnx.ModelProto:
+    """Return the ONNX model for GPT-2 weights `w` (canonical names, float32 numpy).
+
+    `quantize(name, weight (K, N)) -> (op inputs, attrs) | None` lets the caller swap a MatMul
+    for MatMulNBits; None keeps fp32/fp16 MatMuls.
+    """
+    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    onnx_dtype = TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
+    b = _Builder()
+
+    def W(name: str) -> str:
+        return b.weight(name, w[name].astype(np_dtype))
+
+    def linear(x: str, prefix: str, *, bias: bool = True) -> str:
+        """x @ weight (+ bias); weight is GPT-2 Conv1D layout (in, out)."""
+        wname = f"{prefix}.weight"
+        q = quantize(wname, w[wname]) if quantize else None
+        if q is not None:
+            inputs, attrs = q
+            inputs = [x] + [b.weight(n, a) for n, a in inputs]
+            if bias:
+                inputs += ["", "", W(f"{prefix}.bias")]  # MatMulNBits: A, B, scales, zero_points, g_idx, bias
+            return b.op("MatMulNBits", inputs, domain=MS, name=prefix, **attrs)[0]
+        y = b.op("MatMul", [x, W(wname)], name=f"{prefix}/MatMul")[0]
+        return b.op("Add", [y, W(f"{prefix}.bias")], name=f"{prefix}/Add")[0] if bias else y
+
+    # embeddings: (B, S) ids -> (B, S, n_embd)
+    wte = W("wte.weight")
+    tok = b.op("Gather", [wte, C.INPUT_IDS], name="wte")[0]
+    pos = b.op("Gather", [W("wpe.weight"), C.POSITION_IDS], name="wpe")[0]
+    resid = b.op("Add", [tok, pos], name="embed")[0]
+    x = b.op("LayerNormalization", [resid, W("h.0.ln_1.weight"), W("h.0.ln_1.bias")],
+             name="h.0.ln_1", axis=-1, epsilon=eps)[0]
+
+    for i in range(cfg.n_layer):
+        p = f"h.{i}"
+        qkv = linear(x, f"{p}.attn.c_attn")  # (B, S, 3 * n_embd): q heads | k heads | v heads
+        attn, _, _ = b.op(
+            "GroupQueryAttention",
+            [qkv, "", "", C.PAST_KEY.format(i=i), C.PAST_VALUE.format(i=i), C.SEQLENS_K, C.TOTAL_SEQUENCE_LENGTH],
+            domain=MS, name=f"{p}.attn",
+            outputs=[f"{p}.attn/out", C.PRESENT_KEY.format(i=i), C.PRESENT_VALUE.format(i=i)],
+            num_heads=cfg.n_head, kv_num_heads=cfg.n_head, scale=attn_scales[i],
+        )
+        proj = linear(attn, f"{p}.attn.c_proj", bias=False)
+        x, _, _, resid = b.op(
+            "SkipLayerNormalization",
+            [proj, resid, W(f"{p}.ln_2.weight"), W(f"{p}.ln_2.bias"), W(f"{p}.attn.c_proj.bias")],
+            n_out=4, domain=MS, name=f"{p}.ln_2", epsilon=eps,
+        )
+        fc = linear(x, f"{p}.mlp.c_fc", bias=False)
+        act = b.op("FastGelu", [fc, W(f"{p}.mlp.c_fc.bias")], domain=MS, name=f"{p}.mlp.gelu")[0]
+        out = linear(act, f"{p}.mlp.c_proj", bias=False)
+        nxt = f"h.{i + 1}.ln_1" if i + 1 < cfg.n_layer else "ln_f"
+        x, _, _, resid = b.op(
+            "SkipLayerNormalization",
+            [out, resid, W(f"{nxt}.weight"), W(f"{nxt}.bias"), W(f"{p}.mlp.c_proj.bias")],
+            n_out=4, domain=MS, name=nxt, epsilon=eps,
+        )
+
+    # LM head only where asked: (B, S, E) gathered at (B, K) -> (B, K, E) -> (B, K, V)
+    idx = b.op("Unsqueeze", [C.LOGITS_INDEX, b.weight("axis_last", np.array([-1], np.int64))], name="logits_index")[0]
+    h = b.op("GatherND", [x, idx], name="gather_positions", batch_dims=1)[0]
+    head = wte if "lm_head.weight" not in w else W("lm_head.weight")
+    logits = b.op("FusedMatMul", [h, head], domain=MS, name="lm_head", transB=1)[0]
+    if cfg.dtype == "float16":  # logits leave the graph in fp32
+        b.op("Cast", [logits], name="logits_fp32", outputs=[C.LOGITS], to=TensorProto.FLOAT)
+    else:
+        b.nodes[-1].output[0] = C.LOGITS
+
+    kv_shape = ["batch", cfg.n_head, "max_length", cfg.head_size]
+    inputs = [
+        helper.make_tensor_value_info(C.INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(C.POSITION_IDS, TensorProto.INT64, ["batch", "sequence"]),
+        helper.make_tensor_value_info(C.SEQLENS_K, TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info(C.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
+        helper.make_tensor_value_info(C.LOGITS_INDEX, TensorProto.INT64, ["batch", "num_logits"]),
+    ] + [helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in cfg.past_names()]
+    outputs = [helper.make_tensor_value_info(C.LOGITS, TensorProto.FLOAT, ["batch", "num_logits", cfg.vocab_size])]
+    outputs += [helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in cfg.present_names()]
+    graph = helper.make_graph(b.nodes, "gpt2", inputs, outputs, initializer=b.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
+                              producer_name="gpt2-onnx")
+    model.ir_version = IR_VERSION
+    return model

@@ -1,0 +1,73 @@
+"""The CLI end to end, as a user runs it: subprocesses, real exit codes and output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def cli(*args, env_extra=None, input=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, input=input, timeout=300)
+
+
+def test_export_info_generate(tiny, tmp_path):
+    _, engine, ck, _ = tiny
+    out = tmp_path / "exp"
+    r = cli("export", ck, "-o", out)
+    assert r.returncode == 0, r.stderr
+    r = cli("info", out)
+    assert r.returncode == 0 and "n_layer" in r.stdout and "past_key_values.0.key" in r.stdout
+    r = cli("generate", "-m", out, "the quick", "--max-new-tokens", "8")
+    assert r.returncode == 0, r.stderr
+    expected = engine.generate("the quick", max_new_tokens=8)
+    assert r.stdout == "the quick" + expected.text + "\n"
+
+
+def test_generate_from_checkpoint_exports_once_into_cache(tiny, tmp_path):
+    _, _, ck, _ = tiny
+    env = {"GPT2_ONNX_CACHE": str(tmp_path / "cache")}
+    r1 = cli("generate", "-m", ck, "hello", "-n", "4", env_extra=env)
+    assert r1.returncode == 0, r1.stderr
+    exports = list((tmp_path / "cache").iterdir())
+    assert len(exports) == 1 and (exports[0] / "manifest.json").is_file()
+    mtime = (exports[0] / "model.onnx").stat().st_mtime_ns
+    r2 = cli("generate", "-m", ck, "hello", "-n", "4", env_extra=env)
+    assert r2.stdout == r1.stdout
+    assert (exports[0] / "model.onnx").stat().st_mtime_ns == mtime  # reused, not re-exported
+
+
+def test_stream_prints_same_text(tiny):
+    _, engine, _, onnx_dir = tiny
+    r = cli("generate", "-m", onnx_dir, "to be", "-n", "10", "--stream")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == engine.generate("to be", max_new_tokens=10).text + "\n"
+
+
+def test_prompt_from_stdin(tiny):
+    _, engine, _, onnx_dir = tiny
+    r = cli("generate", "-m", onnx_dir, "-", "-n", "5", input="the lazy")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "the lazy" + engine.generate("the lazy", max_new_tokens=5).text + "\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "-m", "{onnx}", "x", "-n", "100000"], "exceeds the model's context"),
+    (["generate", "-m", "{missing}", "x"], "no such folder"),
+    (["info", "{missing}"], "is not a folder"),
+    (["generate", "-m", "{onnx}", "x", "--provider", "cuda"], "provider 'cuda' asked for"),
+])
+def test_errors_are_one_clear_line(tiny, tmp_path, args, message):
+    import onnxruntime as ort
+
+    if "cuda" in args and "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA present")
+    _, _, _, onnx_dir = tiny
+    args = [a.format(onnx=onnx_dir, missing=tmp_path / "no" / "such") for a in args]
+    r = cli(*args)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
