@@ -1,0 +1,98 @@
+"""python -m benchmarks: run each system in its own process on the same ids; write JSON + markdown.
+
+    python -m benchmarks --systems ours,hf-torch --prompt 32 --new 64 --batch 1 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_checkpoint(folder: Path, seed: int = 0) -> Path:
+    """GPT2Config() (124M shape), seeded random init, saved once (needs torch + transformers)."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())  # benchmarks run on ids; a small byte-level BPE satisfies the exporter
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["benchmark"], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def run_system(name: str, ck: Path, ids, new_tokens: int, runs: int, threads: int) -> dict:
+    spec = json.dumps({"system": name, "checkpoint": str(ck), "ids": ids, "new_tokens": new_tokens,
+                       "runs": runs, "threads": threads})
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    p = subprocess.run([sys.executable, "-m", "benchmarks.systems", spec], capture_output=True, text=True, env=env)
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"status": f"failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--systems", default="ours,hf-torch")
+    ap.add_argument("--checkpoint", default=None, help="HF GPT-2 folder [default: random-init GPT2Config()]")
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--name", default=None, help="results file stem")
+    args = ap.parse_args()
+
+    ck = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path.home() / ".cache" / "gpt2-onnx" / "bench-gpt2-124m")
+    vocab = json.loads((ck / "config.json").read_text())["vocab_size"]
+    ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.prompt)).tolist()
+    rows = {}
+    for name in args.systems.split(","):
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        rows[name] = run_system(name, ck, ids, args.new, args.runs, args.threads)
+    ref = rows.get("ours", {}).get("ids")
+    for r in rows.values():
+        r["ids_agree_with_ours"] = (r.get("ids") == ref) if ref is not None and "ids" in r else None
+        r.pop("ids", None)
+    base = rows.get("hf-torch", {}).get("decode_tok_s")
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "checkpoint": str(ck), **{k: v for k, v in vars(args).items() if k != "checkpoint"}}
+    stem = args.name or f"cpu-b{args.batch}-p{args.prompt}-n{args.new}"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "systems": rows}, indent=2) + "\n")
+    lines = [f"prompt {args.prompt}, {args.new} new greedy tokens, batch {args.batch}, {args.threads} threads, "
+             f"median of {args.runs} runs, {meta['date']}", "",
+             "| system | decode tok/s | x HF torch | time to first token ms | peak RSS MB | model MB | ids agree |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | {r.get('status')} | | | | | |")
+            continue
+        ratio = f"{r['decode_tok_s'] / base:.2f}" if base else "-"
+        lines.append(f"| {name} | {r['decode_tok_s']:.1f} | {ratio} | {r['ttft_s'] * 1e3:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r.get('model_bytes', 0) / 1e6:.0f} | {r['ids_agree_with_ours']} |")
+    table = "\n".join(lines) + "\n"
+    (RESULTS / f"{stem}.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
