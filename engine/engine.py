@@ -29,6 +29,7 @@ class Step:
     text: str
     finish_reason: str | None  # set on the row's last step: "length" | "eos" | "stop"
     time: float  # seconds since the call started
+    logprob: float | None = None  # log p(token) under the model, when logprobs=True
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class GenerationResult:
     finish_reason: str
     time_to_first_token: float  # seconds, prefill included
     decode_tokens_per_s: float  # tokens after the first / time after the first
+    logprobs: list[float] | None = None  # per new token, when logprobs=True
 
 
 @dataclass(frozen=True)
@@ -152,8 +154,13 @@ class Engine:
     def stream_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
                      stop: str | Sequence[str] | None = None, n: int = 1, prefix: Prefix | None = None,
-                     ignore_eos: bool = False) -> Iterator[Step]:
-        """Decode several prompts together; yields Steps (each with its row) as tokens arrive."""
+                     ignore_eos: bool = False, logprobs: bool = False) -> Iterator[Step]:
+        """Decode several prompts together; yields Steps (each with its row) as tokens arrive.
+
+        Greedy by default; temperature > 0 samples (top_k, top_p, repetition_penalty, seed). Stops at
+        eos, max_new_tokens, or a stop string (not returned). n samples per prompt share one prefill;
+        prefix (from prefill) is reused without recomputation.
+        """
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not len(prompts):
             raise ValueError("prompts must be a non-empty list of prompts (strings or token id lists)")
         sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
@@ -168,7 +175,8 @@ class Engine:
             self._check_length(len(c), max_new_tokens)
         gen = Generator(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling, n=n,
                         eos_token_id=None if ignore_eos else self.config.eos_token_id,
-                        prefix=prefix.cache if prefix else None, prefix_logits=prefix.last_logits if prefix else None)
+                        prefix=prefix.cache if prefix else None, prefix_logits=prefix.last_logits if prefix else None,
+                        logprobs=logprobs)
         texts = [TextStream(self.tokenizer, context[r // n][-5:]) for r in range(len(gen.tokens))]
         stopper = [_StopText(stops) for _ in gen.tokens]
         while not gen.is_done():
@@ -179,7 +187,8 @@ class Engine:
                 reason = gen.finish_reason[r]
                 if reason in ("eos", "length"):
                     delta += stopper[r].push(texts[r].flush())[0] + stopper[r].flush()
-                yield Step(r, len(gen.tokens[r]) - 1, tok, delta, reason, time.perf_counter() - gen.t_start)
+                lp = gen.logprobs[r][-1] if gen.logprobs is not None else None
+                yield Step(r, len(gen.tokens[r]) - 1, tok, delta, reason, time.perf_counter() - gen.t_start, lp)
 
     def stream(self, prompt: Prompt, **options) -> Iterator[Step]:
         """Generate for one prompt, yielding a Step per token (see stream_batch for options)."""
@@ -201,7 +210,8 @@ class Engine:
             out.append(GenerationResult(
                 text="".join(s.text for s in ss), token_ids=[s.token_id for s in ss], prompt_tokens=n_prompt[r // n],
                 finish_reason=ss[-1].finish_reason if ss else "length", time_to_first_token=ttft,
-                decode_tokens_per_s=rate))
+                decode_tokens_per_s=rate,
+                logprobs=[s.logprob for s in ss] if options.get("logprobs") else None))
         return out
 
     def generate(self, prompt: Prompt, **options) -> GenerationResult:

@@ -8,7 +8,7 @@ import numpy as np
 
 from engine.kv_cache import KVCache
 from engine.model import Model
-from engine.sampling import SamplingParams, choose
+from engine.sampling import SamplingParams, choose, log_softmax
 
 
 class Generator:
@@ -25,7 +25,8 @@ class Generator:
 
     def __init__(self, model: Model, prompts: list[list[int]], *, max_new_tokens: int,
                  sampling: SamplingParams = SamplingParams(), eos_token_id: int | None = None,
-                 n: int = 1, prefix: KVCache | None = None, prefix_logits: np.ndarray | None = None):
+                 n: int = 1, prefix: KVCache | None = None, prefix_logits: np.ndarray | None = None,
+                 logprobs: bool = False):
         self.model = model
         self.prompts = prompts
         self.n = n
@@ -37,6 +38,7 @@ class Generator:
         rows = len(prompts) * n
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.finish_reason: list[str | None] = [None] * rows
+        self.logprobs: list[list[float]] | None = [[] for _ in range(rows)] if logprobs else None
         if max_new_tokens == 0:
             self.finish_reason = ["length"] * rows
         seed = sampling.seed
@@ -105,6 +107,8 @@ class Generator:
             seen = np.array(self.prompts[r // self.n] + self.tokens[r], dtype=np.int64) if pen else None
             tok = choose(self.logits[i], self.sampling, self.rngs[r], seen)
             self.tokens[r].append(tok)
+            if self.logprobs is not None:  # under the model's own distribution, before sampling filters
+                self.logprobs[r].append(float(log_softmax(self.logits[i])[tok]))
             out.append((r, tok))
             if tok == self.eos_token_id:
                 self.finish_reason[r] = "eos"
