@@ -116,7 +116,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
         from export.quantize import matmul_nbits
 
         bits = 8 if quantize == "int8" else 4
-        quantizer = lambda name, arr: matmul_nbits(arr, bits=bits, dtype=dtype)  # noqa: E731
+        quantizer = lambda arr: matmul_nbits(arr, bits=bits, dtype=dtype)  # noqa: E731
 
     say(f"building graph ({cfg.n_layer} layers, n_embd {cfg.n_embd}, {dtype}{', ' + quantize if quantize else ''})")
     proto = build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer)

@@ -42,8 +42,8 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
           quantize=None) -> onnx.ModelProto:
     """Return the ONNX model for GPT-2 weights `w` (canonical names, float32 numpy).
 
-    `quantize(name, weight (K, N)) -> (op inputs, attrs) | None` lets the caller swap a MatMul
-    for MatMulNBits; None keeps fp32/fp16 MatMuls.
+    `quantize(weight (K, N)) -> (initializers, attrs)` turns every MatMul (LM head included) into
+    MatMulNBits; None keeps fp32/fp16 MatMuls.
     """
     np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
     onnx_dtype = TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
@@ -52,16 +52,19 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
     def W(name: str) -> str:
         return b.weight(name, w[name].astype(np_dtype))
 
+    def nbits(x: str, prefix: str, weight: np.ndarray, *, bias: str | None = None) -> str:
+        """x @ weight (K, N) as MatMulNBits: A, B, scales, zero_points[, g_idx, bias]."""
+        inits, attrs = quantize(weight)
+        inputs = [x] + [b.weight(f"{prefix}.weight.{n}", a) for n, a in inits]
+        if bias:
+            inputs += ["", W(bias)]
+        return b.op("MatMulNBits", inputs, domain=MS, name=prefix, **attrs)[0]
+
     def linear(x: str, prefix: str, *, bias: bool = True) -> str:
         """x @ weight (+ bias); weight is GPT-2 Conv1D layout (in, out)."""
         wname = f"{prefix}.weight"
-        q = quantize(wname, w[wname]) if quantize else None
-        if q is not None:
-            inputs, attrs = q
-            inputs = [x] + [b.weight(n, a) for n, a in inputs]
-            if bias:
-                inputs += ["", "", W(f"{prefix}.bias")]  # MatMulNBits: A, B, scales, zero_points, g_idx, bias
-            return b.op("MatMulNBits", inputs, domain=MS, name=prefix, **attrs)[0]
+        if quantize:
+            return nbits(x, prefix, w[wname], bias=f"{prefix}.bias" if bias else None)
         y = b.op("MatMul", [x, W(wname)], name=f"{prefix}/MatMul")[0]
         return b.op("Add", [y, W(f"{prefix}.bias")], name=f"{prefix}/Add")[0] if bias else y
 
@@ -102,8 +105,12 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
     # LM head only where asked: (B, S, E) gathered at (B, K) -> (B, K, E) -> (B, K, V)
     idx = b.op("Unsqueeze", [C.LOGITS_INDEX, b.weight("axis_last", np.array([-1], np.int64))], name="logits_index")[0]
     h = b.op("GatherND", [x, idx], name="gather_positions", batch_dims=1)[0]
-    head = wte if "lm_head.weight" not in w else W("lm_head.weight")
-    logits = b.op("FusedMatMul", [h, head], domain=MS, name="lm_head", transB=1)[0]
+    head_name = "lm_head.weight" if "lm_head.weight" in w else "wte.weight"
+    if quantize:  # the LM head is the largest GEMV: quantize it too (wte stays whole for the Gather)
+        logits = nbits(h, "lm_head", w[head_name].T)
+    else:
+        head = wte if head_name == "wte.weight" else W(head_name)
+        logits = b.op("FusedMatMul", [h, head], domain=MS, name="lm_head", transB=1)[0]
     if cfg.dtype == "float16":  # logits leave the graph in fp32
         b.op("Cast", [logits], name="logits_fp32", outputs=[C.LOGITS], to=TensorProto.FLOAT)
     else:
