@@ -134,6 +134,29 @@ def eval_(model: str = typer.Argument(..., help="exported folder, HF folder or H
     print(f"perplexity      {res.perplexity:.3f}")
 
 
+@app.command()
+def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help="exported folder, HF folder or Hub id "
+                                              "[default: bundled]"),
+          host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
+          port: int = typer.Option(8000, help="TCP port"),
+          api_key: Optional[str] = typer.Option(None, envvar="GPT2_ONNX_API_KEY",
+                                                help="require Authorization: Bearer KEY on /v1/*"),
+          max_batch: int = typer.Option(16, help="sequences decoded together (KV slots)"),
+          max_queue: int = typer.Option(256, help="waiting requests before 429"),
+          provider: str = typer.Option("auto", help="auto | cpu | cuda"),
+          threads: Optional[int] = typer.Option(None, help="CPU threads")):
+    """Serve an OpenAI-compatible /v1/completions API with continuous batching."""
+    try:
+        from engine.server import serve as run_server
+    except ImportError as e:
+        _fail(ValueError(f"the server needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
+    try:
+        engine = _load(model, provider, threads)
+    except ValueError as e:
+        _fail(e)
+    run_server(engine, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+
+
 def main() -> None:  # console-script entry point
     app()
 

@@ -54,6 +54,14 @@ class Prefix:
     last_logits: np.ndarray  # (V,) logits after the prefix's last token
 
 
+def stop_list(stop: str | Sequence[str] | None) -> list[str]:
+    """Normalize the stop option to a list of strings (ValueError otherwise)."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if not all(isinstance(s, str) for s in stops):
+        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+    return stops
+
+
 class _StopText:
     """Holds back text that could be the start of a stop string; cuts at the first stop string."""
 
@@ -80,6 +88,22 @@ class _StopText:
     def flush(self) -> str:
         out, self.buf = self.buf, ""
         return out
+
+
+class RowText:
+    """One sequence's text side: whole UTF-8 characters only, cut at the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int], stops: Sequence[str]):
+        self.stream = TextStream(tokenizer, list(context)[-5:])
+        self.stop = _StopText(stops)
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Text completed by this token, and whether a stop string was hit (the row must end)."""
+        return self.stop.push(self.stream.push(token_id))
+
+    def finish(self) -> str:
+        """Text still held back when the row ends by eos or length."""
+        return self.stop.push(self.stream.flush())[0] + self.stop.flush()
 
 
 class Engine:
@@ -167,9 +191,7 @@ class Engine:
         sampling.validate()
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if not all(isinstance(s, str) for s in stops):
-            raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+        stops = stop_list(stop)
         ids, context = self._contexts(prompts, prefix)
         for c in context:
             self._check_length(len(c), max_new_tokens)
@@ -177,16 +199,15 @@ class Engine:
                         eos_token_id=None if ignore_eos else self.config.eos_token_id,
                         prefix=prefix.cache if prefix else None, prefix_logits=prefix.last_logits if prefix else None,
                         logprobs=logprobs)
-        texts = [TextStream(self.tokenizer, context[r // n][-5:]) for r in range(len(gen.tokens))]
-        stopper = [_StopText(stops) for _ in gen.tokens]
+        texts = [RowText(self.tokenizer, context[r // n], stops) for r in range(len(gen.tokens))]
         while not gen.is_done():
             for r, tok in gen.generate_next_token():
-                delta, hit = stopper[r].push(texts[r].push(tok))
+                delta, hit = texts[r].push(tok)
                 if hit:
                     gen.stop(r, "stop")
                 reason = gen.finish_reason[r]
                 if reason in ("eos", "length"):
-                    delta += stopper[r].push(texts[r].flush())[0] + stopper[r].flush()
+                    delta += texts[r].finish()
                 lp = gen.logprobs[r][-1] if gen.logprobs is not None else None
                 yield Step(r, len(gen.tokens[r]) - 1, tok, delta, reason, time.perf_counter() - gen.t_start, lp)
 

@@ -1,0 +1,158 @@
+"""The HTTP server on loopback: OpenAI client, load with continuous batching, faults. Bounded in time."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from engine.server import create_app  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, app):
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    _, engine, _, _ = tiny
+    s = Server(create_app(engine, model_id="tiny", max_batch=8))
+    yield s, engine
+    s.stop()
+
+
+def post(url, body, **kw):
+    return httpx.post(url + "/v1/completions", content=body if isinstance(body, bytes) else json.dumps(body),
+                      headers={"content-type": "application/json", **kw.pop("headers", {})}, timeout=60, **kw)
+
+
+def test_openai_client_completions_and_stream(server):
+    s, engine = server
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+    r = client.completions.create(model="tiny", prompt="the quick", max_tokens=12, temperature=0)
+    want = engine.generate("the quick", max_new_tokens=12)
+    assert r.choices[0].text == want.text and r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.prompt_tokens == want.prompt_tokens and r.usage.completion_tokens == len(want.token_ids)
+    chunks = list(client.completions.create(model="tiny", prompt="the quick", max_tokens=12, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_sampling_n_and_seed_match_the_engine(server):
+    s, engine = server
+    body = {"prompt": "to be", "max_tokens": 10, "temperature": 0.9, "top_k": 50, "seed": 4, "n": 3}
+    a, b = post(s.url, body).json(), post(s.url, body).json()
+    assert [c["text"] for c in a["choices"]] == [c["text"] for c in b["choices"]]
+    want = engine.generate_batch(["to be"], max_new_tokens=10, temperature=0.9, top_k=50, seed=4, n=3)
+    assert [c["text"] for c in a["choices"]] == [w.text for w in want]
+
+
+def test_stop_strings_and_prompt_lists(server):
+    s, engine = server
+    full = engine.generate("the lazy", max_new_tokens=30).text
+    stop = full[5:8]
+    r = post(s.url, {"prompt": ["the lazy", [5, 6, 7]], "max_tokens": 30, "temperature": 0, "stop": [stop]}).json()
+    assert r["choices"][0]["text"] == full[: full.find(stop)] and r["choices"][0]["finish_reason"] == "stop"
+    assert r["choices"][1]["text"] == engine.generate([5, 6, 7], max_new_tokens=30, stop=[stop]).text
+
+
+def test_64_concurrent_clients_get_their_solo_greedy_answers(server):
+    s, engine = server
+    prompts = [[(7 * i + j) % 1000 for j in range(1 + i % 13)] for i in range(64)]
+    want = [engine.generate(p, max_new_tokens=8 + i % 9).text for i, p in enumerate(prompts)]
+
+    def one(i):
+        r = post(s.url, {"prompt": prompts[i], "max_tokens": 8 + i % 9, "temperature": 0})
+        return r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text
+
+    with ThreadPoolExecutor(64) as pool:
+        got = list(pool.map(one, range(64)))
+    assert [g[0] for g in got] == [200] * 64
+    assert [g[1] for g in got] == want
+    m = httpx.get(s.url + "/metrics").text
+    assert 'gpt2onnx_requests_total{status="200"}' in m and "gpt2onnx_time_to_first_token_seconds_bucket" in m
+
+
+def test_client_disconnect_mid_stream_frees_its_slot(server):
+    s, _ = server
+    with httpx.stream("POST", s.url + "/v1/completions", timeout=30,
+                      json={"prompt": "x", "max_tokens": 100, "temperature": 0, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break  # one chunk, then hang up
+    deadline = time.time() + 20
+    while httpx.get(s.url + "/health").json()["active"]:
+        assert time.time() < deadline, "slot not freed after disconnect"
+        time.sleep(0.05)
+    assert post(s.url, {"prompt": "x", "max_tokens": 3, "temperature": 0}).status_code == 200
+
+
+@pytest.mark.parametrize("body, param, fragment", [
+    (b'{"prompt": "x", "max_tokens": ', None, "not valid JSON"),
+    (b'{"prompt": "\xff\xfe"}', None, "not valid UTF-8"),
+    (b'[1, 2]', None, "JSON object"),
+    ({"prompt": 5}, "prompt", "prompt must be"),
+    ({"prompt": "x", "max_tokens": -1}, "max_tokens", "max_tokens must be an integer"),
+    ({"prompt": "x", "max_tokens": 10**9}, "max_tokens", "max_tokens must be an integer"),
+    ({"prompt": "x", "max_tokens": "5"}, "max_tokens", "max_tokens must be an integer"),
+    ({"prompt": "x", "temperature": "hot"}, "temperature", "temperature must be a number"),
+    ({"prompt": "x", "bogus": 1}, "bogus", "unknown field"),
+    ({"prompt": [1, 100000]}, "prompt", "outside the vocabulary"),
+    ({"prompt": "x " * 20, "max_tokens": 100}, "max_tokens", "n_positions 128"),
+    ({"prompt": "x " * 200, "max_tokens": 1}, "prompt", "n_positions 128"),
+    ({"prompt": "x", "stream": "yes"}, "stream", "stream must be"),
+    ({"prompt": "x", "echo": True}, "echo", "not supported"),
+])
+def test_bad_requests_get_400_naming_the_field(server, body, param, fragment):
+    s, _ = server
+    r = post(s.url, body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["param"] == param
+
+
+def test_wrong_model_body_limit_and_health(server):
+    s, _ = server
+    assert post(s.url, {"prompt": "x", "model": "gpt-4"}).status_code == 404
+    assert post(s.url, b'{"prompt": "' + b"a" * (2 << 20) + b'"}').status_code == 413
+    assert httpx.get(s.url + "/health").json()["status"] == "ok"
+
+
+def test_api_key_and_queue_full(tiny):
+    _, engine, _, _ = tiny
+    s = Server(create_app(engine, model_id="t", api_key="sekrit", max_queue=0))
+    try:
+        assert post(s.url, {"prompt": "x"}).status_code == 401
+        assert post(s.url, {"prompt": "x"}, headers={"authorization": "Bearer nope"}).status_code == 401
+        r = post(s.url, {"prompt": "x"}, headers={"authorization": "Bearer sekrit"})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert httpx.get(s.url + "/health").status_code == 200  # health stays open
+    finally:
+        s.stop()
