@@ -10,7 +10,7 @@ from pathlib import Path
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
 TOKENIZER_NAME = "tokenizer.json"
-FORMAT_VERSION = 1  # bump when the graph contract changes; the engine refuses other versions
+FORMAT_VERSION = 2  # bump when the graph contract changes; the engine refuses other versions
 
 # Graph I/O names. Layer-indexed names come from these templates, never from substring search.
 INPUT_IDS = "input_ids"
@@ -19,6 +19,7 @@ SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 LOGITS_INDEX = "logits_index"
 LOGITS = "logits"
+NEXT_TOKEN = "next_token"  # argmax of logits, computed in the graph (greedy without a logits copy)
 PAST_KEY = "past_key_values.{i}.key"
 PAST_VALUE = "past_key_values.{i}.value"
 PRESENT_KEY = "present.{i}.key"

@@ -46,6 +46,9 @@ class Generator:
         self.cache: KVCache | None = None
         self.alive: list[int] = []  # row ids, in cache-row order
         self.logits: np.ndarray | None = None  # (len(alive), V): the next token's logits
+        self.next_ids: np.ndarray | None = None  # (len(alive),): greedy ids when logits stay on device
+        # plain greedy needs no logits on the host: the graph's argmax output is enough
+        self.argmax_only = sampling.greedy and sampling.repetition_penalty == 1.0 and not logprobs
         self.t_start = time.perf_counter()
         self.t_first: float | None = None
         self.t_last: float | None = None
@@ -89,7 +92,9 @@ class Generator:
             self.alive = [self.alive[i] for i in keep]
         last = np.array([[self.tokens[r][-1]] for r in self.alive], dtype=np.int64)  # (B, 1)
         n_new = np.ones(len(self.alive), dtype=np.int64)
-        self.logits = self.model.forward(last, n_new, self.cache, np.zeros((len(self.alive), 1), np.int64))[:, 0]
+        out = self.model.forward(last, n_new, self.cache, np.zeros((len(self.alive), 1), np.int64),
+                                 argmax=self.argmax_only)
+        self.next_ids, self.logits = (out[:, 0], None) if self.argmax_only else (None, out[:, 0])
 
     def generate_next_token(self) -> list[tuple[int, int]]:
         """Run one step; return (row, token id) for every row that got a token."""
@@ -105,7 +110,10 @@ class Generator:
             if self.finish_reason[r] is not None:
                 continue
             seen = np.array(self.prompts[r // self.n] + self.tokens[r], dtype=np.int64) if pen else None
-            tok = choose(self.logits[i], self.sampling, self.rngs[r], seen)
+            if self.logits is None:  # greedy decode step: the graph already took the argmax
+                tok = int(self.next_ids[i])
+            else:
+                tok = choose(self.logits[i], self.sampling, self.rngs[r], seen)
             self.tokens[r].append(tok)
             if self.logprobs is not None:  # under the model's own distribution, before sampling filters
                 self.logprobs[r].append(float(log_softmax(self.logits[i])[tok]))

@@ -79,8 +79,9 @@ class Model:
         return KVCache(self.cfg, batch_size, max_length, device=self.device)
 
     def forward(self, input_ids: np.ndarray, n_new: np.ndarray, cache: KVCache,
-                logits_index: np.ndarray) -> np.ndarray:
-        """Run tokens through the model, appending their KV to `cache`; returns logits (B, K, V).
+                logits_index: np.ndarray, *, argmax: bool = False) -> np.ndarray:
+        """Run tokens through the model, appending their KV to `cache`; returns logits (B, K, V), or
+        with argmax=True only the greedy next ids (B, K), so the logits never leave the device.
 
         input_ids (B, S) holds n_new[b] real tokens per row, right-padded. Either the cache is empty
         (a prefill of ragged rows), or S == 1 (a decode step), or B == 1 (a chunk after a prefix).
@@ -104,11 +105,16 @@ class Model:
         tsl = S if not past.any() else int(total.max())
         io.bind_cpu_input(C.TOTAL_SEQUENCE_LENGTH, np.array(tsl, dtype=np.int32))
         io.bind_cpu_input(C.LOGITS_INDEX, np.ascontiguousarray(logits_index, dtype=np.int64))
+        if argmax:
+            io.bind_output(C.NEXT_TOKEN, "cpu")
+            io.bind_output(C.LOGITS, self.device)  # stays where it was computed
+        else:
+            logits = np.empty((B, logits_index.shape[1], self.cfg.vocab_size), dtype=np.float32)
+            io.bind_output(C.LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+            io.bind_output(C.NEXT_TOKEN, "cpu")
         for name_in, name_out, value in zip(self.cfg.past_names(), self.cfg.present_names(), cache.values):
             io.bind_ortvalue_input(name_in, value)
             io.bind_ortvalue_output(name_out, value)  # in place: present is the same buffer
-        logits = np.empty((B, logits_index.shape[1], self.cfg.vocab_size), dtype=np.float32)
-        io.bind_output(C.LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(io)
         cache.lengths = total
-        return logits
+        return io.get_outputs()[0].numpy() if argmax else logits

@@ -115,6 +115,7 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
         b.op("Cast", [logits], name="logits_fp32", outputs=[C.LOGITS], to=TensorProto.FLOAT)
     else:
         b.nodes[-1].output[0] = C.LOGITS
+    b.op("ArgMax", [C.LOGITS], name="argmax", outputs=[C.NEXT_TOKEN], axis=-1, keepdims=0)  # (B, K)
 
     kv_shape = ["batch", cfg.n_head, "max_length", cfg.head_size]
     inputs = [
@@ -125,6 +126,7 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
         helper.make_tensor_value_info(C.LOGITS_INDEX, TensorProto.INT64, ["batch", "num_logits"]),
     ] + [helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in cfg.past_names()]
     outputs = [helper.make_tensor_value_info(C.LOGITS, TensorProto.FLOAT, ["batch", "num_logits", cfg.vocab_size])]
+    outputs += [helper.make_tensor_value_info(C.NEXT_TOKEN, TensorProto.INT64, ["batch", "num_logits"])]
     outputs += [helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in cfg.present_names()]
     graph = helper.make_graph(b.nodes, "gpt2", inputs, outputs, initializer=b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
