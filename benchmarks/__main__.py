@@ -28,14 +28,21 @@ def make_checkpoint(folder: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())  # benchmarks run on ids; a small byte-level BPE satisfies the exporter
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(["benchmark"], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.save(str(folder / "tokenizer.json"))
+    write_id_tokenizer(folder, GPT2Config().vocab_size)
     return folder
+
+
+def write_id_tokenizer(folder: Path, vocab: int) -> None:
+    """A full-size word-level vocabulary `<t0>`..: benchmarks feed ids, but converters want every id named."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    names = {f"<t{i}>": i for i in range(vocab - 1)} | {"<|endoftext|>": vocab - 1}
+    tok = Tokenizer(models.WordLevel(names, unk_token="<t0>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
+        "unk_token": "<t0>"}))
 
 
 def run_system(name: str, ck: Path, ids, new_tokens: int, runs: int, threads: int) -> dict:

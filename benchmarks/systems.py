@@ -69,18 +69,103 @@ def hf(ck: Path, ids, new_tokens, runs, threads, options):
     return res
 
 
-SYSTEMS = {"ours": ours, "ours-int8": ours, "ours-int4": ours, "hf-torch": hf}
+def _work(ck: Path, name: str) -> Path:
+    d = Path(ck) / "anchors" / name
+    d.parent.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def ct2(ck: Path, ids, new_tokens, runs, threads, options):
+    import ctranslate2
+
+    compute = options["compute_type"]
+    out = _work(ck, "ct2-" + compute)
+    if not (out / "model.bin").is_file():
+        from ctranslate2.converters import TransformersConverter
+
+        TransformersConverter(str(ck)).convert(str(out), quantization=None if compute == "float32" else compute,
+                                               force=True)
+    vocab = json.loads((out / "vocabulary.json").read_text())
+    index = {t: i for i, t in enumerate(vocab)}
+    gen_ = ctranslate2.Generator(str(out), device="cpu", compute_type=compute, intra_threads=threads)
+
+    def gen(batch, n):
+        res = gen_.generate_batch([[vocab[t] for t in row] for row in batch], max_length=n, sampling_topk=1,
+                                  min_length=n, include_prompt_in_result=False, end_token=[])
+        return [[index[t] for t in r.sequences[0]] for r in res]
+
+    res = measure(gen, ids, new_tokens, runs)
+    res["model_bytes"] = (out / "model.bin").stat().st_size
+    return res
+
+
+def llama(ck: Path, ids, new_tokens, runs, threads, options):
+    import llama_cpp
+
+    from benchmarks.gguf_convert import convert
+
+    qtype = options["qtype"]
+    path = _work(ck, f"gguf-{qtype}.gguf")
+    if not path.is_file():
+        convert(Path(ck), path, qtype)
+    if len(ids) != 1:
+        raise ImportError("llama-cpp-python's Llama runs one sequence at a time; batch > 1 not measured")
+    llm = llama_cpp.Llama(str(path), n_ctx=len(ids[0]) + new_tokens + 8, n_threads=threads, n_batch=512,
+                          verbose=False)
+
+    def gen(batch, n):
+        llm.reset()
+        out = []
+        for tok in llm.generate(batch[0], top_k=1, temp=0.0, reset=True):
+            out.append(int(tok))
+            if len(out) == n:
+                break
+        return [out]
+
+    res = measure(gen, ids, new_tokens, runs)
+    res["model_bytes"] = path.stat().st_size
+    return res
+
+
+def optimum(ck: Path, ids, new_tokens, runs, threads, options):
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    out = _work(ck, "optimum")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    model = ORTModelForCausalLM.from_pretrained(str(out if out.is_dir() else ck), export=not out.is_dir(),
+                                                session_options=so)
+    if not out.is_dir():
+        model.save_pretrained(out)
+    model.generation_config.eos_token_id = None
+
+    def gen(batch, n):
+        x = torch.tensor(batch)
+        return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False, pad_token_id=0)[:, x.shape[1]:].tolist()
+
+    res = measure(gen, ids, new_tokens, runs)
+    res["model_bytes"] = sum(f.stat().st_size for f in out.glob("*.onnx*"))
+    return res
+
+
+SYSTEMS = {"ours": ours, "ours-int8": ours, "ours-int4": ours, "hf-torch": hf, "optimum": optimum,
+           "ct2-float32": ct2, "ct2-int8": ct2, "llama.cpp-f32": llama, "llama.cpp-q8_0": llama,
+           "llama.cpp-q4_0": llama}
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
     name = spec["system"]
-    opts = {"quantize": {"ours-int8": "int8", "ours-int4": "int4"}.get(name)}
+    opts = {"quantize": {"ours-int8": "int8", "ours-int4": "int4"}.get(name),
+            "compute_type": name.removeprefix("ct2-"), "qtype": name.removeprefix("llama.cpp-")}
     try:
         res = SYSTEMS[name](Path(spec["checkpoint"]), spec["ids"], spec["new_tokens"], spec["runs"], spec["threads"], opts)
         res["status"] = "ok"
-    except ImportError as e:
-        res = {"status": f"skipped: {e}"}
+    except ImportError as e:  # an optional anchor that is not installed: reported, not fatal
+        res = {"status": f"skipped ({e})"}
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(res))
 
