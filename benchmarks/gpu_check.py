@@ -1,0 +1,130 @@
+"""One prepared GPU check for the lent H200 (see ../shared/device/README.md); also runs on CPU to test it.
+
+    python -m benchmarks.gpu_check --out $OUT            # on the device, provider cuda
+    python -m benchmarks.gpu_check --provider cpu --smoke --out /tmp/gpu-smoke   # here, to shake out bugs
+
+Exports a random-init GPT2Config() (124M shape) in fp32 / fp16 / int4, checks parity on the
+provider (fp32 logits vs torch on the same device; fp16: no NaN, logits atol 0.2, greedy
+agreement), then times decode tok/s and time to first token at batch 1 and 8, short (32+64) and
+long (512+256) context, and HF torch eager on the same device. Writes gpu_check.json / .md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _timed(fn, runs):
+    fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--provider", default="cuda")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, to test the script itself")
+    ap.add_argument("--runs", type=int, default=3)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import onnxruntime as ort
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from benchmarks.__main__ import write_id_tokenizer
+    from engine import Engine
+    from export import export_model
+
+    dev = "cuda" if args.provider == "cuda" and torch.cuda.is_available() else "cpu"
+    cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4, n_positions=1024) if args.smoke else GPT2Config()
+    work = Path("/tmp/gpu_check")
+    ck = work / "hf"
+    if not (ck / "config.json").is_file():
+        torch.manual_seed(0)
+        GPT2LMHeadModel(cfg).save_pretrained(ck)
+        write_id_tokenizer(ck, cfg.vocab_size)
+    ref_model = GPT2LMHeadModel.from_pretrained(ck).eval().to(dev)
+    ref_model.generation_config.eos_token_id = None
+    report = {"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else platform.processor(),
+              "driver": subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True).stdout.strip() if dev == "cuda" else None,
+              "onnxruntime": ort.__version__, "available_providers": ort.get_available_providers(),
+              "torch": torch.__version__, "parity": {}, "timings": []}
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, 64).tolist()
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids], device=dev)).logits[0].float().cpu().numpy()
+        ref_ids = ref_model.generate(torch.tensor([ids], device=dev), max_new_tokens=32, do_sample=False,
+                                     pad_token_id=0)[0, 64:].tolist()
+    engines = {}
+    for name, kw in [("fp32", {}), ("fp16", {"dtype": "float16"}), ("int4", {"quantize": "int4"})]:
+        folder = work / name
+        if not (folder / "manifest.json").is_file():
+            export_model(str(ck), folder, **kw)
+        eng = Engine.load(folder, provider=args.provider)
+        engines[name] = eng
+        cache = eng.model.new_cache(1, 64)
+        got = eng.model.forward(np.array([ids]), np.array([64]), cache, np.arange(64)[None])[0]
+        gen = eng.generate(ids, max_new_tokens=32, ignore_eos=True).token_ids
+        report["parity"][name] = {
+            "providers": eng.model.session.get_providers(), "max_abs_logit_diff": float(np.abs(got - ref).max()),
+            "nan": bool(np.isnan(got).any()),
+            "greedy_agreement": float(np.mean([a == b for a, b in zip(gen, ref_ids)])), "greedy_equal": gen == ref_ids}
+        print(name, report["parity"][name], flush=True)
+
+    cases = [(1, 32, 64), (8, 32, 64), (1, 512, 256), (8, 512, 256)]
+    if args.smoke:
+        cases = [(1, 32, 16), (8, 32, 16)]
+    for batch, plen, new in cases:
+        prompts = rng.integers(0, cfg.vocab_size, (batch, plen)).tolist()
+        for name, eng in engines.items():
+            one = lambda: eng.generate_batch(prompts, max_new_tokens=1, ignore_eos=True)  # noqa: E731
+            full = lambda: eng.generate_batch(prompts, max_new_tokens=new, ignore_eos=True)  # noqa: E731
+            t1, tn = _timed(one, args.runs), _timed(full, args.runs)
+            row = {"system": f"ours-{name}", "batch": batch, "prompt": plen, "new": new, "ttft_ms": t1 * 1e3,
+                   "decode_tok_s": batch * (new - 1) / (tn - t1)}
+            report["timings"].append(row)
+            print(row, flush=True)
+        x = torch.tensor(prompts, device=dev)
+
+        def hf(n):
+            with torch.no_grad():
+                ref_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, pad_token_id=0)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+
+        t1, tn = _timed(lambda: hf(1), args.runs), _timed(lambda: hf(new), args.runs)
+        row = {"system": "hf-torch-eager", "batch": batch, "prompt": plen, "new": new, "ttft_ms": t1 * 1e3,
+               "decode_tok_s": batch * (new - 1) / (tn - t1)}
+        report["timings"].append(row)
+        print(row, flush=True)
+
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"GPU check: {report['gpu']} driver {report['driver']}, onnxruntime {report['onnxruntime']}", "",
+             "| config | providers | max abs logit diff vs torch | NaN | greedy agreement |", "|---|---|---|---|---|"]
+    for k, p in report["parity"].items():
+        lines.append(f"| {k} | {p['providers'][0]} | {p['max_abs_logit_diff']:.2e} | {p['nan']} | {p['greedy_agreement']:.2f} |")
+    lines += ["", "| system | batch | prompt+new | decode tok/s | TTFT ms |", "|---|---|---|---|---|"]
+    for r in report["timings"]:
+        lines.append(f"| {r['system']} | {r['batch']} | {r['prompt']}+{r['new']} | {r['decode_tok_s']:.0f} | {r['ttft_ms']:.1f} |")
+    (args.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
