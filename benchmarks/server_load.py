@@ -1,0 +1,76 @@
+"""Server throughput: N requests one after another vs the same N from concurrent clients (loopback only).
+
+    python -m benchmarks.server_load [-m MODEL] [--clients 16] [--requests 32] [--max-tokens 64]
+
+Starts `create_app` with uvicorn on 127.0.0.1 (random free port) in this process, bounded in
+requests and time; checks every greedy answer equals the sequential one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from benchmarks.__main__ import RESULTS
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-m", "--model", default=None)
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    import uvicorn
+
+    from engine import Engine
+    from engine.server import create_app
+    from export.cache import resolve_model
+    from models import DEFAULT_MODEL
+
+    eng = Engine.load(resolve_model(args.model or DEFAULT_MODEL), provider="cpu", threads=args.threads)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(eng, max_batch=args.clients), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    prompts = [f"{name}:\n" for name in ["ROMEO", "JULIET", "KING HENRY", "HAMLET", "First Citizen", "MENENIUS",
+                                         "GLOUCESTER", "LADY ANNE"]]
+    jobs = [prompts[i % len(prompts)] + " " * (i // len(prompts)) for i in range(args.requests)]
+
+    def one(p):
+        r = httpx.post(url, json={"prompt": p, "max_tokens": args.max_tokens, "temperature": 0}, timeout=300)
+        r.raise_for_status()
+        return r.json()
+
+    t = time.perf_counter()
+    seq = [one(p) for p in jobs]
+    t_seq = time.perf_counter() - t
+    t = time.perf_counter()
+    with ThreadPoolExecutor(args.clients) as pool:
+        conc = list(pool.map(one, jobs))
+    t_conc = time.perf_counter() - t
+    server.should_exit = True
+    tokens = sum(r["usage"]["completion_tokens"] for r in seq)
+    out = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
+           "sequential_tok_s": tokens / t_seq, "concurrent_tok_s": sum(r["usage"]["completion_tokens"] for r in conc) / t_conc,
+           "identical_answers": [r["choices"][0]["text"] for r in seq] == [r["choices"][0]["text"] for r in conc]}
+    out["speedup"] = out["concurrent_tok_s"] / out["sequential_tok_s"]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "server_load.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
