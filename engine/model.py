@@ -69,6 +69,7 @@ class Model:
         got = self.session.get_providers()
         if PROVIDERS[self.provider] not in got:
             raise ValueError(f"session for {path} runs on {got}, not {PROVIDERS[self.provider]}")
+        self.kv_names = list(zip(cfg.past_names(), cfg.present_names()))  # (past, present) per KV buffer
         want = [C.INPUT_IDS, C.POSITION_IDS, C.SEQLENS_K, C.TOTAL_SEQUENCE_LENGTH, C.LOGITS_INDEX] + cfg.past_names()
         have = [i.name for i in self.session.get_inputs()]
         if sorted(have) != sorted(want):
@@ -112,7 +113,7 @@ class Model:
             logits = np.empty((B, logits_index.shape[1], self.cfg.vocab_size), dtype=np.float32)
             io.bind_output(C.LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
             io.bind_output(C.NEXT_TOKEN, "cpu")
-        for name_in, name_out, value in zip(self.cfg.past_names(), self.cfg.present_names(), cache.values):
+        for (name_in, name_out), value in zip(self.kv_names, cache.values):
             io.bind_ortvalue_input(name_in, value)
             io.bind_ortvalue_output(name_out, value)  # in place: present is the same buffer
         self.session.run_with_iobinding(io)
