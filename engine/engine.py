@@ -113,13 +113,17 @@ class Engine:
         self.folder, self.config, self.model, self.tokenizer = folder, cfg, model, tokenizer
 
     @classmethod
-    def load(cls, path: str | Path, *, provider: str = "auto", threads: int | None = None) -> "Engine":
-        """Load an exported folder (manifest.json, model.onnx, tokenizer.json); validates all three."""
+    def load(cls, path: str | Path, *, provider: str = "auto", threads: int | None = None,
+             cuda_graph: bool = False) -> "Engine":
+        """Load an exported folder (manifest.json, model.onnx, tokenizer.json); validates all three.
+
+        cuda_graph=True (CUDA only) replays decode steps as captured CUDA graphs.
+        """
         folder = Path(path)
         if not folder.is_dir():
             raise ValueError(f"{folder} is not a folder; pass a folder written by gpt2-onnx export")
         cfg = C.ModelConfig.load(folder)
-        model = Model(folder, cfg, provider=provider, threads=threads)
+        model = Model(folder, cfg, provider=provider, threads=threads, cuda_graph=cuda_graph)
         return cls(folder, cfg, model, Tokenizer(folder / C.TOKENIZER_NAME))
 
     @property

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from engine.kv_cache import KVCache
-from engine.model import Model
+from engine.model import DecodeStep, Model
 from engine.sampling import SamplingParams, choose, log_softmax
 
 
@@ -44,6 +44,7 @@ class Generator:
         seed = sampling.seed
         self.rngs = [np.random.default_rng(None if seed is None else [seed, r]) for r in range(rows)]
         self.cache: KVCache | None = None
+        self.step: DecodeStep | None = None  # decode binding over self.cache
         self.alive: list[int] = []  # row ids, in cache-row order
         self.logits: np.ndarray | None = None  # (len(alive), V): the next token's logits
         self.next_ids: np.ndarray | None = None  # (len(alive),): greedy ids when logits stay on device
@@ -90,11 +91,11 @@ class Generator:
         if len(keep) < len(self.alive):  # finished rows leave the batch
             self.cache = self.cache.gather(keep)
             self.alive = [self.alive[i] for i in keep]
-        last = np.array([[self.tokens[r][-1]] for r in self.alive], dtype=np.int64)  # (B, 1)
-        n_new = np.ones(len(self.alive), dtype=np.int64)
-        out = self.model.forward(last, n_new, self.cache, np.zeros((len(self.alive), 1), np.int64),
-                                 argmax=self.argmax_only)
-        self.next_ids, self.logits = (out[:, 0], None) if self.argmax_only else (None, out[:, 0])
+            self.step = None
+        if self.step is None:
+            self.step = DecodeStep(self.model, self.cache)
+        last = np.array([self.tokens[r][-1] for r in self.alive], dtype=np.int64)  # (B,)
+        self.next_ids, self.logits = self.step(last, logits=not self.argmax_only)
 
     def generate_next_token(self) -> list[tuple[int, int]]:
         """Run one step; return (row, token id) for every row that got a token."""
@@ -110,7 +111,7 @@ class Generator:
             if self.finish_reason[r] is not None:
                 continue
             seen = np.array(self.prompts[r // self.n] + self.tokens[r], dtype=np.int64) if pen else None
-            if self.logits is None:  # greedy decode step: the graph already took the argmax
+            if self.argmax_only and self.next_ids is not None:  # the graph already took the argmax
                 tok = int(self.next_ids[i])
             else:
                 tok = choose(self.logits[i], self.sampling, self.rngs[r], seen)

@@ -46,7 +46,8 @@ def _check_file(path: Path, expected: int, what: str) -> None:
 class Model:
     """model.onnx in an onnxruntime session; `forward` runs one step and returns logits."""
 
-    def __init__(self, folder: str | Path, cfg: C.ModelConfig, *, provider: str = "auto", threads: int | None = None):
+    def __init__(self, folder: str | Path, cfg: C.ModelConfig, *, provider: str = "auto", threads: int | None = None,
+                 cuda_graph: bool = False):
         folder = Path(folder)
         self.cfg = cfg
         self.provider = resolve_provider(provider)
@@ -62,10 +63,17 @@ class Model:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        if cuda_graph and self.provider != "cuda":
+            raise ValueError("cuda_graph=True needs provider='cuda'")
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=[PROVIDERS[self.provider]])
+            # decode steps replay one captured CUDA graph; it needs its own session (static shapes only)
+            self.step_session = (ort.InferenceSession(str(path), opts, providers=[
+                (PROVIDERS["cuda"], {"enable_cuda_graph": "1"})]) if cuda_graph else self.session)
         except Exception as e:
             raise ValueError(f"onnxruntime could not load {path}: {str(e).strip()[:500]}; re-export the model") from e
+        self.cuda_graph = cuda_graph
+        self._graph_ids = 0
         got = self.session.get_providers()
         if PROVIDERS[self.provider] not in got:
             raise ValueError(f"session for {path} runs on {got}, not {PROVIDERS[self.provider]}")
@@ -80,9 +88,8 @@ class Model:
         return KVCache(self.cfg, batch_size, max_length, device=self.device)
 
     def forward(self, input_ids: np.ndarray, n_new: np.ndarray, cache: KVCache,
-                logits_index: np.ndarray, *, argmax: bool = False) -> np.ndarray:
-        """Run tokens through the model, appending their KV to `cache`; returns logits (B, K, V), or
-        with argmax=True only the greedy next ids (B, K), so the logits never leave the device.
+                logits_index: np.ndarray) -> np.ndarray:
+        """Run tokens through the model, appending their KV to `cache`; returns logits (B, K, V).
 
         input_ids (B, S) holds n_new[b] real tokens per row, right-padded. Either the cache is empty
         (a prefill of ragged rows), or S == 1 (a decode step), or B == 1 (a chunk after a prefix).
@@ -106,16 +113,63 @@ class Model:
         tsl = S if not past.any() else int(total.max())
         io.bind_cpu_input(C.TOTAL_SEQUENCE_LENGTH, np.array(tsl, dtype=np.int32))
         io.bind_cpu_input(C.LOGITS_INDEX, np.ascontiguousarray(logits_index, dtype=np.int64))
-        if argmax:
-            io.bind_output(C.NEXT_TOKEN, "cpu")
-            io.bind_output(C.LOGITS, self.device)  # stays where it was computed
-        else:
-            logits = np.empty((B, logits_index.shape[1], self.cfg.vocab_size), dtype=np.float32)
-            io.bind_output(C.LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-            io.bind_output(C.NEXT_TOKEN, "cpu")
+        logits = np.empty((B, logits_index.shape[1], self.cfg.vocab_size), dtype=np.float32)
+        io.bind_output(C.LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        io.bind_output(C.NEXT_TOKEN, "cpu")
         for (name_in, name_out), value in zip(self.kv_names, cache.values):
             io.bind_ortvalue_input(name_in, value)
             io.bind_ortvalue_output(name_out, value)  # in place: present is the same buffer
         self.session.run_with_iobinding(io)
         cache.lengths = total
-        return io.get_outputs()[0].numpy() if argmax else logits
+        return logits
+
+
+class DecodeStep:
+    """Decode steps over one KV cache with every input and output bound once to fixed buffers.
+
+    A step only writes the new token ids and lengths into those buffers (device-resident on CUDA),
+    runs, and reads back the greedy ids (B int64), plus the logits only when sampling needs them.
+    `total_sequence_length` stays at the buffer length: GroupQueryAttention then reads each row's
+    length from `seqlens_k` alone, so the shapes never change and, with cuda_graph, onnxruntime
+    captures the step once and replays it.
+    """
+
+    def __init__(self, model: Model, cache: KVCache):
+        self.model, self.cache = model, cache
+        B, dev, cfg = cache.batch_size, model.device, model.cfg
+        if cache.max_length < 2:
+            raise ValueError("a decode step needs a KV buffer of at least 2 positions")
+
+        def buf(shape, dtype):
+            return ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, dev, 0)
+
+        self.ids, self.pos, self.seqlens = buf((B, 1), np.int64), buf((B, 1), np.int64), buf((B,), np.int32)
+        self.next, self.logits = buf((B, 1), np.int64), buf((B, 1, cfg.vocab_size), np.float32)
+        index = ort.OrtValue.ortvalue_from_numpy(np.zeros((B, 1), np.int64), dev, 0)
+        total = ort.OrtValue.ortvalue_from_numpy(np.array(cache.max_length, np.int32))  # a CPU input of GQA
+        io = model.step_session.io_binding()
+        io.bind_ortvalue_output(C.NEXT_TOKEN, self.next)
+        io.bind_ortvalue_output(C.LOGITS, self.logits)
+        for name, v in [(C.INPUT_IDS, self.ids), (C.POSITION_IDS, self.pos), (C.SEQLENS_K, self.seqlens),
+                        (C.LOGITS_INDEX, index), (C.TOTAL_SEQUENCE_LENGTH, total)]:
+            io.bind_ortvalue_input(name, v)
+        for (name_in, name_out), value in zip(model.kv_names, cache.values):
+            io.bind_ortvalue_input(name_in, value)
+            io.bind_ortvalue_output(name_out, value)  # in place
+        self.io = io
+        self.run_options = ort.RunOptions()
+        if model.cuda_graph:  # one captured graph per set of buffers
+            model._graph_ids += 1
+            self.run_options.add_run_config_entry("gpu_graph_id", str(model._graph_ids))
+
+    def __call__(self, tokens: np.ndarray, *, logits: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Feed one token per row (B,); returns (greedy next ids (B,), logits (B, V) or None)."""
+        lengths = self.cache.lengths
+        if int(lengths.max()) + 1 > self.cache.max_length:
+            raise ValueError(f"{int(lengths.max()) + 1} tokens do not fit the KV cache of {self.cache.max_length}")
+        self.ids.update_inplace(np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1, 1))
+        self.pos.update_inplace(np.minimum(lengths, self.model.cfg.n_positions - 1).reshape(-1, 1))
+        self.seqlens.update_inplace(lengths.astype(np.int32))  # total after this step - 1
+        self.model.step_session.run_with_iobinding(self.io, self.run_options)
+        self.cache.lengths = lengths + 1
+        return self.next.numpy()[:, 0], self.logits.numpy()[:, 0] if logits else None

@@ -41,13 +41,30 @@ def test_fp16_export_is_sane_on_cpu(fp16):
     assert (out / "model.onnx").stat().st_size < 0.6 * (fp16[1].folder / "model.onnx").stat().st_size
 
 
-def test_greedy_uses_in_graph_argmax_and_matches_logits_path(tiny):
+def test_decode_step_greedy_ids_and_logits_match_forward(tiny):
+    """The bound-once decode step (the CUDA-graph path) equals forward(), on any provider."""
+    from engine.model import DecodeStep
+
     _, engine, _, _ = tiny
-    ids = [3, 1, 4, 1, 5]
-    cache_a, cache_b = engine.model.new_cache(1, 8), engine.model.new_cache(1, 8)
-    logits = engine.model.forward(np.array([ids]), np.array([5]), cache_a, np.array([[4]]))
-    nxt = engine.model.forward(np.array([ids]), np.array([5]), cache_b, np.array([[4]]), argmax=True)
-    assert nxt.dtype == np.int64 and nxt.tolist() == [[int(logits[0, 0].argmax())]]
+    prompts = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 0, 0]])
+    lens = np.array([5, 3])
+    a, b = engine.model.new_cache(2, 16), engine.model.new_cache(2, 16)
+    for c in (a, b):
+        engine.model.forward(prompts, lens, c, (lens - 1)[:, None])
+    step = DecodeStep(engine.model, b)
+    tokens = np.array([7, 8])
+    for _ in range(6):
+        ref = engine.model.forward(tokens[:, None], np.ones(2, np.int64), a, np.zeros((2, 1), np.int64))[:, 0]
+        ids, logits = step(tokens, logits=True)
+        np.testing.assert_allclose(logits, ref, atol=1e-5, rtol=0)
+        assert ids.tolist() == ref.argmax(-1).tolist() and b.lengths.tolist() == a.lengths.tolist()
+        tokens = ids
+
+
+def test_cuda_graph_needs_cuda(tiny):
+    _, _, _, onnx_dir = tiny
+    with pytest.raises(ValueError, match="cuda_graph=True needs provider='cuda'"):
+        Engine.load(onnx_dir, provider="cpu", cuda_graph=True)
 
 
 @needs_cuda
@@ -80,3 +97,13 @@ def test_cuda_fp16_no_nan_and_close(fp16):
     assert np.isfinite(got).all() and np.abs(got - ref).max() < 0.2
     batch = eng.generate_batch([ids, ids[:7]], max_new_tokens=16)
     assert all(len(r.token_ids) for r in batch)
+
+
+@needs_cuda
+def test_cuda_graph_decode_matches_plain_cuda(fp16):
+    _, _, out = fp16
+    ids = np.random.default_rng(4).integers(0, 1000, 20).tolist()
+    plain = Engine.load(out, provider="cuda").generate_batch([ids, ids[:5]], max_new_tokens=24, ignore_eos=True)
+    graph = Engine.load(out, provider="cuda", cuda_graph=True).generate_batch([ids, ids[:5]], max_new_tokens=24,
+                                                                               ignore_eos=True)
+    assert [r.token_ids for r in graph] == [r.token_ids for r in plain]
