@@ -71,11 +71,19 @@ def main() -> None:
         ref_ids = ref_model.generate(torch.tensor([ids], device=dev), max_new_tokens=32, do_sample=False,
                                      pad_token_id=0)[0, 64:].tolist()
     engines = {}
-    for name, kw in [("fp32", {}), ("fp16", {"dtype": "float16"}), ("int4", {"quantize": "int4"})]:
+    configs = [("fp32", {}, False), ("fp16", {"dtype": "float16"}, False), ("int4", {"quantize": "int4"}, False)]
+    if args.provider == "cuda":
+        configs.append(("fp16", {"dtype": "float16"}, True))
+    for name, kw, graph in configs:
         folder = work / name
         if not (folder / "manifest.json").is_file():
             export_model(str(ck), folder, **kw)
-        eng = Engine.load(folder, provider=args.provider)
+        try:
+            eng = Engine.load(folder, provider=args.provider, cuda_graph=graph)
+        except ValueError as e:
+            report["parity"][name + "+graph" * graph] = {"error": str(e)}
+            continue
+        name += "+cuda_graph" * graph
         engines[name] = eng
         cache = eng.model.new_cache(1, 64)
         got = eng.model.forward(np.array([ids]), np.array([64]), cache, np.arange(64)[None])[0]
@@ -94,7 +102,11 @@ def main() -> None:
         for name, eng in engines.items():
             one = lambda: eng.generate_batch(prompts, max_new_tokens=1, ignore_eos=True)  # noqa: E731
             full = lambda: eng.generate_batch(prompts, max_new_tokens=new, ignore_eos=True)  # noqa: E731
-            t1, tn = _timed(one, args.runs), _timed(full, args.runs)
+            try:
+                t1, tn = _timed(one, args.runs), _timed(full, args.runs)
+            except Exception as e:  # record and go on: one failing config must not lose the others
+                report["timings"].append({"system": f"ours-{name}", "batch": batch, "error": str(e)[:300]})
+                continue
             row = {"system": f"ours-{name}", "batch": batch, "prompt": plen, "new": new, "ttft_ms": t1 * 1e3,
                    "decode_tok_s": batch * (new - 1) / (tn - t1)}
             report["timings"].append(row)
@@ -118,9 +130,15 @@ def main() -> None:
     lines = [f"GPU check: {report['gpu']} driver {report['driver']}, onnxruntime {report['onnxruntime']}", "",
              "| config | providers | max abs logit diff vs torch | NaN | greedy agreement |", "|---|---|---|---|---|"]
     for k, p in report["parity"].items():
+        if "error" in p:
+            lines.append(f"| {k} | error: {p['error']} | | | |")
+            continue
         lines.append(f"| {k} | {p['providers'][0]} | {p['max_abs_logit_diff']:.2e} | {p['nan']} | {p['greedy_agreement']:.2f} |")
     lines += ["", "| system | batch | prompt+new | decode tok/s | TTFT ms |", "|---|---|---|---|---|"]
     for r in report["timings"]:
+        if "error" in r:
+            lines.append(f"| {r['system']} | {r['batch']} | error: {r['error'][:80]} | | |")
+            continue
         lines.append(f"| {r['system']} | {r['batch']} | {r['prompt']}+{r['new']} | {r['decode_tok_s']:.0f} | {r['ttft_ms']:.1f} |")
     (args.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
