@@ -56,6 +56,65 @@ def run_system(name: str, ck: Path, ids, new_tokens: int, runs: int, threads: in
     return {"status": f"failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"}
 
 
+def run_case(systems: list[str], ck: Path, batch: int, prompt: int, new: int, runs: int, threads: int) -> dict:
+    """Every system on the same ids; adds agreement with ours and the ratio to HF torch."""
+    vocab = json.loads((ck / "config.json").read_text())["vocab_size"]
+    ids = np.random.default_rng(0).integers(0, vocab, (batch, prompt)).tolist()
+    rows = {}
+    for name in systems:
+        print(f"running {name} batch {batch} prompt {prompt} new {new} ...", file=sys.stderr, flush=True)
+        rows[name] = run_system(name, ck, ids, new, runs, threads)
+    ref = rows.get("ours", {}).get("ids")
+    for r in rows.values():
+        r["ids_agree_with_ours"] = (r.get("ids") == ref) if ref is not None and "ids" in r else None
+        r.pop("ids", None)
+    return rows
+
+
+def table(rows: dict, title: str) -> str:
+    base = rows.get("hf-torch", {}).get("decode_tok_s")
+    lines = [title, "", "| system | decode tok/s | x HF torch | time to first token ms | peak RSS MB | model MB | ids agree |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | {r.get('status')} | | | | | |")
+            continue
+        ratio = f"{r['decode_tok_s'] / base:.2f}" if base else "-"
+        lines.append(f"| {name} | {r['decode_tok_s']:.1f} | {ratio} | {r['ttft_s'] * 1e3:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r.get('model_bytes', 0) / 1e6:.0f} | {r['ids_agree_with_ours']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(cases: list[dict], path: Path) -> None:
+    """tok/s vs context length (batch 1) and vs batch size (short context), one line per system."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    systems = sorted({s for c in cases for s in c["systems"]})
+    for s in systems:
+        ctx = [(c["prompt"] + c["new"], c["systems"][s]["decode_tok_s"]) for c in cases
+               if c["batch"] == 1 and c["systems"].get(s, {}).get("status") == "ok"]
+        bat = [(c["batch"], c["systems"][s]["decode_tok_s"]) for c in cases
+               if c["prompt"] == cases[0]["prompt"] and c["systems"].get(s, {}).get("status") == "ok"]
+        if len(ctx) > 1:
+            a.plot(*zip(*sorted(ctx)), marker="o", label=s)
+        if len(bat) > 1:
+            b.plot(*zip(*sorted(bat)), marker="o", label=s)
+    a.set(xlabel="context length at the end (prompt + new)", ylabel="decode tok/s", title="batch 1")
+    b.set(xlabel="batch size", ylabel="decode tok/s (all rows)", title="short context")
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", default="ours,hf-torch")
@@ -65,40 +124,34 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sweep", action="store_true",
+                    help="also batch 1 at prompt 512 + 256 new, and batches 2, 4, 8 (systems that batch); plot")
     ap.add_argument("--name", default=None, help="results file stem")
     args = ap.parse_args()
 
     ck = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path.home() / ".cache" / "gpt2-onnx" / "bench-gpt2-124m")
-    vocab = json.loads((ck / "config.json").read_text())["vocab_size"]
-    ids = np.random.default_rng(0).integers(0, vocab, (args.batch, args.prompt)).tolist()
-    rows = {}
-    for name in args.systems.split(","):
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        rows[name] = run_system(name, ck, ids, args.new, args.runs, args.threads)
-    ref = rows.get("ours", {}).get("ids")
-    for r in rows.values():
-        r["ids_agree_with_ours"] = (r.get("ids") == ref) if ref is not None and "ids" in r else None
-        r.pop("ids", None)
-    base = rows.get("hf-torch", {}).get("decode_tok_s")
+    systems = args.systems.split(",")
+    grid = [(args.batch, args.prompt, args.new)]
+    if args.sweep:
+        grid += [(1, 512, 256)] + [(b, args.prompt, args.new) for b in (2, 4, 8)]
+    cases, md = [], []
+    for batch, prompt, new in grid:
+        names = systems if batch == 1 else [s for s in systems if not s.startswith("llama.cpp")]
+        rows = run_case(names, ck, batch, prompt, new, args.runs, args.threads)
+        cases.append({"batch": batch, "prompt": prompt, "new": new, "systems": rows})
+        md.append(table(rows, f"### batch {batch}, prompt {prompt}, {new} new greedy tokens"))
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "checkpoint": str(ck), **{k: v for k, v in vars(args).items() if k != "checkpoint"}}
-    stem = args.name or f"cpu-b{args.batch}-p{args.prompt}-n{args.new}"
+            "cpus": os.cpu_count(), "checkpoint": str(ck), "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+            **{k: v for k, v in vars(args).items() if k != "checkpoint"}}
+    stem = args.name or ("cpu-sweep" if args.sweep else f"cpu-b{args.batch}-p{args.prompt}-n{args.new}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "systems": rows}, indent=2) + "\n")
-    lines = [f"prompt {args.prompt}, {args.new} new greedy tokens, batch {args.batch}, {args.threads} threads, "
-             f"median of {args.runs} runs, {meta['date']}", "",
-             "| system | decode tok/s | x HF torch | time to first token ms | peak RSS MB | model MB | ids agree |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        if r.get("status") != "ok":
-            lines.append(f"| {name} | {r.get('status')} | | | | | |")
-            continue
-        ratio = f"{r['decode_tok_s'] / base:.2f}" if base else "-"
-        lines.append(f"| {name} | {r['decode_tok_s']:.1f} | {ratio} | {r['ttft_s'] * 1e3:.1f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r.get('model_bytes', 0) / 1e6:.0f} | {r['ids_agree_with_ours']} |")
-    table = "\n".join(lines) + "\n"
-    (RESULTS / f"{stem}.md").write_text(table)
-    print(table)
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "cases": cases}, indent=2) + "\n")
+    head = (f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs), {args.threads} threads, "
+            f"median of {args.runs} runs, {meta['date']}. Decode tok/s counts all rows of a batch.\n\n")
+    (RESULTS / f"{stem}.md").write_text(head + "\n".join(md))
+    if args.sweep:
+        plot(cases, RESULTS / f"{stem}.png")
+    print(head + "\n".join(md))
 
 
 if __name__ == "__main__":
