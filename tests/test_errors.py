@@ -168,3 +168,32 @@ def test_export_refuses_to_overwrite_unrelated_folder(tiny, tmp_path):
     with pytest.raises(ValueError, match="non-empty folder that is not a gpt2-onnx export"):
         export_model(str(ck), tmp_path)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_pytorch_bin_without_torch_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    model = make_checkpoint(tmp_path / "hf", n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=32)
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "hf" / "pytorch_model.bin")
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    with pytest.raises(ValueError, match="PyTorch pickle and reading it needs torch, which is not installed"):
+        export_model(str(tmp_path / "hf"), tmp_path / "out")
+
+
+def test_external_data_export_loads_and_detects_truncation(tiny, tmp_path, monkeypatch):
+    from export import exporter
+
+    _, engine, ck, _ = tiny
+    monkeypatch.setattr(exporter, "TWO_GB", 1000)  # pretend the tiny model is over 2 GB
+    out = export_model(str(ck), tmp_path / "big")
+    assert (out / "model.onnx.data").is_file() and (out / "model.onnx").stat().st_size < 100_000
+    big = Engine.load(out)
+    assert big.config.external_data == "model.onnx.data"
+    assert big.generate([1, 2, 3], max_new_tokens=8).token_ids == engine.generate([1, 2, 3], max_new_tokens=8).token_ids
+    data = out / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"model\.onnx\.data has 5000 bytes but the manifest says"):
+        Engine.load(out)
