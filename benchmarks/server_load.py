@@ -2,8 +2,8 @@
 
     python -m benchmarks.server_load [-m MODEL] [--clients 16] [--requests 32] [--max-tokens 64]
 
-Starts `create_app` with uvicorn on 127.0.0.1 (random free port) in this process, bounded in
-requests and time; checks every greedy answer equals the sequential one.
+Starts `gpt2-onnx serve` on 127.0.0.1 (a random free port) in its own process; the clients run
+here, bounded in requests and time. Checks every greedy answer equals the sequential one.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,22 +27,26 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    import uvicorn
+    import subprocess
+    import sys
 
-    from engine import Engine
-    from engine.server import create_app
-    from export.cache import resolve_model
-    from models import DEFAULT_MODEL
-
-    eng = Engine.load(resolve_model(args.model or DEFAULT_MODEL), provider="cpu", threads=args.threads)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(eng, max_batch=args.clients), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--max-batch", str(args.clients),
+           "--threads", str(args.threads)] + (["-m", args.model] if args.model else [])
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # its own process
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            server.kill()
+            raise SystemExit("server did not start")
+        time.sleep(0.2)
     url = f"http://127.0.0.1:{port}/v1/completions"
     prompts = [f"{name}:\n" for name in ["ROMEO", "JULIET", "KING HENRY", "HAMLET", "First Citizen", "MENENIUS",
                                          "GLOUCESTER", "LADY ANNE"]]
@@ -61,7 +64,8 @@ def main() -> None:
     with ThreadPoolExecutor(args.clients) as pool:
         conc = list(pool.map(one, jobs))
     t_conc = time.perf_counter() - t
-    server.should_exit = True
+    server.terminate()
+    server.wait(30)
     tokens = sum(r["usage"]["completion_tokens"] for r in seq)
     out = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
            "sequential_tok_s": tokens / t_seq, "concurrent_tok_s": sum(r["usage"]["completion_tokens"] for r in conc) / t_conc,

@@ -214,10 +214,24 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         events: asyncio.Queue = asyncio.Queue()
         n, rid = spec["n"], f"cmpl-{secrets.token_hex(12)}"
         seqs = []
+        texts = ["" for _ in range(len(spec["ids"]) * n)]
+        reasons: list[str | None] = [None] * len(texts)
+
+        def callback(index: int):
+            if spec["stream"]:  # every step goes to the event loop
+                return lambda step: loop.call_soon_threadsafe(events.put_nowait, (index, step))
+
+            def collect(step):  # runs in the scheduler thread; wakes the loop only when the sequence ends
+                if not isinstance(step, Exception):
+                    texts[index] += step.text
+                if isinstance(step, Exception) or step.finish_reason:
+                    loop.call_soon_threadsafe(events.put_nowait, (index, step))
+            return collect
+
         for p_idx, ids in enumerate(spec["ids"]):
             for i in range(n):
                 index = p_idx * n + i
-                cb = (lambda index: lambda step: loop.call_soon_threadsafe(events.put_nowait, (index, step)))(index)
+                cb = callback(index)
                 seed = spec["sampling"].seed
                 seqs.append(SeqRequest(ids=ids, max_new_tokens=spec["max_tokens"], sampling=spec["sampling"],
                                        on_step=cb, stops=spec["stops"], eos_token_id=engine.config.eos_token_id,
@@ -282,8 +296,6 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
 
             return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-        texts = ["" for _ in seqs]
-        reasons = ["length" for _ in seqs]
         try:
             while pending:
                 try:
@@ -296,16 +308,14 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
                 if isinstance(step, Exception):
                     finish("500")
                     return _error(ApiError(500, f"generation failed: {step}", kind="server_error"))
-                texts[index] += step.text
-                if step.finish_reason:
-                    reasons[index] = _reason(step.finish_reason)
-                    pending.discard(index)
+                reasons[index] = _reason(step.finish_reason)
+                pending.discard(index)
         except asyncio.CancelledError:
             finish("cancelled")
             raise
         finish("200")
         return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_id,
-                "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": r}
+                "choices": [{"text": t, "index": i, "logprobs": None, "finish_reason": r or "length"}
                             for i, (t, r) in enumerate(zip(texts, reasons))],
                 "usage": usage()}
 
