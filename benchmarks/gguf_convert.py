@@ -33,7 +33,7 @@ def convert(ck: Path, out: Path, qtype: str = "f32") -> Path:
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list([f"<t{i}>" for i in range(vocab)])
     writer.add_token_types([1] * vocab)
-    writer.add_token_merges([])
+    writer.add_token_merges(["<t0> <t1>"])  # llama.cpp insists on merges; ids are fed directly
     writer.add_eos_token_id(cfg.get("eos_token_id", vocab - 1))
     writer.add_bos_token_id(cfg.get("bos_token_id", vocab - 1))
     gq = {"f32": None, "q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}[qtype]
