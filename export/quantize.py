@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK_SIZE = 32
+# Block length along K per bits. Measured here (124M shape, 2 threads, one run, machine busy):
+# int4 decode 62 tok/s with blocks of 32, 69 with 64, 76 with 128; int8 40-41 whatever the block.
+# On the bundled model the held-out loss moved by <= 0.04% for every choice.
+BLOCK_SIZE = {4: 128, 8: 32}
 
 
-def quantize_blocks(w: np.ndarray, bits: int, block_size: int = BLOCK_SIZE):
+def quantize_blocks(w: np.ndarray, bits: int, block_size: int = 32):
     """Asymmetric min/max quantization of w (K, N) along K in blocks.
 
     Returns q (N, n_blocks, block_size) uint8 in [0, 2**bits), scales (N, n_blocks) float32 and
@@ -34,7 +37,7 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, K: int) -> np.n
     return w.reshape(w.shape[0], -1)[:, :K].T
 
 
-def matmul_nbits(w: np.ndarray, *, bits: int, dtype: str = "float32", block_size: int = BLOCK_SIZE,
+def matmul_nbits(w: np.ndarray, *, bits: int, dtype: str = "float32", block_size: int | None = None,
                  accuracy_level: int = 4):
     """MatMulNBits initializers and attributes for x @ w, w (K, N) float32.
 
@@ -42,6 +45,7 @@ def matmul_nbits(w: np.ndarray, *, bits: int, dtype: str = "float32", block_size
     the 124M shape, 2 threads, int8 ran 41 tok/s with it and 1.3 without; int4 61 vs 20.
     """
     K, N = w.shape
+    block_size = block_size or BLOCK_SIZE[bits]
     q, scale, zp = quantize_blocks(w, bits, block_size)
     n_blocks = q.shape[1]
     if bits == 4:
