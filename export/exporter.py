@@ -15,7 +15,7 @@ from engine import config as C
 from export import checkpoint
 from export.graph import build
 
-EXPORTER_VERSION = "0.1.0"
+EXPORTER_VERSION = "0.1.1"  # part of the export cache key: bump when exports change
 TWO_GB = 2**31 - 1
 DATA_NAME = "model.onnx.data"
 
