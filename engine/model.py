@@ -63,6 +63,9 @@ class Model:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
+        # Without this the CPU arena kept ~26 KB per decode step (124M shape: +12.9 MB over 500 steps,
+        # 0.55 MB without it, same tok/s within noise): resident memory must stay flat.
+        opts.enable_cpu_mem_arena = self.provider != "cpu"
         if cuda_graph and self.provider != "cuda":
             raise ValueError("cuda_graph=True needs provider='cuda'")
         try:
