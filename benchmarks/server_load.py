@@ -52,8 +52,10 @@ def main() -> None:
                                          "GLOUCESTER", "LADY ANNE"]]
     jobs = [prompts[i % len(prompts)] + " " * (i // len(prompts)) for i in range(args.requests)]
 
+    client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=args.clients))  # pooled, thread-safe
+
     def one(p):
-        r = httpx.post(url, json={"prompt": p, "max_tokens": args.max_tokens, "temperature": 0}, timeout=300)
+        r = client.post(url, json={"prompt": p, "max_tokens": args.max_tokens, "temperature": 0})
         r.raise_for_status()
         return r.json()
 
