@@ -32,6 +32,13 @@ def make_checkpoint(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def save_json(stem: str, data: dict) -> None:
+    """Write benchmarks/results/<stem>.json and print the same JSON on one line."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+    print(json.dumps(data))
+
+
 def write_id_tokenizer(folder: Path, vocab: int) -> None:
     """A full-size word-level vocabulary `<t0>`..: benchmarks feed ids, but converters want every id named."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -6,10 +6,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from benchmarks.__main__ import RESULTS, make_checkpoint
+from benchmarks.__main__ import make_checkpoint, save_json
 
 
 def rss_mb() -> float:
@@ -37,9 +36,7 @@ def main() -> None:
     after_warm = [m for i, m in samples if i > 100]
     growth = max(after_warm) - min(after_warm)
     out = {"tokens": args.tokens, "rss_mb_by_token": samples, "growth_after_100_tokens_mb": growth}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out))
+    save_json("memory", out)
 
 
 if __name__ == "__main__":

@@ -6,13 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.__main__ import RESULTS, make_checkpoint
+from benchmarks.__main__ import make_checkpoint, save_json
 
 
 def main() -> None:
@@ -41,9 +40,7 @@ def main() -> None:
            "ttft_ms_recomputed": 1e3 * statistics.median(full[1:]),
            "ttft_ms_prefix_reused": 1e3 * statistics.median(reused[1:]), "identical_ids": same}
     out["speedup"] = out["ttft_ms_recomputed"] / out["ttft_ms_prefix_reused"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "prefix.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out))
+    save_json("prefix", out)
 
 
 if __name__ == "__main__":

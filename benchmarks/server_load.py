@@ -9,14 +9,13 @@ here, bounded in requests and time. Checks every greedy answer equals the sequen
 from __future__ import annotations
 
 import argparse
-import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from benchmarks.__main__ import RESULTS
+from benchmarks.__main__ import save_json
 
 
 def main() -> None:
@@ -73,9 +72,7 @@ def main() -> None:
            "sequential_tok_s": tokens / t_seq, "concurrent_tok_s": sum(r["usage"]["completion_tokens"] for r in conc) / t_conc,
            "identical_answers": [r["choices"][0]["text"] for r in seq] == [r["choices"][0]["text"] for r in conc]}
     out["speedup"] = out["concurrent_tok_s"] / out["sequential_tok_s"]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "server_load.json").write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps(out))
+    save_json("server_load", out)
 
 
 if __name__ == "__main__":
