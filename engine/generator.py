@@ -51,8 +51,6 @@ class Generator:
         # plain greedy needs no logits on the host: the graph's argmax output is enough
         self.argmax_only = sampling.greedy and sampling.repetition_penalty == 1.0 and not logprobs
         self.t_start = time.perf_counter()
-        self.t_first: float | None = None
-        self.t_last: float | None = None
 
     def is_done(self) -> bool:
         return all(r is not None for r in self.finish_reason)
@@ -123,8 +121,4 @@ class Generator:
                 self.finish_reason[r] = "eos"
             elif len(self.tokens[r]) >= self.max_new_tokens:
                 self.finish_reason[r] = "length"
-        now = time.perf_counter()
-        if self.t_first is None:
-            self.t_first = now
-        self.t_last = now
         return out

@@ -128,7 +128,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
         import onnx
 
         say("writing model.onnx")
-        big = proto.ByteSize() > TWO_GB if _can_size(proto) else True
+        big = _over_2gb(proto)
         onnx_path = tmp / C.MODEL_NAME
         if big:
             onnx.save_model(proto, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -150,9 +150,9 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     return out
 
 
-def _can_size(proto) -> bool:
+def _over_2gb(proto) -> bool:
+    """Whether the model needs external data (sized once; protobuf refuses to size messages over 2 GB)."""
     try:
-        proto.ByteSize()
+        return proto.ByteSize() > TWO_GB
+    except ValueError:
         return True
-    except ValueError:  # protobuf refuses to size messages over 2 GB
-        return False
