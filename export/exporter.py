@@ -38,7 +38,7 @@ def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | Non
         raise ValueError(f"{ck.folder / 'config.json'}: n_inner {hf['n_inner']} is not 4*n_embd; not supported")
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"{ck.folder / 'config.json'}: activation_function {hf['activation_function']!r} "
-                         "is not supported (gelu_new only)")
+                         "is not supported (gelu_new or gelu_pytorch_tanh, the tanh-approximated GELU of GPT-2)")
     hs = n_embd // n_head
     scales = []
     for i in range(n_layer):

@@ -1,7 +1,7 @@
 """Train the bundled GPT-2 on Tiny Shakespeare (development only; needs torch + transformers).
 
 Usage: python models/tiny-shakespeare/train.py --data ../shared/data/tinyshakespeare.txt \
-           --out models/tiny-shakespeare --minutes 45
+           --out models/tiny-shakespeare --steps 1100
 
 Data split: the first 90% of the characters train (tokenizer and model), the last 10% are held
 out and only evaluated. Writes config.json, model.safetensors (fp16), generation_config.json,
@@ -44,15 +44,17 @@ def held_out_loss(model, ids: np.ndarray, n_ctx: int, n_chars: int, batch: int =
     """Windows of n_ctx tokens overlapping by one, so every token but the first is predicted once."""
     model.eval()
     stride = n_ctx - 1
-    starts = list(range(0, max(len(ids) - 1, 1), stride))
+    windows = [ids[s : s + n_ctx] for s in range(0, max(len(ids) - 1, 1), stride)]
+    full = [w for w in windows if len(w) == n_ctx]
+    groups = [np.stack(full[i : i + batch]) for i in range(0, len(full), batch)]
+    groups += [w[None] for w in windows if 1 < len(w) < n_ctx]  # ragged last window: run alone
     total, count = 0.0, 0
-    for i in range(0, len(starts), batch):
-        chunk = [ids[s : s + n_ctx] for s in starts[i : i + batch]]
-        for w in chunk:  # ragged last window: run alone
-            x = torch.from_numpy(w.astype(np.int64))[None]
-            logits = model(x).logits[0, :-1].float()
-            total += torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item()
-            count += len(w) - 1
+    for g in groups:
+        x = torch.from_numpy(g.astype(np.int64))  # (B, T)
+        logits = model(x).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum").item()
+        count += x[:, 1:].numel()
     model.train()
     return {"nats_per_token": total / count, "nats_per_char": total / n_chars, "tokens": count + 1,
             "chars": n_chars, "chars_per_token": n_chars / (count + 1)}
@@ -62,14 +64,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--n-layer", type=int, default=6)
     ap.add_argument("--n-embd", type=int, default=256)
     ap.add_argument("--n-head", type=int, default=4)
     ap.add_argument("--n-ctx", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--dropout", type=float, default=0.1, help="residual and embedding dropout")
+    ap.add_argument("--attn-dropout", type=float, default=0.0, help="attention-probability dropout (costly on CPU)")
+    ap.add_argument("--eval-every", type=int, default=200, help="log held-out loss every N steps (0: only at the end)")
     ap.add_argument("--minutes", type=float, default=45.0)
     ap.add_argument("--steps", type=int, default=0, help="fixed step count (0: estimate from --minutes)")
     ap.add_argument("--seed", type=int, default=1337)
@@ -89,7 +93,8 @@ def main() -> None:
 
     cfg = GPT2Config(
         vocab_size=tok.get_vocab_size(), n_positions=args.n_ctx, n_embd=args.n_embd, n_layer=args.n_layer,
-        n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
+        n_head=args.n_head, resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.attn_dropout,
+        activation_function="gelu_pytorch_tanh",  # = gelu_new (tanh approximation), one fused kernel
         bos_token_id=eot, eos_token_id=eot,
     )
     model = GPT2LMHeadModel(cfg)
@@ -136,9 +141,13 @@ def main() -> None:
         else:
             lr = 0.1 * args.lr + 0.9 * args.lr * 0.5 * (1 + math.cos(math.pi * (it - warmup) / max(1, steps - warmup)))
         loss = step_fn(lr)
-        if it % 100 == 0 or it == steps - 1:
-            print(f"step {it}/{steps} loss {loss:.4f} lr {lr:.2e} {time.time()-t_train:.0f}s", flush=True)
-            log.append({"step": it, "train_loss": loss, "seconds": time.time() - t_train})
+        evaluate = bool(args.eval_every) and it > 0 and it % args.eval_every == 0
+        if it % 100 == 0 or it == steps - 1 or evaluate:
+            entry = {"step": it, "train_loss": loss, "seconds": time.time() - t_train}
+            if evaluate:  # monitoring only: nothing is selected by it
+                entry["held_out_nats_per_char"] = held_out_loss(model, val_ids, args.n_ctx, len(val_text))["nats_per_char"]
+            print(f"step {it}/{steps} " + " ".join(f"{k} {v:.4g}" for k, v in entry.items() if k != "step"), flush=True)
+            log.append(entry)
     wall = time.time() - t_train
 
     val = held_out_loss(model, val_ids, args.n_ctx, len(val_text))
