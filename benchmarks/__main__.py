@@ -32,6 +32,27 @@ def make_checkpoint(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def checkpoint(arg: str | None) -> Path:
+    """--checkpoint as given, else the random-init 124M-shape checkpoint (made once in the cache)."""
+    return Path(arg) if arg else make_checkpoint(Path.home() / ".cache" / "gpt2-onnx" / "bench-gpt2-124m")
+
+
+def engine_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every single-engine benchmark takes: --checkpoint and --threads."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="HF GPT-2 folder [default: random-init GPT2Config()]")
+    ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def load_engine(args: argparse.Namespace):
+    """The CPU engine for args.checkpoint (exported once into the cache)."""
+    from engine import Engine
+    from export.cache import resolve_model
+
+    return Engine.load(resolve_model(str(checkpoint(args.checkpoint))), provider="cpu", threads=args.threads)
+
+
 def save_json(stem: str, data: dict) -> None:
     """Write benchmarks/results/<stem>.json and print the same JSON on one line."""
     RESULTS.mkdir(exist_ok=True)
@@ -136,7 +157,7 @@ def main() -> None:
     ap.add_argument("--name", default=None, help="results file stem")
     args = ap.parse_args()
 
-    ck = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path.home() / ".cache" / "gpt2-onnx" / "bench-gpt2-124m")
+    ck = checkpoint(args.checkpoint)
     systems = args.systems.split(",")
     grid = [(args.batch, args.prompt, args.new)]
     if args.sweep:

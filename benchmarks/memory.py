@@ -5,10 +5,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from benchmarks.__main__ import make_checkpoint, save_json
+from benchmarks.__main__ import engine_parser, load_engine, save_json
 
 
 def rss_mb() -> float:
@@ -19,16 +18,10 @@ def rss_mb() -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default=None)
+    ap = engine_parser(__doc__)
     ap.add_argument("--tokens", type=int, default=1000)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from engine import Engine
-    from export.cache import resolve_model
-
-    ck = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path.home() / ".cache" / "gpt2-onnx" / "bench-gpt2-124m")
-    eng = Engine.load(resolve_model(str(ck)), provider="cpu", threads=args.threads)
+    eng = load_engine(args)
     samples = []
     for step in eng.stream([1, 2, 3], max_new_tokens=args.tokens, ignore_eos=True):
         if step.index % 100 == 0 or step.finish_reason:

@@ -5,26 +5,18 @@
 
 from __future__ import annotations
 
-import argparse
 import statistics
-from pathlib import Path
 
 import numpy as np
 
-from benchmarks.__main__ import make_checkpoint, save_json
+from benchmarks.__main__ import engine_parser, load_engine, save_json
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default=None)
+    ap = engine_parser(__doc__)
     ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    from engine import Engine
-    from export.cache import resolve_model
-
-    ck = Path(args.checkpoint) if args.checkpoint else make_checkpoint(Path.home() / ".cache" / "gpt2-onnx" / "bench-gpt2-124m")
-    eng = Engine.load(resolve_model(str(ck)), provider="cpu", threads=args.threads)
+    eng = load_engine(args)
     rng = np.random.default_rng(0)
     prefix = rng.integers(0, eng.config.vocab_size, 400).tolist()
     queries = [rng.integers(0, eng.config.vocab_size, 20).tolist() for _ in range(args.runs + 1)]
