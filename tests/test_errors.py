@@ -197,3 +197,14 @@ def test_external_data_export_loads_and_detects_truncation(tiny, tmp_path, monke
     data.write_bytes(data.read_bytes()[:5000])
     with pytest.raises(ValueError, match=r"model\.onnx\.data has 5000 bytes but the manifest says"):
         Engine.load(out)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("activation_function", "relu", r"activation_function 'relu' is not supported \(gelu_new or gelu_pytorch_tanh"),
+    ("n_inner", 48, r"n_inner 48 is not 4\*n_embd"),
+])
+def test_unsupported_gpt2_variant_is_refused_before_writing(tmp_path, field, value, match):
+    make_checkpoint(tmp_path / "hf", n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=32, **{field: value})
+    with pytest.raises(ValueError, match=match):
+        export_model(str(tmp_path / "hf"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
