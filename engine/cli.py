@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Fast GPT-2 inference with ONNX Runtime: export, generate, eval, info.")
+                  help="Fast GPT-2 inference with ONNX Runtime: export, generate, eval, bench, serve, info.")
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -132,6 +132,54 @@ def eval_(model: str = typer.Argument(..., help="exported folder, HF folder or H
     print(f"tokens          {res.tokens}\nchars           {res.chars}\nchars/token     {res.chars / res.tokens:.4f}")
     print(f"nats/token      {res.nats_per_token:.4f}\nnats/char       {res.nats_per_char:.4f}")
     print(f"perplexity      {res.perplexity:.3f}")
+
+
+@app.command()
+def bench(model: Optional[str] = typer.Option(None, "-m", "--model",
+                                            help="exported folder, HF folder or Hub id [default: bundled]"),
+          prompt_tokens: int = typer.Option(32, "--prompt", help="prompt length in tokens (random ids)"),
+          new_tokens: int = typer.Option(64, "--new", help="tokens generated per run (eos ignored)"),
+          batch: int = typer.Option(1, help="sequences generated together"),
+          runs: int = typer.Option(5, help="timed runs after one warm-up; medians are reported"),
+          dtype: str = typer.Option("float32", help="float32 | float16 (float16 is for CUDA)"),
+          quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only"),
+          provider: str = typer.Option("auto", help="auto | cpu | cuda"),
+          threads: Optional[int] = typer.Option(None, help="CPU threads"),
+          as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table")):
+    """Time greedy generation of MODEL alone (python -m benchmarks compares it with other runtimes)."""
+    import json
+    import statistics
+    import time
+
+    import numpy as np
+
+    for name, value in (("--prompt", prompt_tokens), ("--new", new_tokens), ("--batch", batch), ("--runs", runs)):
+        if value < 1:
+            _fail(ValueError(f"{name} must be >= 1, got {value}"))
+    try:
+        engine = _load(model, provider, threads, dtype=dtype, quantize=quantize)
+        ids = np.random.default_rng(0).integers(0, engine.config.vocab_size, (batch, prompt_tokens)).tolist()
+        walls, ttfts, rates = [], [], []
+        for i in range(runs + 1):  # run 0 warms up
+            t = time.perf_counter()
+            rows = engine.generate_batch(ids, max_new_tokens=new_tokens, ignore_eos=True)
+            if i:
+                walls.append(time.perf_counter() - t)
+                ttfts.append(rows[0].time_to_first_token)
+                rates.append(sum(r.decode_tokens_per_s for r in rows))
+    except ValueError as e:
+        _fail(e)
+    res = {"model": model or "bundled", "provider": engine.provider, "batch": batch, "prompt_tokens": prompt_tokens,
+           "new_tokens": new_tokens, "runs": runs, "ttft_ms": 1e3 * statistics.median(ttfts),
+           "decode_tok_s": statistics.median(rates), "end_to_end_tok_s": batch * new_tokens / statistics.median(walls)}
+    if as_json:
+        print(json.dumps(res))
+        return
+    print(f"{res['model']} on {res['provider']}: batch {batch}, prompt {prompt_tokens} + {new_tokens} new, "
+          f"medians of {runs} runs")
+    print(f"time to first token   {res['ttft_ms']:.1f} ms")
+    print(f"decode                {res['decode_tok_s']:.1f} tok/s")
+    print(f"end to end            {res['end_to_end_tok_s']:.1f} tok/s")
 
 
 @app.command()

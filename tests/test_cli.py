@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -71,3 +72,22 @@ def test_errors_are_one_clear_line(tiny, tmp_path, args, message):
     r = cli(*args)
     assert r.returncode == 2
     assert message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bench_reports_medians_as_json(tiny):
+    _, _, _, onnx_dir = tiny
+    r = cli("bench", "-m", onnx_dir, "--prompt", "5", "--new", "6", "--batch", "2", "--runs", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert (res["batch"], res["prompt_tokens"], res["new_tokens"], res["runs"], res["provider"]) == (2, 5, 6, 2, "cpu")
+    assert res["ttft_ms"] > 0 and res["decode_tok_s"] > 0 and res["end_to_end_tok_s"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "0"], "--runs must be >= 1, got 0"),
+    (["--prompt", "120", "--new", "10"], "exceeds the model's context of n_positions 128"),
+])
+def test_bench_bad_options_exit_2_with_a_message(tiny, args, message):
+    _, _, _, onnx_dir = tiny
+    r = cli("bench", "-m", onnx_dir, *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
