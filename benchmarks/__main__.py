@@ -74,10 +74,18 @@ def write_id_tokenizer(folder: Path, vocab: int) -> None:
 
 
 def run_system(name: str, ck: Path, ids, new_tokens: int, runs: int, threads: int) -> dict:
-    spec = json.dumps({"system": name, "checkpoint": str(ck), "ids": ids, "new_tokens": new_tokens,
-                       "runs": runs, "threads": threads})
+    """Time one system in a fresh process, after a first process built its artifacts (export, conversion),
+    so that the timed process's peak RSS is the runtime's alone."""
+    spec = {"system": name, "checkpoint": str(ck), "ids": ids, "new_tokens": new_tokens, "runs": runs,
+            "threads": threads}
+    prep = _spawn(spec | {"prepare_only": True}, threads)
+    return _spawn(spec, threads) if prep.get("status") == "ok" else prep
+
+
+def _spawn(spec: dict, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    p = subprocess.run([sys.executable, "-m", "benchmarks.systems", spec], capture_output=True, text=True, env=env)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.systems", json.dumps(spec)], capture_output=True,
+                       text=True, env=env)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
