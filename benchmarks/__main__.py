@@ -74,18 +74,11 @@ def write_id_tokenizer(folder: Path, vocab: int) -> None:
 
 
 def run_system(name: str, ck: Path, ids, new_tokens: int, runs: int, threads: int) -> dict:
-    """Time one system in a fresh process, after a first process built its artifacts (export, conversion),
-    so that the timed process's peak RSS is the runtime's alone."""
-    spec = {"system": name, "checkpoint": str(ck), "ids": ids, "new_tokens": new_tokens, "runs": runs,
-            "threads": threads}
-    prep = _spawn(spec | {"prepare_only": True}, threads)
-    return _spawn(spec, threads) if prep.get("status") == "ok" else prep
-
-
-def _spawn(spec: dict, threads: int) -> dict:
+    """Time one system in a fresh process (runs 0: only build its artifacts, export or conversion)."""
+    spec = json.dumps({"system": name, "checkpoint": str(ck), "ids": ids, "new_tokens": new_tokens,
+                       "runs": runs, "threads": threads})
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    p = subprocess.run([sys.executable, "-m", "benchmarks.systems", json.dumps(spec)], capture_output=True,
-                       text=True, env=env)
+    p = subprocess.run([sys.executable, "-m", "benchmarks.systems", spec], capture_output=True, text=True, env=env)
     for line in p.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -170,6 +163,9 @@ def main() -> None:
     grid = [(args.batch, args.prompt, args.new)]
     if args.sweep:
         grid += [(1, 512, 256)] + [(b, args.prompt, args.new) for b in (2, 4, 8)]
+    for name in systems:  # exports and conversions first, so a timed process's peak RSS is the runtime's alone
+        print(f"preparing {name} ...", file=sys.stderr, flush=True)
+        run_system(name, ck, [[0]], 1, 0, args.threads)
     cases, md = [], []
     for batch, prompt, new in grid:
         names = systems if batch == 1 else [s for s in systems if not s.startswith("llama.cpp")]

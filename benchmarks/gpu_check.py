@@ -14,22 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _timed(fn, runs):
-    fn()
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def main() -> None:
@@ -46,6 +34,7 @@ def main() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from benchmarks.__main__ import write_id_tokenizer
+    from benchmarks.systems import measure
     from engine import Engine
     from export import export_model
 
@@ -100,29 +89,28 @@ def main() -> None:
     for batch, plen, new in cases:
         prompts = rng.integers(0, cfg.vocab_size, (batch, plen)).tolist()
         for name, eng in engines.items():
-            one = lambda: eng.generate_batch(prompts, max_new_tokens=1, ignore_eos=True)  # noqa: E731
-            full = lambda: eng.generate_batch(prompts, max_new_tokens=new, ignore_eos=True)  # noqa: E731
+            def gen(rows, n, eng=eng):
+                return [r.token_ids for r in eng.generate_batch(rows, max_new_tokens=n, ignore_eos=True)]
+
             try:
-                t1, tn = _timed(one, args.runs), _timed(full, args.runs)
+                m = measure(gen, prompts, new, args.runs)
             except Exception as e:  # record and go on: one failing config must not lose the others
                 report["timings"].append({"system": f"ours-{name}", "batch": batch, "error": str(e)[:300]})
                 continue
-            row = {"system": f"ours-{name}", "batch": batch, "prompt": plen, "new": new, "ttft_ms": t1 * 1e3,
-                   "decode_tok_s": batch * (new - 1) / (tn - t1)}
+            row = {"system": f"ours-{name}", "batch": batch, "prompt": plen, "new": new, "ttft_ms": m["ttft_s"] * 1e3,
+                   "decode_tok_s": m["decode_tok_s"]}
             report["timings"].append(row)
             print(row, flush=True)
-        x = torch.tensor(prompts, device=dev)
-
-        def hf(n):
+        def hf(rows, n):
+            x = torch.tensor(rows, device=dev)
             with torch.no_grad():
-                ref_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
-                                   do_sample=False, pad_token_id=0)
-            if dev == "cuda":
-                torch.cuda.synchronize()
+                out = ref_model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                                         do_sample=False, pad_token_id=0)[:, x.shape[1]:].tolist()  # .tolist() syncs
+            return out
 
-        t1, tn = _timed(lambda: hf(1), args.runs), _timed(lambda: hf(new), args.runs)
-        row = {"system": "hf-torch-eager", "batch": batch, "prompt": plen, "new": new, "ttft_ms": t1 * 1e3,
-               "decode_tok_s": batch * (new - 1) / (tn - t1)}
+        m = measure(hf, prompts, new, args.runs)
+        row = {"system": "hf-torch-eager", "batch": batch, "prompt": plen, "new": new, "ttft_ms": m["ttft_s"] * 1e3,
+               "decode_tok_s": m["decode_tok_s"]}
         report["timings"].append(row)
         print(row, flush=True)
 

@@ -1,7 +1,7 @@
 """One function per system: load a checkpoint, then time greedy generation on given ids.
 
-Each runs in its own process (benchmarks/__main__.py spawns `python -m benchmarks.systems`), after a first
-process built its artifacts (export, conversion) with `prepare_only`, so peak RSS is the runtime's alone.
+Each runs in its own process (benchmarks/__main__.py spawns `python -m benchmarks.systems`); a first process
+with runs 0 builds its artifacts (export, conversion) and times nothing, so peak RSS is the runtime's alone.
 Methodology, identical for every system: time to first token = wall time of generating 1 token
 (prefill included); decode tok/s = (N - 1) / (time(N tokens) - time(1 token)); medians of runs.
 """
@@ -26,12 +26,9 @@ def _time(fn, runs: int):
     return statistics.median(times), out
 
 
-PREPARE_ONLY = False  # set by main for the first process: build the artifacts (export, conversion), time nothing
-
-
 def measure(gen, ids, new_tokens: int, runs: int) -> dict:
-    """gen(ids, n) -> new token ids (list of lists for a batch)."""
-    if PREPARE_ONLY:
+    """gen(ids, n) -> new token ids (list of lists for a batch); runs 0 times nothing."""
+    if not runs:
         return {}
     ttft, _ = _time(lambda: gen(ids, 1), runs)
     total, out = _time(lambda: gen(ids, new_tokens), runs)
@@ -163,10 +160,8 @@ SYSTEMS = {"ours": ours, "ours-int8": ours, "ours-int4": ours, "hf-torch": hf, "
 
 
 def main() -> None:
-    global PREPARE_ONLY
     spec = json.loads(sys.argv[1])
     name = spec["system"]
-    PREPARE_ONLY = bool(spec.get("prepare_only"))
     opts = {"quantize": {"ours-int8": "int8", "ours-int4": "int4"}.get(name),
             "compute_type": name.removeprefix("ct2-"), "qtype": name.removeprefix("llama.cpp-")}
     try:
