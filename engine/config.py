@@ -7,10 +7,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
+COPY_MODEL_NAME = "kv_copy.onnx"  # copies KV rows between buffers on the session's device
 TOKENIZER_NAME = "tokenizer.json"
-FORMAT_VERSION = 2  # bump when the graph contract changes; the engine refuses other versions
+FORMAT_VERSION = 3  # bump when the graph contract changes; the engine refuses other versions
 
 # Graph I/O names. Layer-indexed names come from these templates, never from substring search.
 INPUT_IDS = "input_ids"
@@ -18,12 +21,18 @@ POSITION_IDS = "position_ids"
 SEQLENS_K = "seqlens_k"
 TOTAL_SEQUENCE_LENGTH = "total_sequence_length"
 LOGITS_INDEX = "logits_index"
+LOGITS_ROWS = "logits_rows"  # batch rows whose logits leave the graph (rows that sample); next_token covers all
 LOGITS = "logits"
 NEXT_TOKEN = "next_token"  # argmax of logits, computed in the graph (greedy without a logits copy)
 PAST_KEY = "past_key_values.{i}.key"
 PAST_VALUE = "past_key_values.{i}.value"
 PRESENT_KEY = "present.{i}.key"
 PRESENT_VALUE = "present.{i}.value"
+# kv_copy.onnx: for every KV buffer j (past-name order) dst.{j} = Pad(Slice(src.{j}, :length on axis 2), pads)
+COPY_SRC = "src.{j}"
+COPY_DST = "dst.{j}"
+COPY_LENGTH = "length"  # (1,) int64: positions to copy
+COPY_PADS = "pads"  # (8,) int64: ONNX Pad pads that grow the copied positions to the destination length
 
 
 @dataclass(frozen=True)
@@ -43,12 +52,23 @@ class ModelConfig:
     exporter_version: str = ""
     format_version: int = FORMAT_VERSION
     onnx_bytes: int = 0  # size of model.onnx, to detect truncated copies
+    kv_copy_bytes: int = 0  # size of kv_copy.onnx
     external_data: str | None = None  # file holding the weights when the model is over 2 GB
     external_data_bytes: int = 0
 
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_head_size(self) -> int:
+        """Head size of the KV buffers the graph reads and writes."""
+        return self.head_size
+
+    @property
+    def np_dtype(self) -> type:
+        """numpy dtype of activations and KV buffers."""
+        return np.float16 if self.dtype == "float16" else np.float32
 
     def past_names(self) -> list[str]:
         return [t.format(i=i) for i in range(self.n_layer) for t in (PAST_KEY, PAST_VALUE)]

@@ -23,8 +23,8 @@ class KVCache:
         self.device = device
         self.max_length = max_length
         self.lengths = np.zeros(batch_size, dtype=np.int64)  # tokens stored per row
-        self.shape = (batch_size, cfg.n_head, max_length, cfg.head_size)  # (B, nh, T, hs)
-        self.dtype = np.float16 if cfg.dtype == "float16" else np.float32
+        self.shape = (batch_size, cfg.n_head, max_length, cfg.kv_head_size)  # (B, nh, T, hs)
+        self.dtype = cfg.np_dtype
         if arrays is None:
             arrays = [np.zeros(self.shape, self.dtype) for _ in range(2 * cfg.n_layer)]
         if device == "cpu":
@@ -49,7 +49,7 @@ class KVCache:
         keep = min(int(self.lengths[rows].max(initial=0)), length)
         arrays = []
         for src in self.host_arrays():
-            dst = np.zeros((len(rows), self.cfg.n_head, length, self.cfg.head_size), self.dtype)
+            dst = np.zeros((len(rows), self.cfg.n_head, length, self.cfg.kv_head_size), self.dtype)
             dst[:, :, :keep] = src[rows, :, :keep]
             arrays.append(dst)
         new = KVCache(self.cfg, len(rows), length, device=self.device, arrays=arrays)

@@ -81,7 +81,8 @@ class Model:
         if PROVIDERS[self.provider] not in got:
             raise ValueError(f"session for {path} runs on {got}, not {PROVIDERS[self.provider]}")
         self.kv_names = list(zip(cfg.past_names(), cfg.present_names()))  # (past, present) per KV buffer
-        want = [C.INPUT_IDS, C.POSITION_IDS, C.SEQLENS_K, C.TOTAL_SEQUENCE_LENGTH, C.LOGITS_INDEX] + cfg.past_names()
+        want = [C.INPUT_IDS, C.POSITION_IDS, C.SEQLENS_K, C.TOTAL_SEQUENCE_LENGTH, C.LOGITS_INDEX,
+                C.LOGITS_ROWS] + cfg.past_names()
         have = [i.name for i in self.session.get_inputs()]
         if sorted(have) != sorted(want):
             raise ValueError(f"{path} inputs {have} do not match its manifest (expected {want}); re-export the model")
@@ -116,6 +117,7 @@ class Model:
         tsl = S if not past.any() else int(total.max())
         io.bind_cpu_input(C.TOTAL_SEQUENCE_LENGTH, np.array(tsl, dtype=np.int32))
         io.bind_cpu_input(C.LOGITS_INDEX, np.ascontiguousarray(logits_index, dtype=np.int64))
+        io.bind_cpu_input(C.LOGITS_ROWS, np.arange(B, dtype=np.int64))
         logits = np.empty((B, logits_index.shape[1], self.cfg.vocab_size), dtype=np.float32)
         io.bind_output(C.LOGITS, "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         io.bind_output(C.NEXT_TOKEN, "cpu")
@@ -149,12 +151,13 @@ class DecodeStep:
         self.ids, self.pos, self.seqlens = buf((B, 1), np.int64), buf((B, 1), np.int64), buf((B,), np.int32)
         self.next, self.logits = buf((B, 1), np.int64), buf((B, 1, cfg.vocab_size), np.float32)
         index = ort.OrtValue.ortvalue_from_numpy(np.zeros((B, 1), np.int64), dev, 0)
+        rows = ort.OrtValue.ortvalue_from_numpy(np.arange(B, dtype=np.int64), dev, 0)
         total = ort.OrtValue.ortvalue_from_numpy(np.array(cache.max_length, np.int32))  # a CPU input of GQA
         io = model.step_session.io_binding()
         io.bind_ortvalue_output(C.NEXT_TOKEN, self.next)
         io.bind_ortvalue_output(C.LOGITS, self.logits)
         for name, v in [(C.INPUT_IDS, self.ids), (C.POSITION_IDS, self.pos), (C.SEQLENS_K, self.seqlens),
-                        (C.LOGITS_INDEX, index), (C.TOTAL_SEQUENCE_LENGTH, total)]:
+                        (C.LOGITS_INDEX, index), (C.LOGITS_ROWS, rows), (C.TOTAL_SEQUENCE_LENGTH, total)]:
             io.bind_ortvalue_input(name, v)
         for (name_in, name_out), value in zip(model.kv_names, cache.values):
             io.bind_ortvalue_input(name_in, value)

@@ -13,9 +13,9 @@ import numpy as np
 
 from engine import config as C
 from export import checkpoint
-from export.graph import build
+from export.graph import build, build_kv_copy
 
-EXPORTER_VERSION = "0.1.1"  # part of the export cache key: bump when exports change
+EXPORTER_VERSION = "0.2.0"  # part of the export cache key: bump when exports change
 TWO_GB = 2**31 - 1
 DATA_NAME = "model.onnx.data"
 
@@ -135,8 +135,10 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
                             location=DATA_NAME, size_threshold=1024)
         else:
             onnx.save_model(proto, str(onnx_path))
+        onnx.save_model(build_kv_copy(cfg), str(tmp / C.COPY_MODEL_NAME))
         write_tokenizer(ck.folder, tmp / C.TOKENIZER_NAME)
         final = C.ModelConfig(**{**cfg.__dict__, "onnx_bytes": onnx_path.stat().st_size,
+                                 "kv_copy_bytes": (tmp / C.COPY_MODEL_NAME).stat().st_size,
                                  "external_data": DATA_NAME if big else None,
                                  "external_data_bytes": (tmp / DATA_NAME).stat().st_size if big else 0})
         final.save(tmp)

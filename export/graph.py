@@ -45,7 +45,7 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
     `quantize(weight (K, N)) -> (initializers, attrs)` turns every MatMul (LM head included) into
     MatMulNBits; None keeps fp32/fp16 MatMuls.
     """
-    np_dtype = np.float16 if cfg.dtype == "float16" else np.float32
+    np_dtype = cfg.np_dtype
     onnx_dtype = TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
     b = _Builder()
 
@@ -111,25 +111,54 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
     else:
         head = wte if head_name == "wte.weight" else W(head_name)
         logits = b.op("FusedMatMul", [h, head], domain=MS, name="lm_head", transB=1)[0]
+    b.op("ArgMax", [logits], name="argmax", outputs=[C.NEXT_TOKEN], axis=-1, keepdims=0)  # (B, K) over every row
+    rows = b.op("Gather", [logits, C.LOGITS_ROWS], name="logits_rows", axis=0)[0]  # (R, K, V): rows that sample
     if cfg.dtype == "float16":  # logits leave the graph in fp32
-        b.op("Cast", [logits], name="logits_fp32", outputs=[C.LOGITS], to=TensorProto.FLOAT)
+        b.op("Cast", [rows], name="logits_fp32", outputs=[C.LOGITS], to=TensorProto.FLOAT)
     else:
         b.nodes[-1].output[0] = C.LOGITS
-    b.op("ArgMax", [C.LOGITS], name="argmax", outputs=[C.NEXT_TOKEN], axis=-1, keepdims=0)  # (B, K)
 
-    kv_shape = ["batch", cfg.n_head, "max_length", cfg.head_size]
+    kv_shape = ["batch", cfg.n_head, "max_length", cfg.kv_head_size]
     inputs = [
         helper.make_tensor_value_info(C.INPUT_IDS, TensorProto.INT64, ["batch", "sequence"]),
         helper.make_tensor_value_info(C.POSITION_IDS, TensorProto.INT64, ["batch", "sequence"]),
         helper.make_tensor_value_info(C.SEQLENS_K, TensorProto.INT32, ["batch"]),
         helper.make_tensor_value_info(C.TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
         helper.make_tensor_value_info(C.LOGITS_INDEX, TensorProto.INT64, ["batch", "num_logits"]),
+        helper.make_tensor_value_info(C.LOGITS_ROWS, TensorProto.INT64, ["logits_rows"]),
     ] + [helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in cfg.past_names()]
-    outputs = [helper.make_tensor_value_info(C.LOGITS, TensorProto.FLOAT, ["batch", "num_logits", cfg.vocab_size])]
+    outputs = [helper.make_tensor_value_info(C.LOGITS, TensorProto.FLOAT, ["logits_rows", "num_logits", cfg.vocab_size])]
     outputs += [helper.make_tensor_value_info(C.NEXT_TOKEN, TensorProto.INT64, ["batch", "num_logits"])]
     outputs += [helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in cfg.present_names()]
     graph = helper.make_graph(b.nodes, "gpt2", inputs, outputs, initializer=b.inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
-                              producer_name="gpt2-onnx")
+    return _model(graph, [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
+
+
+def build_kv_copy(cfg: C.ModelConfig) -> onnx.ModelProto:
+    """kv_copy.onnx: dst.{j} = Pad(Slice(src.{j}, positions :length), pads) for every KV buffer j.
+
+    The engine binds src and dst to rows of KV buffers on the session's device, so rows move between
+    buffers (prefix reuse, n samples of one prompt, compaction) without a trip through host memory.
+    """
+    onnx_dtype = TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
+    b = _Builder()
+    starts, axes = b.weight("starts", np.array([0], np.int64)), b.weight("axes", np.array([2], np.int64))
+    inputs = [helper.make_tensor_value_info(C.COPY_LENGTH, TensorProto.INT64, [1]),
+              helper.make_tensor_value_info(C.COPY_PADS, TensorProto.INT64, [8])]
+    outputs = []
+    for j in range(2 * cfg.n_layer):
+        src, dst = C.COPY_SRC.format(j=j), C.COPY_DST.format(j=j)
+        part = b.op("Slice", [src, starts, C.COPY_LENGTH, axes], name=f"slice.{j}")[0]  # (R, nh, length, hs)
+        b.op("Pad", [part, C.COPY_PADS], name=f"pad.{j}", outputs=[dst])  # (R, nh, dst length, hs)
+        shape = ["rows", cfg.n_head, f"src_length.{j}", cfg.kv_head_size]
+        inputs.append(helper.make_tensor_value_info(src, onnx_dtype, shape))
+        outputs.append(helper.make_tensor_value_info(dst, onnx_dtype, ["rows", cfg.n_head, f"dst_length.{j}",
+                                                                        cfg.kv_head_size]))
+    graph = helper.make_graph(b.nodes, "gpt2_kv_copy", inputs, outputs, initializer=b.inits)
+    return _model(graph, [helper.make_opsetid("", OPSET)])
+
+
+def _model(graph: onnx.GraphProto, opsets) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="gpt2-onnx")
     model.ir_version = IR_VERSION
     return model
