@@ -1,35 +1,27 @@
-"""The public surface: Engine.load, engine.generate / stream / generate_batch / prefill."""
+"""The public surface: Engine.load, engine.generate / stream / generate_batch / stream_batch / prefill."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from engine import config as C
+from engine.core import GenerationOptions, Prefix, Sequence as Seq, Step
 from engine.generator import Generator
-from engine.kv_cache import KVCache
 from engine.model import Model
-from engine.sampling import SamplingParams
-from engine.tokenizer import TextStream, Tokenizer
+from engine.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
+OPTION_NAMES = [f.name for f in fields(GenerationOptions)]
 
 
-@dataclass(frozen=True)
-class Step:
-    """One generated token of one row, with the text it completes (valid UTF-8, maybe '')."""
-
-    row: int
-    index: int  # 0-based position among the row's new tokens
-    token_id: int
-    text: str
-    finish_reason: str | None  # set on the row's last step: "length" | "eos" | "stop"
-    time: float  # seconds since the call started
-    logprob: float | None = None  # log p(token) under the model, when logprobs=True
+def _options(args: dict) -> GenerationOptions:
+    """GenerationOptions from a public method's keyword arguments."""
+    return GenerationOptions(**{k: v for k, v in args.items() if k in OPTION_NAMES})
 
 
 @dataclass(frozen=True)
@@ -39,71 +31,10 @@ class GenerationResult:
     text: str
     token_ids: list[int]  # new tokens (an eos that ended the row is included, its text is not)
     prompt_tokens: int
-    finish_reason: str
+    finish_reason: str  # "length" | "eos" | "stop"
     time_to_first_token: float  # seconds, prefill included
     decode_tokens_per_s: float  # tokens after the first / time after the first
     logprobs: list[float] | None = None  # per new token, when logprobs=True
-
-
-@dataclass(frozen=True)
-class Prefix:
-    """A prompt prefix computed once by `Engine.prefill`, reusable by many generate calls."""
-
-    token_ids: tuple[int, ...]
-    cache: KVCache
-    last_logits: np.ndarray  # (V,) logits after the prefix's last token
-
-
-def stop_list(stop: str | Sequence[str] | None) -> list[str]:
-    """Normalize the stop option to a list of strings (ValueError otherwise)."""
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if not all(isinstance(s, str) for s in stops):
-        raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
-    return stops
-
-
-class _StopText:
-    """Holds back text that could be the start of a stop string; cuts at the first stop string."""
-
-    def __init__(self, stops: Sequence[str]):
-        self.stops = [s for s in stops if s]
-        self.buf = ""
-
-    def push(self, delta: str) -> tuple[str, bool]:
-        """Return (text safe to emit, whether a stop string was hit)."""
-        self.buf += delta
-        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.buf = self.buf[: min(hits)], ""
-            return out, True
-        hold = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
-                if self.buf.endswith(s[:k]):
-                    hold = max(hold, k)
-                    break
-        out, self.buf = self.buf[: len(self.buf) - hold], self.buf[len(self.buf) - hold :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.buf = self.buf, ""
-        return out
-
-
-class RowText:
-    """One sequence's text side: whole UTF-8 characters only, cut at the first stop string."""
-
-    def __init__(self, tokenizer: Tokenizer, context: Sequence[int], stops: Sequence[str]):
-        self.stream = TextStream(tokenizer, list(context)[-5:])
-        self.stop = _StopText(stops)
-
-    def push(self, token_id: int) -> tuple[str, bool]:
-        """Text completed by this token, and whether a stop string was hit (the row must end)."""
-        return self.stop.push(self.stream.push(token_id))
-
-    def finish(self) -> str:
-        """Text still held back when the row ends by eos or length."""
-        return self.stop.push(self.stream.flush())[0] + self.stop.flush()
 
 
 class Engine:
@@ -115,7 +46,7 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, *, provider: str = "auto", threads: int | None = None,
              cuda_graph: bool = False) -> "Engine":
-        """Load an exported folder (manifest.json, model.onnx, tokenizer.json); validates all three.
+        """Load an exported folder (manifest.json, model.onnx, kv_copy.onnx, tokenizer.json); validates them.
 
         cuda_graph=True (CUDA only) replays decode steps as captured CUDA graphs.
         """
@@ -130,9 +61,10 @@ class Engine:
     def provider(self) -> str:
         return self.model.provider
 
-    # ---- input validation -------------------------------------------------------------
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Prompt text or ids -> validated ids; an empty prompt starts from <|endoftext|> (as HF does)."""
+    # ---- input validation (the library and the server share it) -------------------------------
+    def encode(self, prompt: Prompt, *, empty_ok: bool = False) -> list[int]:
+        """Prompt text or ids -> validated ids; an empty prompt starts from <|endoftext|> (as HF does),
+        unless empty_ok (after a prefix)."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (bytes, dict)) or not isinstance(prompt, (Sequence, np.ndarray)):
@@ -146,11 +78,10 @@ class Engine:
             if bad:
                 raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})")
             ids = [int(t) for t in ids]
-        return ids or [self.config.bos_token_id]
+        return ids if ids or empty_ok else [self.config.bos_token_id]
 
-    def _check_length(self, n_prompt: int, max_new_tokens: int) -> None:
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    def check_length(self, n_prompt: int, max_new_tokens: int) -> None:
+        """ValueError if a prompt of n_prompt tokens + max_new_tokens exceeds n_positions."""
         if n_prompt + max_new_tokens > self.config.n_positions:
             raise ValueError(
                 f"prompt of {n_prompt} tokens + max_new_tokens {max_new_tokens} = {n_prompt + max_new_tokens} "
@@ -158,89 +89,82 @@ class Engine:
                 "shorten the prompt or lower max_new_tokens"
             )
 
-    # ---- generation -------------------------------------------------------------------
+    def sequences(self, prompts: Sequence[Prompt], options: GenerationOptions, *,
+                  prefix: Prefix | None = None) -> list[Seq]:
+        """Validated Sequences for prompts x options.n (row p * n + i), ready for a Core."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not len(prompts):
+            raise ValueError("prompts must be a non-empty list of prompts (strings or token id lists)")
+        if prefix is not None and not isinstance(prefix, Prefix):
+            raise ValueError("prefix must come from engine.prefill(...)")
+        contexts = []
+        for p in prompts:
+            ids = self.encode(p, empty_ok=prefix is not None)
+            context = list(prefix.token_ids) + ids if prefix is not None else ids
+            self.check_length(len(context), options.max_new_tokens)
+            contexts.append(context)
+        n, eos = options.n, self.config.eos_token_id
+        return [Seq(c, options, row=p * n + i, eos_token_id=eos, tokenizer=self.tokenizer)
+                for p, c in enumerate(contexts) for i in range(n)]
+
+    # ---- generation -------------------------------------------------------------------------
     def prefill(self, prefix: Prompt) -> Prefix:
         """Compute a prompt prefix once (e.g. few-shot examples) for reuse via generate(..., prefix=)."""
         ids = self.encode(prefix)
-        self._check_length(len(ids), 0)
+        self.check_length(len(ids), 0)
         cache = self.model.new_cache(1, len(ids))
-        logits = self.model.forward(np.array([ids]), np.array([len(ids)]), cache, np.array([[len(ids) - 1]]))
+        _, logits = self.model.run(cache, np.array([ids]), np.array([len(ids)]), np.array([[len(ids) - 1]]))
         return Prefix(tuple(ids), cache, logits[0, 0])
-
-    def _contexts(self, prompts: Sequence[Prompt], prefix: Prefix | None) -> tuple[list[list[int]], list[list[int]]]:
-        """(ids to run, full context per prompt); after a prefix an empty prompt adds nothing."""
-        if prefix is None:
-            ids = [self.encode(p) for p in prompts]
-            return ids, ids
-        if len(prompts) != 1:
-            raise ValueError("a prefix is reused by one prompt at a time; pass a single prompt")
-        if not isinstance(prefix, Prefix):
-            raise ValueError("prefix must come from engine.prefill(...)")
-        ids = self.encode(prompts[0]) if len(prompts[0]) else []
-        return [ids], [list(prefix.token_ids) + ids]
 
     def stream_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                     stop: str | Sequence[str] | None = None, n: int = 1, prefix: Prefix | None = None,
-                     ignore_eos: bool = False, logprobs: bool = False) -> Iterator[Step]:
+                     stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: bool = False,
+                     n: int = 1, prefix: Prefix | None = None) -> Iterator[Step]:
         """Decode several prompts together; yields Steps (each with its row) as tokens arrive.
 
-        Greedy by default; temperature > 0 samples (top_k, top_p, repetition_penalty, seed). Stops at
-        eos, max_new_tokens, or a stop string (not returned). n samples per prompt share one prefill;
-        prefix (from prefill) is reused without recomputation.
+        Options as in GenerationOptions. n samples per prompt share one prefill; prefix (from prefill)
+        is reused without recomputation.
         """
-        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not len(prompts):
-            raise ValueError("prompts must be a non-empty list of prompts (strings or token id lists)")
-        sampling = SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
-        sampling.validate()
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an integer >= 1, got {n!r}")
-        stops = stop_list(stop)
-        ids, context = self._contexts(prompts, prefix)
-        for c in context:
-            self._check_length(len(c), max_new_tokens)
-        gen = Generator(self.model, ids, max_new_tokens=max_new_tokens, sampling=sampling, n=n,
-                        eos_token_id=None if ignore_eos else self.config.eos_token_id,
-                        prefix=prefix.cache if prefix else None, prefix_logits=prefix.last_logits if prefix else None,
-                        logprobs=logprobs)
-        texts = [RowText(self.tokenizer, context[r // n], stops) for r in range(len(gen.tokens))]
+        gen = Generator(self, prompts, _options(locals()), prefix=prefix)
+        return self._drain(gen)
+
+    @staticmethod
+    def _drain(gen: Generator) -> Iterator[Step]:
         while not gen.is_done():
-            for r, tok in gen.generate_next_token():
-                delta, hit = texts[r].push(tok)
-                if hit:
-                    gen.stop(r, "stop")
-                reason = gen.finish_reason[r]
-                if reason in ("eos", "length"):
-                    delta += texts[r].finish()
-                lp = gen.logprobs[r][-1] if gen.logprobs is not None else None
-                yield Step(r, len(gen.tokens[r]) - 1, tok, delta, reason, time.perf_counter() - gen.t_start, lp)
+            yield from gen.generate_next_token()
 
-    def stream(self, prompt: Prompt, **options) -> Iterator[Step]:
-        """Generate for one prompt, yielding a Step per token (see stream_batch for options)."""
-        return self.stream_batch([prompt], **options)
+    def stream(self, prompt: Prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+               stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: bool = False,
+               prefix: Prefix | None = None) -> Iterator[Step]:
+        """Generate for one prompt, yielding a Step per token (options as in GenerationOptions)."""
+        return self._drain(Generator(self, [prompt], _options(locals()), prefix=prefix))
 
-    def generate_batch(self, prompts: Sequence[Prompt], **options) -> list[GenerationResult]:
-        """Generate for several prompts (and n samples each); drains stream_batch."""
-        n = options.get("n", 1)
-        steps: dict[int, list[Step]] = {}
-        t0 = time.perf_counter()
-        for s in self.stream_batch(prompts, **options):
-            steps.setdefault(s.row, []).append(s)
-        n_prompt = [len(c) for c in self._contexts(prompts, options.get("prefix"))[1]]
+    def generate_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 0.0,
+                       top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                       stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: bool = False,
+                       n: int = 1, prefix: Prefix | None = None) -> list[GenerationResult]:
+        """Generate for several prompts (and n samples each), one result per sequence (row p * n + i)."""
+        return self._collect(Generator(self, prompts, _options(locals()), prefix=prefix))
+
+    def generate(self, prompt: Prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: bool = False,
+                 prefix: Prefix | None = None) -> GenerationResult:
+        """Generate for one prompt; returns text, ids and timings (options as in GenerationOptions)."""
+        return self._collect(Generator(self, [prompt], _options(locals()), prefix=prefix))[0]
+
+    def _collect(self, gen: Generator) -> list[GenerationResult]:
+        steps: dict[int, list[Step]] = {s.row: [] for s in gen.sequences}
+        for s in self._drain(gen):
+            if s.index >= 0 and s.token_id >= 0:
+                steps[s.row].append(s)
         out = []
-        for r in range(len(prompts) * n):
-            ss = steps.get(r, [])
-            ttft = ss[0].time if ss else time.perf_counter() - t0
+        for seq in gen.sequences:
+            ss = steps[seq.row]
+            ttft = ss[0].time if ss else 0.0
             rate = (len(ss) - 1) / (ss[-1].time - ss[0].time) if len(ss) > 1 and ss[-1].time > ss[0].time else 0.0
             out.append(GenerationResult(
-                text="".join(s.text for s in ss), token_ids=[s.token_id for s in ss], prompt_tokens=n_prompt[r // n],
-                finish_reason=ss[-1].finish_reason if ss else "length", time_to_first_token=ttft,
-                decode_tokens_per_s=rate,
-                logprobs=[s.logprob for s in ss] if options.get("logprobs") else None))
+                text="".join(s.text for s in ss), token_ids=list(seq.tokens), prompt_tokens=len(seq.context),
+                finish_reason=seq.finish_reason or "length", time_to_first_token=ttft, decode_tokens_per_s=rate,
+                logprobs=list(seq.logprobs) if seq.options.logprobs else None))
         return out
-
-    def generate(self, prompt: Prompt, **options) -> GenerationResult:
-        """Generate for one prompt; returns text, ids and timings (drains stream)."""
-        if options.get("n", 1) != 1:
-            raise ValueError("generate returns one sequence; use generate_batch([prompt], n=...) for several")
-        return self.generate_batch([prompt], **options)[0]

@@ -1,4 +1,4 @@
-"""The KV cache: preallocated max-length buffers per layer, owned by the generation loop."""
+"""KV buffers on the model's device: a pool of rows, each row one sequence's keys and values."""
 
 from __future__ import annotations
 
@@ -9,49 +9,48 @@ from engine.config import ModelConfig
 
 
 class KVCache:
-    """Keys and values for every layer, shape (B, n_head, max_length, head_size), plus row lengths.
+    """Keys and values for every layer, each buffer (rows, n_head, max_length, kv_head_size), plus the
+    number of tokens stored per row.
 
-    The model writes new entries in place (past and present are bound to the same buffer), so a
-    decode step copies nothing that grows with the context.
+    The buffers live on the session's device (numpy memory on CPU, device memory on CUDA). The model
+    binds views of consecutive rows by address and writes new entries in place (past and present are
+    the same buffer), so neither a decode step nor a row joining or leaving moves the pool through host
+    memory. Rows are copied between caches with `Model.copy_kv`.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_length: int, *, device: str = "cpu",
-                 arrays: list[np.ndarray] | None = None):
+    def __init__(self, cfg: ModelConfig, rows: int, max_length: int, *, device: str = "cpu"):
         if not 0 < max_length <= cfg.n_positions:
             raise ValueError(f"KV cache max_length {max_length} must be in 1..n_positions ({cfg.n_positions})")
-        self.cfg = cfg
-        self.device = device
-        self.max_length = max_length
-        self.lengths = np.zeros(batch_size, dtype=np.int64)  # tokens stored per row
-        self.shape = (batch_size, cfg.n_head, max_length, cfg.kv_head_size)  # (B, nh, T, hs)
+        if rows < 1:
+            raise ValueError(f"a KV cache needs at least one row, got {rows}")
+        self.cfg, self.device, self.max_length = cfg, device, max_length
+        self.lengths = np.zeros(rows, dtype=np.int64)  # tokens stored per row
+        self.shape = (rows, cfg.n_head, max_length, cfg.kv_head_size)  # (rows, nh, T, hs)
         self.dtype = cfg.np_dtype
-        if arrays is None:
-            arrays = [np.zeros(self.shape, self.dtype) for _ in range(2 * cfg.n_layer)]
+        self.host_reads = 0  # copies of whole buffers to host memory (tests check that serving makes none)
         if device == "cpu":
-            self._host = arrays
-            self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # shares the numpy memory
-        else:
+            self._host = [np.zeros(self.shape, self.dtype) for _ in range(2 * cfg.n_layer)]
+            self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._host]  # shares the numpy memory
+        else:  # positions past a row's length are never read, so device memory needs no clearing
             self._host = None
-            self.values = [ort.OrtValue.ortvalue_from_numpy(a, device, 0) for a in arrays]
+            self.values = [ort.OrtValue.ortvalue_from_shape_and_type(self.shape, self.dtype, device, 0)
+                           for _ in range(2 * cfg.n_layer)]
+        self._base = [v.data_ptr() for v in self.values]
+        self.row_bytes = int(np.prod(self.shape[1:])) * np.dtype(self.dtype).itemsize
 
     @property
-    def batch_size(self) -> int:
+    def rows(self) -> int:
         return len(self.lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return self.row_bytes * self.rows * len(self.values)
+
+    def address(self, j: int, row: int) -> int:
+        """Device address of `row` in buffer j (past-name order)."""
+        return self._base[j] + row * self.row_bytes
 
     def host_arrays(self) -> list[np.ndarray]:
         """The buffers as numpy arrays, in past-name order (views on CPU, copies from a device)."""
+        self.host_reads += 1
         return self._host if self._host is not None else [v.numpy() for v in self.values]
-
-    def gather(self, rows, *, max_length: int | None = None) -> "KVCache":
-        """A new cache holding `rows` of this one (repeats allowed), optionally with another buffer length."""
-        rows = np.asarray(rows, dtype=np.int64)
-        length = max_length or self.max_length
-        keep = min(int(self.lengths[rows].max(initial=0)), length)
-        arrays = []
-        for src in self.host_arrays():
-            dst = np.zeros((len(rows), self.cfg.n_head, length, self.cfg.kv_head_size), self.dtype)
-            dst[:, :, :keep] = src[rows, :, :keep]
-            arrays.append(dst)
-        new = KVCache(self.cfg, len(rows), length, device=self.device, arrays=arrays)
-        new.lengths[:] = np.minimum(self.lengths[rows], length)
-        return new

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would overflow float64
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How the next token is chosen. temperature 0 means greedy (argmax)."""
+    """How the next token is chosen. temperature 0 (or below 1e-5, or top_k 1) means greedy (argmax)."""
 
     temperature: float = 0.0
     top_k: int = 0  # 0: no limit
@@ -20,13 +23,15 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
         checks = [
-            (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100,
+            (isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+             and math.isfinite(self.temperature) and 0 <= self.temperature <= 100,
              f"temperature must be in [0, 100] (0 = greedy), got {self.temperature!r}"),
             (isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= 0,
              f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"),
-            (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+            (isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1,
              f"top_p must be in (0, 1], got {self.top_p!r}"),
-            (isinstance(self.repetition_penalty, (int, float)) and self.repetition_penalty > 0,
+            (isinstance(self.repetition_penalty, (int, float)) and not isinstance(self.repetition_penalty, bool)
+             and math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
              f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"),
             (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0),
              f"seed must be a non-negative integer, got {self.seed!r}"),
@@ -37,7 +42,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -57,7 +62,10 @@ def penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray
 
 
 def filter_logits(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
-    """Temperature, then top-k, then top-p; returns (candidate ids, their probabilities)."""
+    """Temperature, then top-k, then top-p; returns (candidate ids, their probabilities).
+
+    Softmax with the maximum subtracted, so any temperature >= GREEDY_BELOW stays finite.
+    """
     z = logits.astype(np.float64) / p.temperature
     V = z.shape[-1]
     if 0 < p.top_k < V:
@@ -78,7 +86,9 @@ def filter_logits(logits: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np
 
 def choose(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator | None,
            seen: np.ndarray | None = None) -> int:
-    """Pick one token id from logits (V,) for one row."""
+    """Pick one token id from logits (V,) for one row; ValueError if the logits are not finite."""
+    if not np.isfinite(logits).all():
+        raise ValueError("the model produced non-finite logits (NaN or infinity); check the model and its dtype")
     z = penalize(logits, seen if seen is not None else np.empty(0, np.int64), p.repetition_penalty)
     if p.greedy:
         return int(np.argmax(z))

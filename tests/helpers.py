@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
+import time
 from pathlib import Path
+
+import httpx
 
 import torch
 import transformers
@@ -38,3 +44,37 @@ def make_checkpoint(folder: Path, *, seed: int = 0, **kwargs) -> "transformers.G
     model.save_pretrained(folder)
     write_tokenizer(folder)
     return model
+
+
+# ---- the HTTP server on loopback -----------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """An app served by uvicorn in a thread on 127.0.0.1 (a free port), for tests."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = _free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def post(url, body, *, timeout=60, **kw):
+    """POST /v1/completions with a JSON (or raw bytes) body."""
+    return httpx.post(url + "/v1/completions", content=body if isinstance(body, bytes) else json.dumps(body),
+                      headers={"content-type": "application/json", **kw.pop("headers", {})}, timeout=timeout, **kw)

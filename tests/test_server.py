@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,29 +12,7 @@ uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from engine.server import create_app  # noqa: E402
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, app):
-        self.port = _free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(30)
+from helpers import Server, post  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +21,6 @@ def server(tiny):
     s = Server(create_app(engine, model_id="tiny", max_batch=8))
     yield s, engine
     s.stop()
-
-
-def post(url, body, **kw):
-    return httpx.post(url + "/v1/completions", content=body if isinstance(body, bytes) else json.dumps(body),
-                      headers={"content-type": "application/json", **kw.pop("headers", {})}, timeout=60, **kw)
 
 
 def test_openai_client_completions_and_stream(server):

@@ -1,0 +1,449 @@
+"""The one generation core: per-sequence state and one batched step over a KV slot pool.
+
+`Engine.generate`, `stream`, `generate_batch`, `Generator` and the HTTP server all drive `Core.step`;
+there is no other decode loop. Each running sequence owns one row of a KV pool on the session's
+device. Rows stay packed at the front of the pool: a step prefills the sequences that join (into
+the next free rows, reusing cached prefixes), decodes one token for every row that was already
+running, then closes the gaps left by rows that finished (`Model.copy_kv`, on the device), so a
+step costs what its live rows cost.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence as Seq
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.kv_cache import KVCache
+from engine.model import DecodeStep, Model
+from engine.sampling import SamplingParams, choose, log_softmax
+from engine.tokenizer import TextStream, Tokenizer
+
+DEFER_MIN = 32  # a sequence waits one step when an admitted one shares this many more tokens than the cache has
+MAX_PREFILL_TOKENS = 4096  # padded prompt tokens prefilled together in one step
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token of one sequence, with the text it completes (valid UTF-8, maybe '')."""
+
+    row: int  # the sequence's index in its call or request (prompt p, sample i: p * n + i)
+    index: int  # 0-based position among the sequence's new tokens (-1 for a failure before any token)
+    token_id: int
+    text: str
+    finish_reason: str | None  # set on the sequence's last step: "length" | "eos" | "stop" | "error" | "cancelled"
+    time: float  # seconds since the sequence was submitted
+    logprob: float | None = None  # log p(token) under the model, when logprobs=True
+    error: Exception | None = None  # with finish_reason "error"
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationOptions:
+    """How to generate; the one options type of the library, the Generator loop and the server.
+
+    max_new_tokens: tokens to generate at most. temperature 0 (or < 1e-5) is greedy; > 0 samples with
+    top_k (0 = off), top_p (1 = off), repetition_penalty (1 = off) and seed. stop: strings that end a
+    sequence (the stop text is not returned). ignore_eos: keep going past <|endoftext|>. logprobs:
+    report log p of each new token. n: samples per prompt (they share one prefill).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    logprobs: bool = False
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        stop = self.stop
+        stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, (list, tuple)) else None
+        if stop is None:
+            stops = ()
+        if stops is None or not all(isinstance(s, str) for s in stops):
+            raise ValueError(f"stop must be a string or a list of strings, got {stop!r}")
+        object.__setattr__(self, "stop", stops)
+        m = self.max_new_tokens
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {m!r}")
+        if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        self.sampling.validate()
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
+
+
+class StopText:
+    """Holds back text that could be the start of a stop string; cuts at the first stop string."""
+
+    def __init__(self, stops: Seq[str]):
+        self.stops = [s for s in stops if s]
+        self.buf = ""
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop string was hit)."""
+        self.buf += delta
+        hits = [i for i in (self.buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.buf = self.buf[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.buf)), 0, -1):
+                if self.buf.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        out, self.buf = self.buf[: len(self.buf) - hold], self.buf[len(self.buf) - hold :]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.buf = self.buf, ""
+        return out
+
+
+class Sequence:
+    """One sequence being generated: context ids, new tokens, RNG, text and stop holder, finish rule,
+    logprobs and outcome. Seeded sequences draw from numpy's default_rng([seed, row])."""
+
+    def __init__(self, context: list[int], options: GenerationOptions, *, row: int, eos_token_id: int | None,
+                 tokenizer: Tokenizer | None = None, on_step: Callable[[Step], None] | None = None):
+        self.context, self.options, self.row = context, options, row
+        self.eos_token_id = None if options.ignore_eos else eos_token_id
+        self.sampling = options.sampling
+        self.rng = np.random.default_rng(None if options.seed is None else [options.seed, row])
+        self.stream = TextStream(tokenizer, context[-5:]) if tokenizer is not None else None
+        self.stop = StopText(options.stop)
+        self.on_step = on_step
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+        self.cancelled = False
+        self.t_submit = time.perf_counter()
+        self.t_first: float | None = None
+        # plain greedy needs no logits on the host: the graph's argmax output is enough
+        self.needs_logits = not self.sampling.greedy or self.sampling.repetition_penalty != 1.0 or options.logprobs
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def choose(self, greedy_id: int, logits: np.ndarray | None) -> int:
+        """The next token: the graph's argmax, or a choice from this row's logits (V,)."""
+        if logits is None:
+            return int(greedy_id)
+        seen = np.array(self.context + self.tokens, np.int64) if self.sampling.repetition_penalty != 1.0 else None
+        tok = choose(logits, self.sampling, self.rng, seen)
+        if self.options.logprobs:  # under the model's own distribution, before sampling filters
+            self.logprobs.append(float(log_softmax(logits)[tok]))
+        return tok
+
+    def push(self, tok: int) -> Step:
+        """Append a token and apply the finish rule: a stop string, then eos, then max_new_tokens."""
+        self.tokens.append(tok)
+        delta, hit = "", False
+        if self.stream is not None:
+            delta, hit = self.stop.push(self.stream.push(tok))
+        if hit:
+            self.finish_reason = "stop"
+        elif tok == self.eos_token_id:
+            self.finish_reason = "eos"
+        elif len(self.tokens) >= self.options.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason in ("eos", "length") and self.stream is not None:  # text held back until now
+            tail, hit = self.stop.push(self.stream.flush())
+            delta += tail if hit else tail + self.stop.flush()
+            self.finish_reason = "stop" if hit else self.finish_reason
+        now = time.perf_counter()
+        self.t_first = self.t_first or now
+        lp = self.logprobs[-1] if self.options.logprobs else None
+        return Step(self.row, len(self.tokens) - 1, tok, delta, self.finish_reason, now - self.t_submit, lp)
+
+    def end(self, reason: str, error: Exception | None = None) -> Step:
+        """Finish without a token (failure, cancellation, or max_new_tokens 0)."""
+        self.finish_reason, self.error = reason, error
+        return Step(self.row, len(self.tokens) - 1, -1, "", reason, time.perf_counter() - self.t_submit, None, error)
+
+
+@dataclass(eq=False)
+class Prefix:
+    """Token ids and their KV (a one-row cache), reusable by sequences whose context starts with them."""
+
+    token_ids: tuple[int, ...]
+    cache: KVCache
+    last_logits: np.ndarray | None = None  # (V,) logits after the last token, when computed by Engine.prefill
+    ids: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ids = np.array(self.token_ids, np.int64)
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two id arrays."""
+    k = min(len(a), len(b))
+    eq = a[:k] == b[:k]
+    return k if eq.all() else int(eq.argmin())
+
+
+class PrefixCache:
+    """KV of recent contexts, matched on token ids (longest common prefix), LRU within a byte budget.
+
+    Pinned prefixes (an explicit `prefix=` of a call) are matched too and never evicted.
+    """
+
+    def __init__(self, model: Model, max_bytes: int = 0, pinned: Seq[Prefix] = ()):
+        self.model, self.max_bytes = model, max_bytes
+        self.entries: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()
+        self.pinned = list(pinned)
+        self.hits = self.misses = 0
+        self.hit_tokens = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.cache.nbytes for p in self.entries.values())
+
+    def match(self, ids: np.ndarray) -> tuple[int, Prefix | None]:
+        """(tokens reusable, entry) for a context; at most len(ids) - 1, so one token is left to run."""
+        best, entry = 0, None
+        for p in [*self.pinned, *self.entries.values()]:
+            m = min(common_prefix(p.ids, ids), len(ids) - 1)
+            if m > best:
+                best, entry = m, p
+        if entry is not None and entry.token_ids in self.entries:
+            self.entries.move_to_end(entry.token_ids)
+        return best, entry
+
+    def insert(self, ids: list[int], pool: KVCache, row: int) -> None:
+        """Keep the KV of a context that was just computed in `row` of pool (a copy on the device)."""
+        if not self.max_bytes:
+            return
+        arr = np.array(ids, np.int64)
+        for key, p in list(self.entries.items()):
+            if common_prefix(p.ids, arr) == len(arr):  # already covered by a longer or equal entry
+                self.entries.move_to_end(key)
+                return
+            if common_prefix(p.ids, arr) == len(p.ids):  # the new context extends an entry: replace it
+                del self.entries[key]
+        cache = self.model.new_cache(1, len(ids))
+        if cache.nbytes > self.max_bytes:
+            return
+        self.model.copy_kv(pool, row, cache, 0, len(ids))
+        self.entries[tuple(ids)] = Prefix(tuple(ids), cache)
+        while self.nbytes > self.max_bytes:
+            self.entries.popitem(last=False)
+
+
+class Core:
+    """Continuous batching of Sequences over a pool of KV rows on the model's device.
+
+    submit() and cancel() may be called from any thread; step() from one thread at a time. Sequences
+    join at step boundaries and leave when they finish, fail, or are cancelled (their rows are free
+    after that step). A failure of one sequence (numerics, tokenizer, its on_step callback) ends it
+    alone; a failure of the model run ends the sequences in that run.
+    """
+
+    def __init__(self, model: Model, *, slots: int, max_length: int, prefix_cache_bytes: int = 0,
+                 pinned: Seq[Prefix] = ()):
+        self.model = model
+        self.pool = model.new_cache(slots, max_length)
+        self.decoder = DecodeStep(model, self.pool) if max_length > 1 else None
+        self.prefixes = PrefixCache(model, prefix_cache_bytes, pinned)
+        self.running: list[Sequence] = []  # running[i] owns pool row i
+        self.waiting: deque[Sequence] = deque()
+        self.lock = threading.Lock()
+        self.steps = 0  # steps that ran the model
+
+    @property
+    def slots(self) -> int:
+        return self.pool.rows
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    def submit(self, seqs: Seq[Sequence]) -> None:
+        """Queue sequences (they start at the next step). ValueError if one can never fit the pool."""
+        for s in seqs:
+            if len(s.context) + s.options.max_new_tokens > self.pool.max_length:
+                raise ValueError(f"context of {len(s.context)} tokens + max_new_tokens {s.options.max_new_tokens} "
+                                 f"does not fit this pool's {self.pool.max_length} positions")
+        with self.lock:
+            self.waiting.extend(seqs)
+
+    def cancel(self, seqs: Seq[Sequence]) -> None:
+        """Stop these sequences; their rows are freed within one step."""
+        for s in seqs:
+            s.cancelled = True
+
+    def step(self) -> list[Step]:
+        """Admit waiting sequences (prefill), decode one token for the others, release finished rows."""
+        events: list[Step] = []
+        for s in self.running:
+            if s.cancelled and not s.done:
+                self._emit(s, s.end("cancelled"), events)
+        self._release()
+        before = len(self.running)
+        ran = self._admit(events)
+        if before:
+            self._decode(before, events)
+            ran = True
+        self.steps += ran
+        self._release()
+        return events
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _emit(self, seq: Sequence, step: Step, events: list[Step]) -> None:
+        events.append(step)
+        if seq.on_step is not None:
+            try:
+                seq.on_step(step)
+            except Exception as e:  # the callback's failure ends its own sequence only
+                if step.finish_reason != "error":
+                    self._fail(seq, e, events)
+
+    def _fail(self, seq: Sequence, error: Exception, events: list[Step]) -> None:
+        if seq.finish_reason != "error":
+            self._emit(seq, seq.end("error", error), events)
+
+    def _take(self, token: int, logits: np.ndarray | None, seq: Sequence, events: list[Step]) -> None:
+        """Choose and append one token for seq, isolating its failures."""
+        try:
+            step = seq.push(seq.choose(token, logits))
+        except Exception as e:
+            self._fail(seq, e, events)
+            return
+        self._emit(seq, step, events)
+
+    def _pop_waiting(self) -> tuple[list[Sequence], list[Sequence]]:
+        """(sequences for the free rows, cancelled ones), in order. A sequence waits a step when one taken
+        now shares a longer prefix with it than the cache has: it then reuses that prefix's KV."""
+        take, later, dropped = [], [], []
+        free, budget = self.slots - len(self.running), MAX_PREFILL_TOKENS
+        with self.lock:
+            while self.waiting and len(take) < free:
+                s = self.waiting.popleft()
+                if s.cancelled:
+                    dropped.append(s)
+                    continue
+                ids = np.array(s.context, np.int64)
+                cached = self.prefixes.match(ids)[0] if take else 0
+                shared = max((min(common_prefix(np.array(t.context, np.int64), ids), len(ids) - 1) for t in take
+                              if t.context != s.context), default=0)
+                if self.prefixes.max_bytes and shared >= cached + DEFER_MIN:
+                    later.append(s)
+                    continue
+                if take and len(s.context) > budget:
+                    self.waiting.appendleft(s)
+                    break
+                budget -= len(s.context)
+                take.append(s)
+            self.waiting.extendleft(reversed(later))
+        return take, dropped
+
+    def _admit(self, events: list[Step]) -> bool:
+        new, dropped = self._pop_waiting()
+        for s in dropped:
+            self._emit(s, s.end("cancelled"), events)
+        for s in new:
+            if s.options.max_new_tokens == 0:
+                self._emit(s, s.end("length"), events)
+        new = [s for s in new if not s.done]
+        if not new:
+            return False
+        # plan: fresh prompts in one ragged prefill, cache hits as chunks, repeats of a context as copies
+        fresh, hits, copies, first = [], [], [], {}
+        for s in new:
+            key = tuple(s.context)
+            if key in first:
+                copies.append((s, first[key]))
+                continue
+            first[key] = s
+            m, entry = self.prefixes.match(np.array(s.context, np.int64))
+            (hits if entry is not None else fresh).append((s, m, entry))
+        order = [s for s, _, _ in fresh] + [s for s, _, _ in hits] + [s for s, _ in copies]
+        base = len(self.running)
+        self.running.extend(order)
+        rows = {id(s): base + i for i, s in enumerate(order)}
+        greedy: dict[int, int] = {}
+        logits: dict[int, np.ndarray] = {}
+        ran = False
+        try:
+            if fresh:
+                ran = True
+                seqs = [s for s, _, _ in fresh]
+                lens = np.array([len(s.context) for s in seqs])
+                ids = np.zeros((len(seqs), lens.max()), np.int64)  # right-padded (B, S)
+                for b, s in enumerate(seqs):
+                    ids[b, : lens[b]] = s.context
+                want = [b for b, s in enumerate(seqs) if s.needs_logits or any(c[1] is s and c[0].needs_logits
+                                                                                for c in copies)]
+                nxt, lg = self.model.run(self.pool, ids, lens, (lens - 1)[:, None], start=base, logits_rows=want)
+                for b, s in enumerate(seqs):
+                    greedy[id(s)] = int(nxt[b, 0])
+                for k, b in enumerate(want):
+                    logits[id(seqs[b])] = lg[k, 0]
+            for s, m, entry in hits:
+                ran = True
+                row = rows[id(s)]
+                self.model.copy_kv(entry.cache, 0, self.pool, row, m)
+                rest = np.array([s.context[m:]], np.int64)  # (1, S)
+                nxt, lg = self.model.run(self.pool, rest, np.array([rest.shape[1]]), np.array([[rest.shape[1] - 1]]),
+                                         start=row, logits_rows=[0])
+                greedy[id(s)], logits[id(s)] = int(nxt[0, 0]), lg[0, 0]
+                self.prefixes.hits += 1
+                self.prefixes.hit_tokens += m
+            for s, src in copies:
+                self.model.copy_kv(self.pool, rows[id(src)], self.pool, rows[id(s)], len(s.context))
+                greedy[id(s)], logits[id(s)] = greedy[id(src)], logits.get(id(src))
+        except Exception as e:  # the model run failed: the sequences joining in it fail, the rest go on
+            for s in order:
+                self._fail(s, e, events)
+            return ran
+        self.prefixes.misses += len(fresh)
+        for s, _, _ in fresh + hits:
+            self.prefixes.insert(s.context, self.pool, rows[id(s)])
+        for s in order:
+            self._take(greedy[id(s)], logits.get(id(s)) if s.needs_logits else None, s, events)
+        return ran
+
+    def _decode(self, count: int, events: list[Step]) -> None:
+        seqs = self.running[:count]
+        tokens = np.array([s.tokens[-1] if s.tokens else 0 for s in seqs], np.int64)
+        want = np.array([i for i, s in enumerate(seqs) if s.needs_logits and not s.done], np.int64)
+        try:
+            nxt, lg = self.decoder(tokens, want)
+        except Exception as e:
+            for s in seqs:
+                if not s.done:
+                    self._fail(s, e, events)
+            return
+        rows = {int(i): k for k, i in enumerate(want)}
+        for i, s in enumerate(seqs):
+            if not s.done:
+                self._take(int(nxt[i]), lg[rows[i]] if i in rows else None, s, events)
+
+    def _release(self) -> None:
+        """Drop finished rows and move the last live rows into the gaps, so live rows stay packed."""
+        live = [s for s in self.running if not s.done]
+        if len(live) == len(self.running):
+            return
+        k = len(live)
+        holes = [i for i in range(k) if self.running[i].done]
+        movers = [j for j in range(k, len(self.running)) if not self.running[j].done]
+        for i, j in zip(holes, movers):
+            self.model.copy_kv(self.pool, j, self.pool, i, int(self.pool.lengths[j]))
+            self.running[i] = self.running[j]
+        self.pool.lengths[k:] = 0
+        del self.running[k:]

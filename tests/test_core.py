@@ -1,0 +1,354 @@
+"""The one generation core: the library and the server give identical answers, failures stay local,
+cancellation frees rows, rows stay packed, no host round trips, and the prefix cache changes nothing
+but speed. Servers run on loopback, bounded in requests and time."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("uvicorn")
+
+from engine import Engine, GenerationOptions, Generator  # noqa: E402
+from engine import core as core_module  # noqa: E402
+from engine.core import Core, PrefixCache  # noqa: E402
+from engine.server import create_app  # noqa: E402
+from helpers import Server, post  # noqa: E402
+
+REASON = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+@pytest.fixture(scope="module")
+def served(tiny):
+    _, engine, _, _ = tiny
+    s = Server(create_app(engine, model_id="tiny", max_batch=8, prefix_cache_mb=64))
+    yield s, engine
+    s.stop()
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def stop_on_last_token(engine, prompt):
+    """(n, stop, result of n tokens): a stop string whose first occurrence ends with the n-th new token."""
+    prev = engine.generate(prompt, max_new_tokens=5, ignore_eos=True)
+    for n in range(6, 40):
+        full = engine.generate(prompt, max_new_tokens=n, ignore_eos=True)
+        if len(full.text) > len(prev.text):  # the n-th token adds text
+            for k in range(1, len(full.text) + 1):
+                if full.text.find(full.text[-k:]) == len(full.text) - k:
+                    return n, full.text[-k:], full
+        prev = full
+    pytest.skip("no stop string that completes on the last token")
+
+
+# ---- the library and the server answer alike --------------------------------------------------
+def test_server_equals_generate_batch(served):
+    s, engine = served
+    n_stop, stop, _ = stop_on_last_token(engine, "the lazy")
+    cases = [
+        (dict(prompt=["the quick", [5, 6, 7]], max_tokens=20, temperature=0),
+         dict(max_new_tokens=20)),
+        (dict(prompt=["to be", "the lazy"], max_tokens=12, temperature=0.9, top_k=50, seed=4, n=2),
+         dict(max_new_tokens=12, temperature=0.9, top_k=50, seed=4, n=2)),
+        (dict(prompt=["to be", [9, 9]], max_tokens=10, temperature=1.3, top_p=0.9, repetition_penalty=1.5, seed=11),
+         dict(max_new_tokens=10, temperature=1.3, top_p=0.9, repetition_penalty=1.5, seed=11)),
+        (dict(prompt="the lazy", max_tokens=n_stop, temperature=0, stop=[stop]), dict(max_new_tokens=n_stop, stop=[stop])),
+    ]
+    for body, opts in cases:
+        prompts = body["prompt"] if isinstance(body["prompt"], list) and isinstance(body["prompt"][0], (str, list)) \
+            else [body["prompt"]]
+        want = engine.generate_batch(prompts, **opts)
+        for stream in (False, True):
+            if stream:
+                with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+                    texts, reasons = ["" for _ in want], [None for _ in want]
+                    for line in r.iter_lines():
+                        if line.startswith("data: {") and '"choices": [{' in line:
+                            import json
+
+                            c = json.loads(line[6:])["choices"][0]
+                            texts[c["index"]] += c["text"]
+                            reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
+                got = list(zip(texts, reasons))
+            else:
+                r = post(s.url, body)
+                assert r.status_code == 200, r.text
+                got = [(c["text"], c["finish_reason"]) for c in r.json()["choices"]]
+                assert r.json()["usage"]["completion_tokens"] == sum(len(w.token_ids) for w in want)
+            assert got == [(w.text, REASON[w.finish_reason]) for w in want], (body, stream)
+    assert want[0].finish_reason == "stop"  # the stop string completed on the last allowed token
+
+
+def test_stop_completing_on_the_last_token_is_stop(tiny):
+    _, engine, _, _ = tiny
+    n, stop, full = stop_on_last_token(engine, "the quick")
+    r = engine.generate("the quick", max_new_tokens=n, ignore_eos=True, stop=stop)
+    assert (r.finish_reason, r.text, r.token_ids) == ("stop", full.text[: -len(stop)], full.token_ids)
+
+
+def test_eos_and_ids_and_logprobs_through_the_servers_core(tiny):
+    """Token ids, eos and logprobs of sequences in the server's own core, batched with HTTP traffic."""
+    _, engine, _, _ = tiny
+    first = engine.generate([1, 2], max_new_tokens=1).token_ids[0]
+    eos_engine = Engine(engine.folder, dataclasses.replace(engine.config, eos_token_id=first), engine.model,
+                        engine.tokenizer)
+    app = create_app(eos_engine, model_id="t", max_batch=4)
+    s = Server(app)
+    try:
+        opts = [GenerationOptions(max_new_tokens=8), GenerationOptions(max_new_tokens=9, logprobs=True),
+                GenerationOptions(max_new_tokens=7, temperature=0.8, seed=2, logprobs=True, n=2)]
+        prompts = [[1, 2], [3, 4, 5], "the quick"]
+        seqs = [q for p, o in zip(prompts, opts) for q in eos_engine.sequences([p], o)]
+        with ThreadPoolExecutor(4) as pool:  # other clients batch with these sequences
+            others = [pool.submit(post, s.url, {"prompt": "to be", "max_tokens": 12, "temperature": 0}) for _ in range(4)]
+            app.state.worker.submit(seqs)
+            assert all(f.result().status_code == 200 for f in others)
+        deadline = time.time() + 30
+        while not all(q.done for q in seqs):
+            assert time.time() < deadline
+            time.sleep(0.01)
+        got = iter(seqs)
+        for p, o in zip(prompts, opts):
+            for w in eos_engine.generate_batch([p], **{f.name: getattr(o, f.name) for f in dataclasses.fields(o)}):
+                q = next(got)
+                assert (q.tokens, q.finish_reason) == (w.token_ids, w.finish_reason)
+                if o.logprobs:
+                    np.testing.assert_allclose(q.logprobs, w.logprobs, atol=1e-5, rtol=0)
+        assert seqs[0].finish_reason == "eos" and seqs[0].tokens == [first]
+        r = post(s.url, {"prompt": [1, 2], "max_tokens": 8, "temperature": 0}).json()
+        assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == 1
+    finally:
+        s.stop()
+
+
+def test_tiny_temperatures_decode_greedily_everywhere(served):
+    s, engine = served
+    greedy = engine.generate("the quick", max_new_tokens=10)
+    for t in (1e-320, 1e-6):
+        assert engine.generate("the quick", max_new_tokens=10, temperature=t, seed=1).token_ids == greedy.token_ids
+        r = post(s.url, {"prompt": "the quick", "max_tokens": 10, "temperature": t})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy.text
+
+
+# ---- failures stay local ------------------------------------------------------------------------
+def test_a_poisoned_request_fails_alone(served, monkeypatch):
+    s, engine = served
+    real = core_module.choose
+
+    def poisoned(logits, p, rng, seen=None):
+        if p.temperature == 1.2345:
+            raise FloatingPointError("injected failure")
+        return real(logits, p, rng, seen)
+
+    monkeypatch.setattr(core_module, "choose", poisoned)
+    bodies = [{"prompt": f"to be {i}", "max_tokens": 15, "temperature": 0} for i in range(7)]
+    bodies.insert(3, {"prompt": "poison", "max_tokens": 15, "temperature": 1.2345})
+    want = [engine.generate(b["prompt"], max_new_tokens=15).text for b in bodies if b["temperature"] == 0]
+    with ThreadPoolExecutor(8) as pool:
+        rs = list(pool.map(lambda b: post(s.url, b), bodies))
+    bad = rs.pop(3)
+    assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+    assert "injected failure" in bad.json()["error"]["message"]
+    assert [r.status_code for r in rs] == [200] * 7
+    assert [r.json()["choices"][0]["text"] for r in rs] == want
+    with httpx.stream("POST", s.url + "/v1/completions", timeout=30,
+                      json={"prompt": "poison", "max_tokens": 5, "temperature": 1.2345, "stream": True}) as r:
+        lines = [x for x in r.iter_lines() if x.startswith("data:")]
+    assert '"error"' in lines[-1] and "injected failure" in lines[-1]
+    assert httpx.get(s.url + "/health").json()["active"] == 0
+
+
+def test_a_failing_callback_ends_only_its_sequence(tiny):
+    _, engine, _, _ = tiny
+    opts = GenerationOptions(max_new_tokens=6)
+    seqs = engine.sequences([[1, 2], [3, 4], [5, 6]], opts)
+
+    def boom(step):
+        if step.index == 2:
+            raise RuntimeError("callback broke")
+
+    seqs[1].on_step = boom
+    core = Core(engine.model, slots=3, max_length=16)
+    core.submit(seqs)
+    while core.busy:
+        core.step()
+    assert seqs[1].finish_reason == "error" and "callback broke" in str(seqs[1].error)
+    assert [q.tokens for q in (seqs[0], seqs[2])] == [engine.generate(p, max_new_tokens=6).token_ids
+                                                       for p in ([1, 2], [5, 6])]
+
+
+# ---- cancellation -------------------------------------------------------------------------------
+def test_non_streaming_disconnect_frees_rows_and_counts_499(served, monkeypatch):
+    s, _ = served
+    from engine.model import DecodeStep
+
+    real = DecodeStep.__call__
+
+    def slow(self, *a, **kw):  # 20 ms a step, so the request is still running when the client leaves
+        time.sleep(0.02)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(DecodeStep, "__call__", slow)
+    before = metric(s.url, 'gpt2onnx_requests_total{status="499"}')
+    with pytest.raises(httpx.ReadTimeout):
+        post(s.url, {"prompt": "x", "max_tokens": 100, "n": 8, "temperature": 1.0}, timeout=0.5)
+    t = time.time()
+    while httpx.get(s.url + "/health").json()["active"]:
+        assert time.time() - t < 2, "rows not freed after the client left"
+        time.sleep(0.01)
+    steps = metric(s.url, "gpt2onnx_decode_steps_total")
+    assert metric(s.url, 'gpt2onnx_requests_total{status="499"}') == before + 1
+    time.sleep(0.2)
+    assert metric(s.url, "gpt2onnx_decode_steps_total") == steps  # nothing runs for the departed client
+
+
+# ---- one core, packed rows, no host round trips --------------------------------------------------
+def test_every_model_run_of_generation_comes_from_the_core_step(served):
+    s, engine = served
+    assert importlib.util.find_spec("engine.scheduler") is None  # the server's old second loop is gone
+    callers = []
+    session = engine.model.session
+    real = session.run_with_iobinding
+
+    def spy(*a, **kw):
+        callers.append([(f.filename.replace("\\", "/"), f.name) for f in traceback.extract_stack()])
+        return real(*a, **kw)
+
+    session.run_with_iobinding = spy
+    try:
+        engine.generate("the quick", max_new_tokens=4)
+        list(engine.stream("to be", max_new_tokens=4, temperature=0.7, seed=0))
+        engine.generate_batch(["a", "b"], n=2, max_new_tokens=4, temperature=1.0, seed=1)
+        gen = Generator(engine, [[1, 2, 3]], GenerationOptions(max_new_tokens=3))
+        while not gen.is_done():
+            gen.generate_next_token()
+        assert post(s.url, {"prompt": "x", "max_tokens": 4, "temperature": 0}).status_code == 200
+    finally:
+        del session.run_with_iobinding
+    assert len(callers) >= 5 * 3
+    for stack in callers:
+        assert any(f.endswith("engine/core.py") and name in ("_admit", "_decode") for f, name in stack), stack[-4:]
+
+
+def test_rows_stay_packed_and_each_step_runs_only_live_rows(tiny):
+    _, engine, _, _ = tiny
+    prompts = [[i + 1, i + 2, i + 3][: 1 + i % 3] for i in range(6)]
+    lengths = [3, 11, 5, 8, 2, 9]
+    seqs = [q for p, m in zip(prompts, lengths) for q in engine.sequences([p], GenerationOptions(max_new_tokens=m))]
+    core = Core(engine.model, slots=4, max_length=32)
+    batch_sizes = []
+    real = core.decoder.__class__.__call__
+
+    def spy(step, tokens, rows):
+        batch_sizes.append((len(tokens), sum(not q.done for q in core.running[: len(tokens)])))
+        return real(step, tokens, rows)
+
+    core.decoder.__class__.__call__ = spy
+    try:
+        core.submit(seqs)
+        while core.busy:
+            core.step()
+            assert len(core.running) <= 4 and all(not q.done for q in core.running)
+    finally:
+        core.decoder.__class__.__call__ = real
+    assert all(b == live for b, live in batch_sizes)  # no finished row rides along
+    assert batch_sizes[-1][0] == 1  # the last sequence alone pays batch 1
+    for q, p, m in zip(seqs, prompts, lengths):
+        assert q.tokens == engine.generate(p, max_new_tokens=m, ignore_eos=False).token_ids
+
+
+def test_no_host_copy_of_the_pool_and_logits_only_for_sampling_rows(tiny):
+    _, engine, _, _ = tiny
+    V = engine.config.vocab_size
+    seqs = [*engine.sequences([[1, 2], [3]], GenerationOptions(max_new_tokens=6, ignore_eos=True)),
+            *engine.sequences(["to be"], GenerationOptions(max_new_tokens=6, temperature=0.8, seed=3, ignore_eos=True))]
+    core = Core(engine.model, slots=3, max_length=16)
+    core.submit(seqs)
+    per_step = []
+    while core.busy:
+        before = engine.model.transfers["logits"]
+        core.step()
+        per_step.append(engine.model.transfers["logits"] - before)
+    assert per_step == [V * 4] * 6  # one sampling row: its logits, never the greedy rows'
+    assert core.pool.host_reads == 0
+    greedy_only = engine.sequences([[1, 2], [3]], GenerationOptions(max_new_tokens=6, ignore_eos=True))
+    core = Core(engine.model, slots=2, max_length=16)
+    core.submit(greedy_only)
+    before = engine.model.transfers["logits"]
+    while core.busy:
+        core.step()
+    assert engine.model.transfers["logits"] == before and core.pool.host_reads == 0
+
+
+def test_kv_copy_graph_equals_numpy_copies(tiny):
+    """kv_copy.onnx (the device path) run on CPU: n samples, a prefix and compaction give the same ids."""
+    _, engine, _, _ = tiny
+    pre = engine.prefill([7, 8, 9, 10, 11, 12])
+
+    def run():
+        a = engine.generate_batch(["the quick"], n=3, max_new_tokens=12, temperature=1.0, seed=5)
+        b = engine.generate_batch([[1, 2], [3, 4, 5]], prefix=pre, max_new_tokens=10, stop=["\x00never"])
+        c = engine.generate_batch([[1], [2, 3], [4, 5, 6]], max_new_tokens=9, stop=[" "])
+        return [r.token_ids for r in a + b + c]
+
+    want = run()
+    engine.model.kv_copy_mode = "graph"
+    try:
+        copies = engine.model.transfers["kv_rows"]
+        assert run() == want
+        assert engine.model.transfers["kv_rows"] > copies
+    finally:
+        engine.model.kv_copy_mode = "numpy"
+
+
+# ---- the automatic prefix cache ------------------------------------------------------------------
+def test_prefix_cache_reuses_shared_prompts_and_changes_no_answer(served, tiny):
+    s, engine = served
+    rng = np.random.default_rng(4)
+    shots = rng.integers(1, 1000, 70).tolist()  # a few-shot preamble
+    queries = [rng.integers(1, 1000, 5).tolist() for _ in range(6)]
+    want = [engine.generate(shots + q, max_new_tokens=8).text for q in queries]
+    hits, hit_tokens = metric(s.url, "gpt2onnx_prefix_cache_hits_total"), metric(s.url, "gpt2onnx_prefix_cache_hit_tokens_total")
+    got = [post(s.url, {"prompt": shots + queries[0], "max_tokens": 8, "temperature": 0}).json()]
+    with ThreadPoolExecutor(5) as pool:  # concurrent: they wait a step and reuse the first one's KV
+        got += list(pool.map(lambda q: post(s.url, {"prompt": shots + q, "max_tokens": 8, "temperature": 0}).json(),
+                             queries[1:]))
+    assert [g["choices"][0]["text"] for g in got] == want
+    assert metric(s.url, "gpt2onnx_prefix_cache_hits_total") - hits >= 5
+    assert metric(s.url, "gpt2onnx_prefix_cache_hit_tokens_total") - hit_tokens >= 5 * 70
+    _, eng, _, _ = tiny
+    plain = Server(create_app(eng, model_id="tiny", max_batch=8, prefix_cache_mb=0))
+    try:
+        again = [post(plain.url, {"prompt": shots + q, "max_tokens": 8, "temperature": 0}).json() for q in queries]
+        assert [g["choices"][0]["text"] for g in again] == want
+        assert metric(plain.url, "gpt2onnx_prefix_cache_hits_total") == 0
+    finally:
+        plain.stop()
+
+
+def test_prefix_cache_is_bounded_lru(tiny):
+    _, engine, _, _ = tiny
+    row = engine.model.new_cache(1, 40).nbytes  # bytes of a 40-token entry
+    cache = PrefixCache(engine.model, max_bytes=int(2.5 * row))
+    pool = engine.model.new_cache(4, 64)
+    contexts = [[k] * 40 for k in (1, 2, 3)]
+    for i, ctx in enumerate(contexts):
+        engine.model.run(pool, np.array([ctx]), np.array([40]), np.array([[39]]), start=i)
+    cache.insert(contexts[0], pool, 0)
+    cache.insert(contexts[1], pool, 1)
+    assert cache.match(np.array(contexts[0] + [5]))[0] == 40  # touch entry 0: entry 1 is now the oldest
+    cache.insert(contexts[2], pool, 2)
+    assert cache.nbytes <= 2.5 * row and len(cache.entries) == 2
+    assert cache.match(np.array(contexts[1] + [5]))[0] == 0 and cache.match(np.array(contexts[2]))[0] == 39
