@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -16,62 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def make_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """GPT2Config() (124M shape), seeded random init, saved once (needs torch + transformers)."""
-    if (folder / "config.json").is_file():
-        return folder
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
-    write_id_tokenizer(folder, GPT2Config().vocab_size)
-    return folder
-
-
-def checkpoint(arg: str | None) -> Path:
-    """--checkpoint as given, else the random-init 124M-shape checkpoint (made once in the cache)."""
-    return Path(arg) if arg else make_checkpoint(Path.home() / ".cache" / "gpt2-onnx" / "bench-gpt2-124m")
-
-
-def engine_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The options every single-engine benchmark takes: --checkpoint and --threads."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="HF GPT-2 folder [default: random-init GPT2Config()]")
-    ap.add_argument("--threads", type=int, default=2)
-    return ap
-
-
-def load_engine(args: argparse.Namespace):
-    """The CPU engine for args.checkpoint (exported once into the cache)."""
-    from engine import Engine
-    from export.cache import resolve_model
-
-    return Engine.load(resolve_model(str(checkpoint(args.checkpoint))), provider="cpu", threads=args.threads)
-
-
-def save_json(stem: str, data: dict) -> None:
-    """Write benchmarks/results/<stem>.json and print the same JSON on one line."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
-    print(json.dumps(data))
-
-
-def write_id_tokenizer(folder: Path, vocab: int) -> None:
-    """A full-size word-level vocabulary `<t0>`..: benchmarks feed ids, but converters want every id named."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    names = {f"<t{i}>": i for i in range(vocab - 1)} | {"<|endoftext|>": vocab - 1}
-    tok = Tokenizer(models.WordLevel(names, unk_token="<t0>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>",
-        "unk_token": "<t0>"}))
-
+from benchmarks.common import RESULTS, checkpoint, machine
 
 def run_system(name: str, ck: Path, ids, new_tokens: int, runs: int, threads: int) -> dict:
     """Time one system in a fresh process (runs 0: only build its artifacts, export or conversion)."""
@@ -172,13 +116,14 @@ def main() -> None:
         rows = run_case(names, ck, batch, prompt, new, args.runs, args.threads)
         cases.append({"batch": batch, "prompt": prompt, "new": new, "systems": rows})
         md.append(table(rows, f"### batch {batch}, prompt {prompt}, {new} new greedy tokens"))
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "checkpoint": str(ck), "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
+    m = machine()
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": m["cpu"], "cpu_flags": m["flags"],
+            "cpus": m["cpus"], "checkpoint": str(ck), "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
             **{k: v for k, v in vars(args).items() if k != "checkpoint"}}
     stem = args.name or ("cpu-sweep" if args.sweep else f"cpu-b{args.batch}-p{args.prompt}-n{args.new}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "cases": cases}, indent=2) + "\n")
-    head = (f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs), {args.threads} threads, "
+    head = (f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs; {' '.join(m['flags'])}), {args.threads} threads, "
             f"median of {args.runs} runs, {meta['date']}. Decode tok/s counts all rows of a batch.\n\n")
     (RESULTS / f"{stem}.md").write_text(head + "\n".join(md))
     if args.sweep:

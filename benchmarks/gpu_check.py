@@ -1,12 +1,17 @@
-"""One prepared GPU check for the lent H200 (see ../shared/device/README.md); also runs on CPU to test it.
+"""The prepared GPU check: parity and speed on a CUDA machine in one short run (also runs on CPU to test it).
 
-    python -m benchmarks.gpu_check --out $OUT            # on the device, provider cuda
-    python -m benchmarks.gpu_check --provider cpu --smoke --out /tmp/gpu-smoke   # here, to shake out bugs
+    python -m benchmarks.gpu_check --out OUT_DIR                                  # on the GPU machine
+    python -m benchmarks.gpu_check --provider cpu --smoke --out /tmp/gpu-smoke   # anywhere, to test the script
 
-Exports a random-init GPT2Config() (124M shape) in fp32 / fp16 / int4, checks parity on the
-provider (fp32 logits vs torch on the same device; fp16: no NaN, logits atol 0.2, greedy
-agreement), then times decode tok/s and time to first token at batch 1 and 8, short (32+64) and
-long (512+256) context, and HF torch eager on the same device. Writes gpu_check.json / .md to --out.
+Needs onnxruntime-gpu, torch and transformers there (fastapi, uvicorn and httpx for the HTTP part;
+without them that part is recorded as skipped). Exports a random-init GPT2Config() (124M shape) in
+fp32 / fp16 / int4, checks parity on the provider (fp32 logits vs torch on the same device; fp16: no
+NaN, logits atol 0.2, greedy agreement), then times decode tok/s and time to first token at batch 1
+and 8, short (32+64) and long (512+256) context, and HF torch eager on the same device. The server
+path: the continuous-batching core with 64 mixed requests on 16 KV rows (throughput, greedy answers
+equal to solo runs), the same through the HTTP server, and the Memcpy nodes onnxruntime's profile
+records per decode step (the KV pool and greedy rows' logits must not cross to the host). Writes
+gpu_check.json / .md to --out.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def main() -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from benchmarks.__main__ import write_id_tokenizer
+    from benchmarks.common import write_id_tokenizer
     from benchmarks.systems import measure
     from engine import Engine
     from export import export_model
@@ -114,6 +119,14 @@ def main() -> None:
         report["timings"].append(row)
         print(row, flush=True)
 
+    base = engines.get("fp16") or engines.get("fp32")
+    for part, fn in (("server_core", server_core), ("memcpy_profile", memcpy_profile), ("server_http", server_http)):
+        try:
+            report[part] = fn(base, cfg.vocab_size, smoke=args.smoke)
+        except Exception as e:  # recorded, not fatal: the other parts still count
+            report[part] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(part, report[part], flush=True)
+
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"GPU check: {report['gpu']} driver {report['driver']}, onnxruntime {report['onnxruntime']}", "",
              "| config | providers | max abs logit diff vs torch | NaN | greedy agreement |", "|---|---|---|---|---|"]
@@ -128,8 +141,103 @@ def main() -> None:
             lines.append(f"| {r['system']} | {r['batch']} | error: {r['error'][:80]} | | |")
             continue
         lines.append(f"| {r['system']} | {r['batch']} | {r['prompt']}+{r['new']} | {r['decode_tok_s']:.0f} | {r['ttft_ms']:.1f} |")
+    for part in ("server_core", "memcpy_profile", "server_http"):
+        lines += ["", f"{part}: " + json.dumps(report.get(part))]
     (args.out / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _mixed_requests(engine, vocab: int, n: int):
+    """n sequences with mixed prompt lengths and budgets, a quarter of them sampled (seeded)."""
+    from engine import GenerationOptions
+
+    rng = np.random.default_rng(7)
+    seqs = []
+    for i in range(n):
+        opts = GenerationOptions(max_new_tokens=16 + 8 * (i % 5), ignore_eos=True,
+                                 **({"temperature": 0.8, "seed": i} if i % 4 == 3 else {}))
+        seqs += engine.sequences([rng.integers(0, vocab, 8 + 13 * (i % 7)).tolist()], opts)
+    return seqs
+
+
+def server_core(engine, vocab: int, smoke: bool = False) -> dict:
+    """The server's continuous batching (Core) on 16 KV rows: 64 mixed sequences joining and leaving."""
+    import time
+
+    from engine.core import Core
+
+    seqs = _mixed_requests(engine, vocab, 16 if smoke else 64)
+    core = Core(engine.model, slots=16, max_length=engine.config.n_positions, prefix_cache_bytes=256 << 20)
+    t = time.perf_counter()
+    core.submit(seqs)
+    while core.busy:
+        core.step()
+    wall = time.perf_counter() - t
+    greedy = [s for s in seqs if s.sampling.greedy]
+    same = all(s.tokens == engine.generate(s.context, max_new_tokens=s.options.max_new_tokens,
+                                           ignore_eos=True).token_ids for s in greedy[:8])
+    return {"sequences": len(seqs), "tok_s": sum(len(s.tokens) for s in seqs) / wall, "steps": core.steps,
+            "greedy_equal_solo": same, "kv_row_copies": engine.model.transfers["kv_rows"],
+            "pool_host_reads": core.pool.host_reads}
+
+
+def memcpy_profile(engine, vocab: int, smoke: bool = False) -> dict:
+    """Memcpy nodes per decode step in an onnxruntime profile: greedy rows only, then with sampled rows."""
+    import onnxruntime as ort
+
+    from engine.model import PROVIDERS
+
+    m = engine.model
+    opts = m._opts
+    opts.enable_profiling = True
+    sess = ort.InferenceSession(str(engine.folder / "model.onnx"), opts, providers=[PROVIDERS[m.provider]])
+    opts.enable_profiling = False
+    saved = m.session, m.step_session
+    m.session = m.step_session = sess
+    try:
+        ids = np.random.default_rng(3).integers(0, vocab, (4, 24)).tolist()
+        engine.generate_batch(ids, max_new_tokens=33, ignore_eos=True)  # 1 prefill + 32 decode steps
+        engine.generate_batch(ids, max_new_tokens=33, ignore_eos=True, temperature=0.7, seed=0)
+    finally:
+        m.session, m.step_session = saved
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
+    copies = [e for e in events if e.get("cat") == "Node" and "Memcpy" in e.get("name", "")]
+    return {"model_runs": len(runs), "memcpy_node_events": len(copies),
+            "memcpy_nodes": sorted({e["name"] for e in copies}), "memcpy_per_run": len(copies) / max(len(runs), 1)}
+
+
+def server_http(engine, vocab: int, smoke: bool = False) -> dict:
+    """The HTTP server in this process on 127.0.0.1: completion tokens/s at 1, 16 and 64 clients."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from benchmarks.server_load import load
+    from engine.server import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, max_batch=16), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    out = {}
+    try:
+        rng = np.random.default_rng(0)
+        for clients in (1, 16) if smoke else (1, 16, 64):
+            jobs = [rng.integers(0, vocab - 1, 32).tolist() for _ in range(clients * 2)]
+            r = load(f"http://127.0.0.1:{port}", clients, jobs, 16 if smoke else 64)
+            out[f"{clients}_clients_tok_s"] = r["tok_s"]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    return out
 
 
 if __name__ == "__main__":

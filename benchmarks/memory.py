@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.__main__ import engine_parser, load_engine, save_json
+from benchmarks.common import engine_parser, load_engine, save_json
 
 
 def rss_mb() -> float:

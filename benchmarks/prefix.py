@@ -9,7 +9,7 @@ import statistics
 
 import numpy as np
 
-from benchmarks.__main__ import engine_parser, load_engine, save_json
+from benchmarks.common import engine_parser, load_engine, save_json
 
 
 def main() -> None:

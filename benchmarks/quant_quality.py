@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.__main__ import RESULTS
+from benchmarks.common import RESULTS
 
 
 def main() -> None:

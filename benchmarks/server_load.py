@@ -1,78 +1,226 @@
-"""Server throughput: N requests one after another vs the same N from concurrent clients (loopback only).
+"""Server throughput at several concurrency levels, and time to first token with a shared prefix (loopback only).
 
-    python -m benchmarks.server_load [-m MODEL] [--clients 16] [--requests 32] [--max-tokens 64]
+    python -m benchmarks.server_load [--models bundled,124m] [--clients 1,4,16,64] [--requests 4]
+                                     [--max-tokens 64] [--baseline DIR] [--prefix] [--threads 2]
 
-Starts `gpt2-onnx serve` on 127.0.0.1 (a random free port) in its own process; the clients run
-here, bounded in requests and time. Checks every greedy answer equals the sequential one.
+Every server is `gpt2-onnx serve` in a process of its own on 127.0.0.1 (a free port), with the same
+--max-batch and --threads; the clients run here, one pooled HTTP client, each client sending its
+requests one after another (greedy, 32-token prompts of random ids, distinct per request), bounded
+in count and time. --baseline DIR also serves from a checkout of another commit (a `git worktree`),
+started from DIR so that DIR's own code runs, in the same run: "before" and "after" side by side,
+with a check that every greedy answer is identical. --prefix measures, on the 124M shape
+(n_positions 1024), the time to first token of 16 streamed requests that share a 400-token few-shot
+prefix (20-token questions), one after another and all at once, with the prefix cache on and off.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import socket
+import statistics
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import numpy as np
 
-from benchmarks.__main__ import save_json
+from benchmarks.common import RESULTS, checkpoint, machine
+
+HERE = Path(__file__).resolve().parents[1]
+
+
+class Served:
+    """`gpt2-onnx serve` from the code in `root`, in its own process."""
+
+    def __init__(self, root: Path, model: str | None, *, threads: int, max_batch: int, extra: list[str] = ()):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", str(self.port), "--max-batch", str(max_batch),
+               "--threads", str(threads), *extra] + (["-m", model] if model else [])
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 900  # the first start exports the model
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or self.proc.poll() is not None:
+                self.proc.kill()
+                raise SystemExit(f"server from {root} did not start: {self.proc.stderr.read()[-2000:]}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+
+
+def prompts(vocab: int, n: int, length: int = 32) -> list[list[int]]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, vocab - 1, length).tolist() for _ in range(n)]
+
+
+def load(url: str, clients: int, jobs: list[list[int]], max_tokens: int) -> dict:
+    """`clients` concurrent clients share `jobs`, each sending its requests one after another."""
+    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients))
+
+    def one(i: int) -> tuple[int, str, int, float]:
+        t = time.perf_counter()
+        r = client.post(url + "/v1/completions", json={"prompt": jobs[i], "max_tokens": max_tokens, "temperature": 0})
+        r.raise_for_status()
+        body = r.json()
+        return i, body["choices"][0]["text"], body["usage"]["completion_tokens"], time.perf_counter() - t
+
+    def worker(c: int) -> list:
+        return [one(i) for i in range(c, len(jobs), clients)]
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = [x for rows in pool.map(worker, range(clients)) for x in rows]
+    wall = time.perf_counter() - t
+    client.close()
+    tokens = sum(d[2] for d in done)
+    return {"clients": clients, "requests": len(jobs), "completion_tokens": tokens, "wall_s": wall,
+            "tok_s": tokens / wall, "median_latency_s": statistics.median(d[3] for d in done),
+            "answers": [a for _, a, _, _ in sorted(done)]}
+
+
+def throughput(args, name: str, model: str | None, vocab: int) -> dict:
+    systems = [("after", HERE)] + ([("before", Path(args.baseline))] if args.baseline else [])
+    out = {}
+    for label, root in systems:
+        print(f"{name}: serving {label} from {root}", file=sys.stderr, flush=True)
+        srv = Served(root, model, threads=args.threads, max_batch=args.max_batch)
+        try:
+            rows = []
+            for c in args.clients:
+                rows.append(load(srv.url, c, prompts(vocab, c * args.requests), args.max_tokens))
+                print(f"  {c:3d} clients: {rows[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+            out[label] = rows
+        finally:
+            srv.stop()
+    for rows in out.values():  # greedy answers at every concurrency equal the first level's (same prompts first)
+        ref = rows[0]["answers"]
+        for r in rows:
+            r["same_answers_as_fewest_clients"] = r["answers"][: len(ref)] == ref
+    if "before" in out:
+        for a, b in zip(out["after"], out["before"]):
+            a["identical_to_before"] = a["answers"] == b["answers"]
+            a["speedup_vs_before"] = a["tok_s"] / b["tok_s"]
+    for rows in out.values():
+        for r in rows:
+            r.pop("answers")
+    return out
+
+
+def shared_prefix(args) -> dict:
+    """TTFT of 16 questions after one 400-token few-shot prefix, prefix cache on vs off (124M shape)."""
+    ck = checkpoint(args.checkpoint)
+    vocab = json.loads((ck / "config.json").read_text())["vocab_size"]
+    rng = np.random.default_rng(1)
+    shots = rng.integers(0, vocab - 1, 400).tolist()
+    questions = [rng.integers(0, vocab - 1, 20).tolist() for _ in range(16)]
+    out = {"prefix_tokens": 400, "question_tokens": 20, "requests": 16}
+    for label, mb in (("cache_off", "0"), ("cache_on", "512")):
+        srv = Served(HERE, str(ck), threads=args.threads, max_batch=16, extra=["--prefix-cache-mb", mb])
+        client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=16))
+
+        def ttft(q: list[int]) -> tuple[float, str]:
+            t, first, text = time.perf_counter(), None, ""
+            with client.stream("POST", srv.url + "/v1/completions", json={
+                    "prompt": shots + q, "max_tokens": 8, "temperature": 0, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {") and '"choices": [{' in line:
+                        first = first or time.perf_counter() - t
+                        text += json.loads(line[6:])["choices"][0]["text"]
+            return first, text
+
+        try:
+            ttft(rng.integers(0, vocab - 1, 30).tolist())  # warm-up, unrelated prompt
+            seq = [ttft(q) for q in questions]
+            with ThreadPoolExecutor(16) as pool:
+                conc = list(pool.map(ttft, questions))
+        finally:
+            client.close()
+            srv.stop()
+        out[label] = {"sequential_median_ttft_ms": 1e3 * statistics.median(t for t, _ in seq),
+                      "concurrent_median_ttft_ms": 1e3 * statistics.median(t for t, _ in conc),
+                      "answers": [a for _, a in seq], "concurrent_answers": [a for _, a in conc]}
+        print(f"  prefix {label}: {out[label]['sequential_median_ttft_ms']:.0f} ms one by one, "
+              f"{out[label]['concurrent_median_ttft_ms']:.0f} ms all at once", file=sys.stderr, flush=True)
+    on, off = out["cache_on"], out["cache_off"]
+    out["identical_answers"] = on["answers"] == off["answers"] == on["concurrent_answers"] == off["concurrent_answers"]
+    for k in ("sequential", "concurrent"):
+        out[f"{k}_speedup"] = off[f"{k}_median_ttft_ms"] / on[f"{k}_median_ttft_ms"]
+    for v in (on, off):
+        v.pop("answers"), v.pop("concurrent_answers")
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("-m", "--model", default=None)
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=32)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="bundled,124m", help="bundled and/or 124m (random-init GPT2Config())")
+    ap.add_argument("--checkpoint", default=None, help="HF folder for '124m' [default: random-init GPT2Config()]")
+    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--baseline", default=None, help="checkout of another commit to serve 'before' from")
+    ap.add_argument("--prefix", action="store_true", help="also the shared-prefix TTFT benchmark")
+    ap.add_argument("--name", default="server_load")
     args = ap.parse_args()
-    import subprocess
-    import sys
+    args.clients = [int(c) for c in args.clients.split(",")]
+    result = {"command": "python -m benchmarks.server_load " + " ".join(sys.argv[1:]), "machine": machine(),
+              "date": time.strftime("%Y-%m-%d %H:%M"), "max_batch": args.max_batch, "threads": args.threads,
+              "max_tokens": args.max_tokens, "throughput": {}}
+    for name in args.models.split(","):
+        if name == "bundled":
+            result["throughput"]["bundled"] = throughput(args, name, None, 4096)
+        elif name == "124m":
+            ck = checkpoint(args.checkpoint)
+            vocab = json.loads((ck / "config.json").read_text())["vocab_size"]
+            result["throughput"]["124m"] = throughput(args, name, str(ck), vocab)
+        else:
+            raise SystemExit(f"--models: unknown model {name!r} (bundled, 124m)")
+    if args.prefix:
+        result["shared_prefix"] = shared_prefix(args)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    print(markdown(result))
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--max-batch", str(args.clients),
-           "--threads", str(args.threads)] + (["-m", args.model] if args.model else [])
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # its own process
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline or server.poll() is not None:
-            server.kill()
-            raise SystemExit("server did not start")
-        time.sleep(0.2)
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    prompts = [f"{name}:\n" for name in ["ROMEO", "JULIET", "KING HENRY", "HAMLET", "First Citizen", "MENENIUS",
-                                         "GLOUCESTER", "LADY ANNE"]]
-    jobs = [prompts[i % len(prompts)] + " " * (i // len(prompts)) for i in range(args.requests)]
 
-    client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=args.clients))  # pooled, thread-safe
-
-    def one(p):
-        r = client.post(url, json={"prompt": p, "max_tokens": args.max_tokens, "temperature": 0})
-        r.raise_for_status()
-        return r.json()
-
-    t = time.perf_counter()
-    seq = [one(p) for p in jobs]
-    t_seq = time.perf_counter() - t
-    t = time.perf_counter()
-    with ThreadPoolExecutor(args.clients) as pool:
-        conc = list(pool.map(one, jobs))
-    t_conc = time.perf_counter() - t
-    server.terminate()
-    server.wait(30)
-    tokens = sum(r["usage"]["completion_tokens"] for r in seq)
-    out = {"requests": args.requests, "clients": args.clients, "max_tokens": args.max_tokens,
-           "sequential_tok_s": tokens / t_seq, "concurrent_tok_s": sum(r["usage"]["completion_tokens"] for r in conc) / t_conc,
-           "identical_answers": [r["choices"][0]["text"] for r in seq] == [r["choices"][0]["text"] for r in conc]}
-    out["speedup"] = out["concurrent_tok_s"] / out["sequential_tok_s"]
-    save_json("server_load", out)
+def markdown(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"`{res['command']}`", "", f"{res['date']}, {m['cpu']} ({m['cpus']} CPUs; {' '.join(m['flags'])}), "
+             f"--threads {res['threads']}, --max-batch {res['max_batch']}, {res['max_tokens']} greedy tokens per request.",
+             ""]
+    for model, systems in res["throughput"].items():
+        lines += [f"### {model}: completion tokens/s by concurrent clients", "",
+                  "| clients | " + " | ".join(systems) + " | after / before | identical answers |",
+                  "|---|" + "---|" * (len(systems) + 2)]
+        for i, row in enumerate(systems["after"]):
+            cells = [f"{systems[s][i]['tok_s']:.1f}" for s in systems]
+            ratio = f"{row['speedup_vs_before']:.2f}x" if "speedup_vs_before" in row else "-"
+            same = row.get("identical_to_before", "-")
+            lines.append(f"| {row['clients']} | " + " | ".join(cells) + f" | {ratio} | {same} |")
+        lines.append("")
+    if "shared_prefix" in res:
+        p = res["shared_prefix"]
+        lines += ["### 124m: time to first token, 16 requests sharing a 400-token prefix (+20-token question)", "",
+                  "| | prefix cache off | on | speedup |", "|---|---|---|---|"]
+        for k in ("sequential", "concurrent"):
+            lines.append(f"| {k} | {p['cache_off'][f'{k}_median_ttft_ms']:.0f} ms | "
+                         f"{p['cache_on'][f'{k}_median_ttft_ms']:.0f} ms | {p[f'{k}_speedup']:.1f}x |")
+        lines += ["", f"identical answers with and without the cache: {p['identical_answers']}", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -190,19 +190,25 @@ def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help="expor
           api_key: Optional[str] = typer.Option(None, envvar="GPT2_ONNX_API_KEY",
                                                 help="require Authorization: Bearer KEY on /v1/*"),
           max_batch: int = typer.Option(16, help="sequences decoded together (KV slots)"),
-          max_queue: int = typer.Option(256, help="waiting requests before 429"),
+          max_queue: int = typer.Option(256, help="waiting sequences before 429"),
+          prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
           provider: str = typer.Option("auto", help="auto | cpu | cuda"),
           threads: Optional[int] = typer.Option(None, help="CPU threads")):
     """Serve an OpenAI-compatible /v1/completions API with continuous batching."""
     try:
-        from engine.server import serve as run_server
+        from engine.server import create_app, serve as run_server
     except ImportError as e:
         _fail(ValueError(f"the server needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
     try:
         engine = _load(model, provider, threads)
     except ValueError as e:
         _fail(e)
-    run_server(engine, host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    try:
+        app = create_app(engine, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                         prefix_cache_mb=prefix_cache_mb)
+    except ValueError as e:
+        _fail(e)
+    run_server(app, host=host, port=port)
 
 
 def main() -> None:  # console-script entry point

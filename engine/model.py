@@ -187,9 +187,10 @@ class DecodeStep:
 
     A step writes the new ids and lengths into small buffers (on the device for CUDA), runs, and reads
     back the greedy ids (B int64) plus the logits of the rows that sample (R x vocab), nothing else.
-    `total_sequence_length` stays at the buffer length, so GroupQueryAttention reads each row's length
-    from `seqlens_k` alone and each (B, R) has constant shapes and addresses: with cuda_graph one
-    captured graph per (B, R) is replayed. Bindings are kept per (B, R).
+    GroupQueryAttention reads each row's length from `seqlens_k`; `total_sequence_length` is the
+    longest row's (attention spans no more), or with cuda_graph the buffer length, so that each
+    (B, R) has constant inputs and addresses and one captured graph per (B, R) is replayed.
+    Bindings are kept per (B, R).
     """
 
     def __init__(self, model: Model, cache: KVCache):
@@ -210,7 +211,8 @@ class DecodeStep:
             self.dev = {k: ort.OrtValue.ortvalue_from_numpy(a, model.device, 0)
                         for k, a in {**self.host, "next": self.next, "index": self.index}.items()}
             self.addr = {k: v.data_ptr() for k, v in self.dev.items()}
-        self.total = ort.OrtValue.ortvalue_from_numpy(np.array(cache.max_length, np.int32))  # a CPU input of GQA
+        self.total_host = np.array(cache.max_length, np.int32)  # a CPU input of GQA
+        self.total = ort.OrtValue.ortvalue_from_numpy(self.total_host)
         self._bindings: dict[tuple[int, int], tuple] = {}
 
     def _binding(self, B: int, R: int) -> tuple:
@@ -229,9 +231,10 @@ class DecodeStep:
             out = ort.OrtValue.ortvalue_from_shape_and_type([R, 1, m.cfg.vocab_size], np.float32, dev, 0)
             io.bind_ortvalue_output(C.LOGITS, out)
         m.bind_kv(io, self.cache, 0, B)
-        opts = ort.RunOptions()
+        opts = None  # (RunOptions without an entry cost ~0.8 ms a run in onnxruntime 1.32's Python layer)
         if m.cuda_graph:  # one captured graph per set of shapes and addresses
             m._graph_ids += 1
+            opts = ort.RunOptions()
             opts.add_run_config_entry("gpu_graph_id", str(m._graph_ids))
         return io, opts, out
 
@@ -252,6 +255,9 @@ class DecodeStep:
         if (B, R) not in self._bindings:
             self._bindings[(B, R)] = self._binding(B, R)
         io, opts, out = self._bindings[(B, R)]
+        if not self.model.cuda_graph:  # attention spans the longest row, not the whole buffer
+            self.total_host[()] = int(lengths.max()) + 1
+            self.total.update_inplace(self.total_host)
         if self.dev is not None:  # a few bytes per row to the device
             for k in h:
                 self.dev[k].update_inplace(h[k])

@@ -220,6 +220,9 @@ async def _disconnected(request: Request) -> None:
 def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 256, shutdown_timeout: float = 10.0, prefix_cache_mb: float = 512) -> FastAPI:
     """The FastAPI app serving `engine` with continuous batching and an automatic prefix cache."""
+    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("prefix_cache_mb", prefix_cache_mb)):
+        if value < (1 if name == "max_batch" else 0):
+            raise ValueError(f"{name} must be >= {1 if name == 'max_batch' else 0}, got {value}")
     model_id = model_id or engine.folder.name
     core = Core(engine.model, slots=max_batch, max_length=engine.config.n_positions,
                 prefix_cache_bytes=int(prefix_cache_mb * 2**20))
@@ -377,8 +380,8 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
     return app
 
 
-def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-    """Run the server until interrupted (graceful: in-flight requests finish or are cancelled)."""
+def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run an app from create_app until interrupted (graceful: in-flight requests finish or are cancelled)."""
     import uvicorn
 
-    uvicorn.run(create_app(engine, **options), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
