@@ -136,9 +136,9 @@ def shared_prefix(args) -> dict:
             with client.stream("POST", srv.url + "/v1/completions", json={
                     "prompt": shots + q, "max_tokens": 8, "temperature": 0, "stream": True}) as r:
                 for line in r.iter_lines():
-                    if line.startswith("data: {") and '"choices": [{' in line:
+                    for c in json.loads(line[6:])["choices"] if line.startswith("data: {") else []:
                         first = first or time.perf_counter() - t
-                        text += json.loads(line[6:])["choices"][0]["text"]
+                        text += c["text"]
             return first, text
 
         try:

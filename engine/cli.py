@@ -2,103 +2,155 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Fast GPT-2 inference with ONNX Runtime: export, generate, eval, bench, serve, info.")
-err = Console(stderr=True, soft_wrap=True)
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Fast GPT-2 inference with ONNX Runtime: export, generate, eval, bench, serve, info, cache.")
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="List or clear the export cache.")
+app.add_typer(cache_app, name="cache")
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+MODEL_HELP = "exported folder, Hugging Face folder or Hub id (default: the bundled Tiny Shakespeare model)"
+# the API's parameter names, as the flags that set them
+FLAGS = {"max_new_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--top-p", "temperature": "--temperature",
+         "repetition_penalty": "--repetition-penalty", "seed": "--seed", "threads": "--threads",
+         "provider": "--provider", "quantize": "--quantize", "dtype": "--dtype", "window": "--window"}
 
 
 def _fail(e: Exception) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False)
+    """One clear line on stderr and exit code 2, with the API's names turned into flags."""
+    msg = re.sub(r"\b(" + "|".join(FLAGS) + r")\b", lambda m: FLAGS[m.group(1)], str(e))
+    msg = re.sub(r"^n must be", "--samples must be", msg)
+    err.print(f"[bold red]error:[/] {escape(msg)}")
     raise typer.Exit(2)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from engine import __version__
+
+        print(f"gpt2-onnx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                              help="print the version and exit")):
+    """Fast GPT-2 inference with ONNX Runtime."""
 
 
 def _load(model: Optional[str], provider: str, threads: Optional[int], *, dtype: str = "float32",
           quantize: Optional[str] = None):
     from engine import Engine
-    from export.cache import resolve_model
-    from models import DEFAULT_MODEL
 
-    spec = model or DEFAULT_MODEL
-    with err.status(f"preparing {spec}") as status:
-        folder = resolve_model(spec, dtype=dtype, quantize=quantize, progress=lambda m: status.update(m))
-    return Engine.load(folder, provider=provider, threads=threads)
+    with err.status(f"preparing {escape(model or 'the bundled model')}") as status:
+        return Engine.load(model, provider=provider, threads=threads, dtype=dtype, quantize=quantize,
+                           progress=lambda m: status.update(escape(m)))
 
 
 @app.command()
-def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...) or local HF checkpoint folder"),
+def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...) or local Hugging Face folder"),
            output: Path = typer.Option(..., "-o", "--output", help="folder to write"),
            dtype: str = typer.Option("float32", help="float32 | float16 (float16 is for CUDA)"),
            quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only (MatMulNBits)")):
-    """Export a GPT-2 checkpoint to model.onnx + manifest.json + tokenizer.json."""
-    from export import export_model
+    """Export a GPT-2 checkpoint to model.onnx + kv_copy.onnx + manifest.json + tokenizer.json."""
+    from engine.resolve import export
 
     try:
-        with err.status(f"exporting {model}") as status:
-            out = export_model(model, output, dtype=dtype, quantize=quantize, progress=lambda m: status.update(m))
+        with err.status(f"exporting {escape(model)}") as status:
+            out = export(model, output, dtype=dtype, quantize=quantize, progress=lambda m: status.update(escape(m)))
     except ValueError as e:
         _fail(e)
-    err.print(f"exported {model} -> {out}")
+    err.print(f"exported {escape(model)} -> {escape(str(out))}")
+
+
+def _print_sample(i: int, samples: int, head: str) -> None:
+    if samples > 1:
+        sys.stdout.write(f"{'' if i == 0 else chr(10)}--- sample {i} ---\n")
+    sys.stdout.write(head)
+    sys.stdout.flush()
 
 
 @app.command()
 def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read it from stdin"),
-             model: Optional[str] = typer.Option(None, "-m", "--model",
-                                                 help="exported folder, HF folder or Hub id [default: bundled]"),
+             model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
              max_new_tokens: int = typer.Option(64, "-n", "--max-new-tokens", help="tokens to generate at most"),
-             stream: bool = typer.Option(False, "--stream", help="print tokens as they arrive"),
+             samples: int = typer.Option(1, "--samples", help="samples of the prompt (they share one prefill)"),
+             stream: bool = typer.Option(False, "--stream/--no-stream", help="print tokens as they arrive"),
+             echo: bool = typer.Option(True, "--echo/--no-echo", help="print the prompt before its continuation"),
              temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples"),
              top_k: int = typer.Option(0, help="sample from the k most likely tokens (0 = off)"),
              top_p: float = typer.Option(1.0, help="nucleus sampling mass (1 = off)"),
              repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats (1 = off)"),
              seed: Optional[int] = typer.Option(None, help="seed for reproducible sampling"),
              stop: Optional[list[str]] = typer.Option(None, help="stop string (repeatable); not printed"),
-             samples: int = typer.Option(1, "--n", help="number of samples for the prompt"),
              provider: str = typer.Option("auto", help="auto | cpu | cuda"),
              threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)"),
-             stats: bool = typer.Option(False, "--stats", help="print timing to stderr")):
-    """Generate a continuation of PROMPT (with the bundled Tiny Shakespeare model by default)."""
+             stats: bool = typer.Option(False, "--stats", help="print tokens, finish reason and timing to stderr")):
+    """Generate a continuation of PROMPT (with the bundled Tiny Shakespeare model by default).
+
+    Each sample is printed as the prompt (unless --no-echo) and its continuation; several samples are
+    labelled and shown one after another, also with --stream (the first live, the others as they finish).
+    """
+    from engine import GenerationResult
+
     if prompt == "-":
         prompt = sys.stdin.read()
-    opts = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                repetition_penalty=repetition_penalty, seed=seed, stop=stop or None, n=samples)
+    head = prompt if echo else ""
+    steps: dict[int, list] = {i: [] for i in range(samples)}
+    printed = [-1] * samples  # steps of each sample printed so far (-1: not even its header)
+    shown = 0  # the sample printed live; later ones are held until it is complete
+
+    def show() -> None:
+        nonlocal shown
+        while shown < samples:
+            if printed[shown] < 0:
+                _print_sample(shown, samples, head)
+                printed[shown] = 0
+            ss = steps[shown]
+            sys.stdout.write("".join(s.text for s in ss[printed[shown]:]))
+            sys.stdout.flush()
+            printed[shown] = len(ss)
+            if not ss or not ss[-1].finish_reason:
+                return
+            sys.stdout.write("\n")
+            shown += 1
+
     try:
         engine = _load(model, provider, threads)
-        if stream:
-            for step in engine.stream_batch([prompt], **opts):
-                if samples > 1 and step.index == 0:
-                    sys.stdout.write(f"\n--- sample {step.row} ---\n")
-                sys.stdout.write(step.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            return
-        results = engine.generate_batch([prompt], **opts)
+        for step in engine.stream_batch([prompt], max_new_tokens=max_new_tokens, temperature=temperature,
+                                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                                        stop=stop or None, n=samples):
+            steps[step.row].append(step)
+            if stream:
+                show()
     except ValueError as e:
         _fail(e)
+    results = [GenerationResult.from_steps(steps[i], 0) for i in range(samples)]
     for i, r in enumerate(results):
-        if samples > 1:
-            print(f"--- sample {i} ---")
-        print(prompt + r.text if samples == 1 else r.text)
+        if not stream:
+            _print_sample(i, samples, head)
+            print(r.text)
         if stats:
-            err.print(f"{len(r.token_ids)} tokens, finish={r.finish_reason}, ttft {r.time_to_first_token*1e3:.1f} ms, "
-                      f"{r.decode_tokens_per_s:.1f} tok/s ({engine.provider})")
+            err.print(f"sample {i}: {len(r.token_ids)} tokens, finish={r.finish_reason}, "
+                      f"ttft {r.time_to_first_token * 1e3:.1f} ms, {r.decode_tokens_per_s:.1f} tok/s ({engine.provider})")
 
 
 @app.command()
-def info(folder: Path = typer.Argument(..., help="exported folder")):
-    """Show an exported model's manifest and graph inputs/outputs."""
-    from engine import Engine
-
+def info(model: Optional[str] = typer.Argument(None, help=MODEL_HELP)):
+    """Show a model's manifest and graph inputs/outputs."""
     try:
-        eng = Engine.load(folder, provider="cpu")
+        eng = _load(model, "cpu", None)
     except ValueError as e:
         _fail(e)
+    print(f"{'folder':22} {eng.folder}")
     for k, v in eng.config.__dict__.items():
         print(f"{k:22} {v}")
     for i in eng.model.session.get_inputs():
@@ -108,12 +160,12 @@ def info(folder: Path = typer.Argument(..., help="exported folder")):
 
 
 @app.command("eval")
-def eval_(model: str = typer.Argument(..., help="exported folder, HF folder or Hub id"),
-          file: Path = typer.Argument(..., help="UTF-8 text file"),
-          window: Optional[int] = typer.Option(None, help="tokens per window [default: n_positions]"),
+def eval_(file: Path = typer.Argument(..., help="UTF-8 text file"),
+          model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
+          window: Optional[int] = typer.Option(None, help="tokens per window (default: n_positions)"),
           provider: str = typer.Option("auto", help="auto | cpu | cuda"),
-          threads: Optional[int] = typer.Option(None)):
-    """Held-out loss (nats/token, nats/char) and perplexity of MODEL on FILE."""
+          threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)")):
+    """Held-out loss (nats/token, nats/char) and perplexity of a model on FILE."""
     from rich.progress import Progress
 
     from engine.evaluate import evaluate
@@ -135,8 +187,7 @@ def eval_(model: str = typer.Argument(..., help="exported folder, HF folder or H
 
 
 @app.command()
-def bench(model: Optional[str] = typer.Option(None, "-m", "--model",
-                                            help="exported folder, HF folder or Hub id [default: bundled]"),
+def bench(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
           prompt_tokens: int = typer.Option(32, "--prompt", help="prompt length in tokens (random ids)"),
           new_tokens: int = typer.Option(64, "--new", help="tokens generated per run (eos ignored)"),
           batch: int = typer.Option(1, help="sequences generated together"),
@@ -144,9 +195,9 @@ def bench(model: Optional[str] = typer.Option(None, "-m", "--model",
           dtype: str = typer.Option("float32", help="float32 | float16 (float16 is for CUDA)"),
           quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only"),
           provider: str = typer.Option("auto", help="auto | cpu | cuda"),
-          threads: Optional[int] = typer.Option(None, help="CPU threads"),
+          threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)"),
           as_json: bool = typer.Option(False, "--json", help="print one JSON object instead of a table")):
-    """Time greedy generation of MODEL alone (python -m benchmarks compares it with other runtimes)."""
+    """Time greedy generation of one model (python -m benchmarks compares it with other runtimes)."""
     import json
     import statistics
     import time
@@ -168,7 +219,7 @@ def bench(model: Optional[str] = typer.Option(None, "-m", "--model",
                 ttfts.append(rows[0].time_to_first_token)
                 rates.append(sum(r.decode_tokens_per_s for r in rows))
     except ValueError as e:
-        _fail(e)
+        _fail(ValueError(str(e).replace("prompt of", "--prompt of").replace("max_new_tokens", "--new")))
     res = {"model": model or "bundled", "provider": engine.provider, "batch": batch, "prompt_tokens": prompt_tokens,
            "new_tokens": new_tokens, "runs": runs, "ttft_ms": 1e3 * statistics.median(ttfts),
            "decode_tok_s": statistics.median(rates), "end_to_end_tok_s": batch * new_tokens / statistics.median(walls)}
@@ -183,17 +234,18 @@ def bench(model: Optional[str] = typer.Option(None, "-m", "--model",
 
 
 @app.command()
-def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help="exported folder, HF folder or Hub id "
-                                              "[default: bundled]"),
+def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
           host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
           port: int = typer.Option(8000, help="TCP port"),
           api_key: Optional[str] = typer.Option(None, envvar="GPT2_ONNX_API_KEY",
                                                 help="require Authorization: Bearer KEY on /v1/*"),
-          max_batch: int = typer.Option(16, help="sequences decoded together (KV slots)"),
+          served_model_name: Optional[str] = typer.Option(None, help="model id clients send (default: the "
+                                                                     "model's name, e.g. tiny-shakespeare or gpt2)"),
+          max_batch: int = typer.Option(16, help="sequences decoded together (KV rows)"),
           max_queue: int = typer.Option(256, help="waiting sequences before 429"),
           prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
           provider: str = typer.Option("auto", help="auto | cpu | cuda"),
-          threads: Optional[int] = typer.Option(None, help="CPU threads")):
+          threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)")):
     """Serve an OpenAI-compatible /v1/completions API with continuous batching."""
     try:
         from engine.server import create_app, serve as run_server
@@ -201,14 +253,38 @@ def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help="expor
         _fail(ValueError(f"the server needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
     try:
         engine = _load(model, provider, threads)
+        app_ = create_app(engine, model_id=served_model_name, api_key=api_key, max_batch=max_batch,
+                          max_queue=max_queue, prefix_cache_mb=prefix_cache_mb)
     except ValueError as e:
-        _fail(e)
+        _fail(ValueError(str(e).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
+                         .replace("prefix_cache_mb", "--prefix-cache-mb").replace("api_key", "--api-key")))
+    err.print(f"serving {escape(app_.state.model_id)} on http://{host}:{port}/v1")
+    run_server(app_, host=host, port=port)
+
+
+@cache_app.command("list")
+def cache_list():
+    """Exports in the cache (GPT2_ONNX_CACHE): name, size, source."""
+    from engine.config import cache_root
+    from engine.resolve import cache_entries
+
+    entries = cache_entries()
+    print(f"{cache_root()}: {len(entries)} export(s), {sum(e['bytes'] for e in entries) / 1e6:.1f} MB")
+    for e in entries:
+        q = f" {e['quantization']}" if e["quantization"] else ""
+        print(f"{e['name']:48} {e['bytes'] / 1e6:9.1f} MB  {e['dtype']}{q}  {e['source']}")
+
+
+@cache_app.command("clear")
+def cache_clear(name: Optional[str] = typer.Argument(None, help="one export (see cache list); default: all")):
+    """Delete exports from the cache (they are made again when next needed)."""
+    from engine.resolve import clear_cache
+
     try:
-        app = create_app(engine, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
-                         prefix_cache_mb=prefix_cache_mb)
+        gone = clear_cache(name)
     except ValueError as e:
         _fail(e)
-    run_server(app, host=host, port=port)
+    print(f"deleted {len(gone)} export(s)" + "".join(f"\n  {g}" for g in gone))
 
 
 def main() -> None:  # console-script entry point

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,14 @@ COPY_LENGTH = "length"  # (1,) int64: positions to copy
 COPY_PADS = "pads"  # (8,) int64: ONNX Pad pads that grow the copied positions to the destination length
 
 
+def cache_root() -> Path:
+    """Where exports of checkpoints are kept: $GPT2_ONNX_CACHE, else $XDG_CACHE_HOME/gpt2-onnx,
+    else ~/.cache/gpt2-onnx."""
+    if os.environ.get("GPT2_ONNX_CACHE"):
+        return Path(os.environ["GPT2_ONNX_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-onnx"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """GPT-2 dimensions and export facts, written by export as manifest.json beside model.onnx."""
@@ -49,6 +58,7 @@ class ModelConfig:
     dtype: str = "float32"  # activations / KV cache dtype: float32 | float16
     quantization: str | None = None  # None | int8 | int4 (weight-only MatMulNBits)
     source: str = ""  # checkpoint the model was exported from
+    name: str = ""  # the model's name: a Hub id as given, else the checkpoint folder's name (the served model id)
     exporter_version: str = ""
     format_version: int = FORMAT_VERSION
     onnx_bytes: int = 0  # size of model.onnx, to detect truncated copies

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from engine import config as C
 from engine.core import GenerationOptions, Prefix, Sequence as Seq, Step
 from engine.generator import Generator
 from engine.model import Model
+from engine.resolve import resolve
 from engine.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -35,6 +36,17 @@ class GenerationResult:
     decode_tokens_per_s: float  # tokens after the first / time after the first
     logprobs: list[float] | None = None  # per new token, when logprobs=True
 
+    @classmethod
+    def from_steps(cls, steps: list[Step], prompt_tokens: int) -> "GenerationResult":
+        """The result of one sequence from its Steps (as generate and the CLI's --stream --stats see them)."""
+        tokens = [s for s in steps if s.token_id >= 0]
+        ttft = tokens[0].time if tokens else 0.0
+        span = tokens[-1].time - tokens[0].time if tokens else 0.0
+        return cls(text="".join(s.text for s in steps), token_ids=[s.token_id for s in tokens],
+                   prompt_tokens=prompt_tokens, finish_reason=steps[-1].finish_reason if steps else "length",
+                   time_to_first_token=ttft, decode_tokens_per_s=(len(tokens) - 1) / span if span > 0 else 0.0,
+                   logprobs=[s.logprob for s in tokens] if tokens and tokens[0].logprob is not None else None)
+
 
 class Engine:
     """An exported GPT-2 folder loaded for generation. Create with `Engine.load(path)`."""
@@ -43,15 +55,15 @@ class Engine:
         self.folder, self.config, self.model, self.tokenizer = folder, cfg, model, tokenizer
 
     @classmethod
-    def load(cls, path: str | Path, *, provider: str = "auto", threads: int | None = None,
-             cuda_graph: bool = False) -> "Engine":
-        """Load an exported folder (manifest.json, model.onnx, kv_copy.onnx, tokenizer.json); validates them.
+    def load(cls, model: str | Path | None = None, *, provider: str = "auto", threads: int | None = None,
+             cuda_graph: bool = False, dtype: str = "float32", quantize: str | None = None,
+             progress: Callable[[str], None] | None = None) -> "Engine":
+        """Load a model: None (the bundled one), an exported folder, a Hugging Face folder or a Hub id.
 
-        cuda_graph=True (CUDA only) replays decode steps as captured CUDA graphs.
+        Checkpoints are exported once (dtype float32 | float16, quantize None | int8 | int4) into the
+        export cache and reused. cuda_graph=True (CUDA only) replays decode steps as captured graphs.
         """
-        folder = Path(path)
-        if not folder.is_dir():
-            raise ValueError(f"{folder} is not a folder; pass a folder written by gpt2-onnx export")
+        folder = resolve(model, dtype=dtype, quantize=quantize, progress=progress)
         cfg = C.ModelConfig.load(folder)
         model = Model(folder, cfg, provider=provider, threads=threads, cuda_graph=cuda_graph)
         return cls(folder, cfg, model, Tokenizer(folder / C.TOKENIZER_NAME))
@@ -155,15 +167,5 @@ class Engine:
     def _collect(self, gen: Generator) -> list[GenerationResult]:
         steps: dict[int, list[Step]] = {s.row: [] for s in gen.sequences}
         for s in self._drain(gen):
-            if s.index >= 0 and s.token_id >= 0:
-                steps[s.row].append(s)
-        out = []
-        for seq in gen.sequences:
-            ss = steps[seq.row]
-            ttft = ss[0].time if ss else 0.0
-            rate = (len(ss) - 1) / (ss[-1].time - ss[0].time) if len(ss) > 1 and ss[-1].time > ss[0].time else 0.0
-            out.append(GenerationResult(
-                text="".join(s.text for s in ss), token_ids=list(seq.tokens), prompt_tokens=len(seq.context),
-                finish_reason=seq.finish_reason or "length", time_to_first_token=ttft, decode_tokens_per_s=rate,
-                logprobs=list(seq.logprobs) if seq.options.logprobs else None))
-        return out
+            steps[s.row].append(s)
+        return [GenerationResult.from_steps(steps[q.row], len(q.context)) for q in gen.sequences]

@@ -19,6 +19,7 @@ class Checkpoint:
     folder: Path
     source: str
     config: dict
+    name: str  # a Hub id as given, else the folder's name
     weights: dict[str, np.ndarray] = field(repr=False)
 
 
@@ -106,4 +107,5 @@ def load(model: str) -> Checkpoint:
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # causal-mask buffers of old checkpoints, not weights
         weights[name] = np.ascontiguousarray(v, dtype=np.float32)
-    return Checkpoint(folder=folder, source=source, config=cfg, weights=weights)
+    name = model if not Path(model).expanduser().is_dir() else folder.name
+    return Checkpoint(folder=folder, source=source, config=cfg, name=name, weights=weights)

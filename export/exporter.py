@@ -15,7 +15,7 @@ from engine import config as C
 from export import checkpoint
 from export.graph import build, build_kv_copy
 
-EXPORTER_VERSION = "0.2.0"  # part of the export cache key: bump when exports change
+EXPORTER_VERSION = "0.2.1"  # part of the export cache key: bump when exports change
 TWO_GB = 2**31 - 1
 DATA_NAME = "model.onnx.data"
 
@@ -31,7 +31,7 @@ def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | Non
     cfg = C.ModelConfig(
         n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=hf.get("n_positions", 1024), vocab_size=vocab,
         eos_token_id=eos if isinstance(eos, int) else eos[0], bos_token_id=bos if isinstance(bos, int) else bos[0],
-        dtype=dtype, quantization=quantization, source=ck.source, exporter_version=EXPORTER_VERSION,
+        dtype=dtype, quantization=quantization, source=ck.source, name=ck.name, exporter_version=EXPORTER_VERSION,
     )
     cfg.validate(f"{ck.folder / 'config.json'}")
     if hf.get("n_inner") not in (None, 4 * n_embd):

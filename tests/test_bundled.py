@@ -79,9 +79,9 @@ def test_cli_default_model_offline_end_to_end(bundled, tmp_path):
     r = _cli("generate", "ROMEO:", "-n", "30", cache=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "ROMEO:" + eng.generate("ROMEO:", max_new_tokens=30).text + "\n"
-    r2 = _cli("eval", str(BUNDLED), SAMPLE, cache=tmp_path)
+    r2 = _cli("eval", SAMPLE, cache=tmp_path)
     assert r2.returncode == 0, r2.stderr
     line = next(x for x in r2.stdout.splitlines() if x.startswith("nats/token"))
     assert abs(float(line.split()[1]) - evaluate(eng, SAMPLE.read_text()).nats_per_token) < 1e-3
-    r3 = _cli("eval", str(BUNDLED), tmp_path / "missing.txt", cache=tmp_path)
+    r3 = _cli("eval", tmp_path / "missing.txt", "-m", str(BUNDLED), cache=tmp_path)
     assert r3.returncode == 2 and "cannot read" in r3.stderr

@@ -42,11 +42,49 @@ def test_generate_from_checkpoint_exports_once_into_cache(tiny, tmp_path):
     assert (exports[0] / "model.onnx").stat().st_mtime_ns == mtime  # reused, not re-exported
 
 
-def test_stream_prints_same_text(tiny):
+def test_stream_prints_same_text_and_stats(tiny):
     _, engine, _, onnx_dir = tiny
-    r = cli("generate", "-m", onnx_dir, "to be", "-n", "10", "--stream")
+    plain = cli("generate", "-m", onnx_dir, "to be", "-n", "10")
+    r = cli("generate", "-m", onnx_dir, "to be", "-n", "10", "--stream", "--stats")
     assert r.returncode == 0, r.stderr
+    assert r.stdout == plain.stdout == "to be" + engine.generate("to be", max_new_tokens=10).text + "\n"
+    assert "sample 0: 10 tokens, finish=length" in r.stderr and "tok/s" in r.stderr
+    r = cli("generate", "-m", onnx_dir, "to be", "-n", "10", "--no-stream", "--no-echo")
     assert r.stdout == engine.generate("to be", max_new_tokens=10).text + "\n"
+
+
+def test_several_streamed_samples_are_shown_one_after_another(tiny):
+    _, engine, _, onnx_dir = tiny
+    args = ["generate", "-m", onnx_dir, "the quick", "-n", "12", "--samples", "3", "--temperature", "1", "--seed", "2"]
+    streamed, plain = cli(*args, "--stream"), cli(*args)
+    assert streamed.returncode == 0, streamed.stderr
+    want = engine.generate_batch(["the quick"], n=3, max_new_tokens=12, temperature=1.0, seed=2)
+    expected = "".join(f"{'' if i == 0 else chr(10)}--- sample {i} ---\nthe quick{w.text}\n" for i, w in enumerate(want))
+    assert streamed.stdout == plain.stdout == expected
+
+
+def test_version_eval_default_model_and_cache_commands(tiny, tmp_path):
+    from engine import __version__
+
+    _, _, ck, _ = tiny
+    assert cli("--version").stdout == f"gpt2-onnx {__version__}\n"
+    env = {"GPT2_ONNX_CACHE": str(tmp_path / "cache")}
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 8)
+    r = cli("eval", text, "-m", ck, env_extra=env)
+    assert r.returncode == 0 and "nats/token" in r.stdout, r.stderr
+    listed = cli("cache", "list", env_extra=env)
+    assert listed.returncode == 0 and "1 export(s)" in listed.stdout and str(ck) in listed.stdout
+    name = listed.stdout.splitlines()[1].split()[0]
+    assert cli("cache", "clear", "nope", env_extra=env).returncode == 2
+    r = cli("cache", "clear", name, env_extra=env)
+    assert r.returncode == 0 and name in r.stdout and not (tmp_path / "cache" / name).exists()
+
+
+def test_text_in_brackets_survives_help_and_errors(tiny, tmp_path):
+    r = cli("generate", "-m", tmp_path / "[models]" / "x", "hi")
+    assert r.returncode == 2 and "[models]" in r.stderr
+    assert "[default: 64]" in cli("generate", "--help").stdout
 
 
 def test_prompt_from_stdin(tiny):
@@ -57,9 +95,13 @@ def test_prompt_from_stdin(tiny):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "-m", "{onnx}", "x", "-n", "100000"], "exceeds the model's context"),
+    (["generate", "-m", "{onnx}", "x", "-n", "100000"], "--max-new-tokens 100000 = 100001 exceeds the model's"),
+    (["generate", "-m", "{onnx}", "x", "--top-k", "-1"], "--top-k must be an integer >= 0"),
+    (["generate", "-m", "{onnx}", "x", "--samples", "0"], "--samples must be an integer >= 1"),
     (["generate", "-m", "{missing}", "x"], "no such folder"),
-    (["info", "{missing}"], "is not a folder"),
+    (["info", "{missing}"], "no such folder"),
+    (["serve", "-m", "{onnx}", "--max-batch", "0"], "--max-batch must be >= 1"),
+    (["serve", "-m", "{onnx}", "--api-key", ""], "--api-key is empty"),
     (["generate", "-m", "{onnx}", "x", "--provider", "cuda"], "provider 'cuda' asked for"),
 ])
 def test_errors_are_one_clear_line(tiny, tmp_path, args, message):
@@ -85,7 +127,7 @@ def test_bench_reports_medians_as_json(tiny):
 
 @pytest.mark.parametrize("args, message", [
     (["--runs", "0"], "--runs must be >= 1, got 0"),
-    (["--prompt", "120", "--new", "10"], "exceeds the model's context of n_positions 128"),
+    (["--prompt", "120", "--new", "10"], "--new 10 = 130 exceeds the model's context of n_positions 128"),
 ])
 def test_bench_bad_options_exit_2_with_a_message(tiny, args, message):
     _, _, _, onnx_dir = tiny

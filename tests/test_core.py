@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -75,10 +76,7 @@ def test_server_equals_generate_batch(served):
                 with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
                     texts, reasons = ["" for _ in want], [None for _ in want]
                     for line in r.iter_lines():
-                        if line.startswith("data: {") and '"choices": [{' in line:
-                            import json
-
-                            c = json.loads(line[6:])["choices"][0]
+                        for c in json.loads(line[6:])["choices"] if line.startswith("data: {") else []:
                             texts[c["index"]] += c["text"]
                             reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
                 got = list(zip(texts, reasons))

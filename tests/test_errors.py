@@ -114,7 +114,7 @@ def test_manifest_not_json(export_copy):
 
 
 def test_not_a_folder(tmp_path):
-    with pytest.raises(ValueError, match="is not a folder"):
+    with pytest.raises(ValueError, match="no such folder"):
         Engine.load(tmp_path / "nope")
 
 

@@ -1,0 +1,78 @@
+"""The runtime's one way to the exporter: a model spec -> an exported folder, exported once into the cache.
+
+A spec is None (the bundled model), an exported folder (used as is), a Hugging Face checkpoint
+folder or a Hub id (`gpt2`, `distilgpt2`, ...). The exporter (onnx, safetensors, huggingface_hub)
+is imported only when something must be exported, so loading an exported or cached model imports
+numpy, onnxruntime and tokenizers alone.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from engine import config as C
+
+Progress = Callable[[str], None]
+
+
+def bundled() -> Path:
+    """The Tiny Shakespeare checkpoint shipped with the package."""
+    from models import BUNDLED
+
+    return BUNDLED
+
+
+def resolve(model: str | Path | None = None, *, dtype: str = "float32", quantize: str | None = None,
+            progress: Progress | None = None) -> Path:
+    """An exported folder for `model`; checkpoints are exported once into cache_root() and reused."""
+    spec = str(bundled() if model is None else model)
+    path = Path(spec).expanduser()
+    if (path / C.MANIFEST_NAME).is_file():
+        if dtype != "float32" or quantize:
+            raise ValueError(f"{path} is already exported; dtype and quantize apply to checkpoints "
+                             "(pass the Hugging Face folder or Hub id instead)")
+        return path
+    if (path / C.MODEL_NAME).is_file():  # an exported folder that lost its manifest: no checkpoint to export
+        C.ModelConfig.load(path)  # raises ValueError naming manifest.json
+    from export.cache import resolve_model  # the exporter, only now
+
+    return resolve_model(spec, dtype=dtype, quantize=quantize, progress=progress)
+
+
+def export(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
+           progress: Progress | None = None) -> Path:
+    """Export a checkpoint (Hugging Face folder or Hub id) into the folder `out`."""
+    from export import export_model  # the exporter, only now
+
+    return export_model(model, out, dtype=dtype, quantize=quantize, progress=progress)
+
+
+def cache_entries() -> list[dict]:
+    """The exports in the cache: name, folder, bytes, and the manifest's source, dtype and quantization."""
+    root, out = C.cache_root(), []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.name.startswith(".") or not (folder / C.MANIFEST_NAME).is_file():
+            continue  # temporary folders of exports under way, and anything that is not an export
+        try:
+            m = json.loads((folder / C.MANIFEST_NAME).read_text())
+        except (OSError, ValueError):
+            m = {}
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        out.append({"name": folder.name, "folder": str(folder), "bytes": size, "source": m.get("source", "?"),
+                    "dtype": m.get("dtype", "?"), "quantization": m.get("quantization")})
+    return out
+
+
+def clear_cache(name: str | None = None) -> list[str]:
+    """Delete every export in the cache, or the one called `name`; returns the names deleted."""
+    entries = cache_entries()
+    if name is not None:
+        entries = [e for e in entries if e["name"] == name]
+        if not entries:
+            raise ValueError(f"no export named {name!r} in {C.cache_root()}; see gpt2-onnx cache list")
+    for e in entries:
+        shutil.rmtree(e["folder"])
+    return [e["name"] for e in entries]

@@ -1,0 +1,323 @@
+"""The routes: POST /v1/completions (SSE streaming), GET /v1/models, /health, /metrics.
+
+Requests become Sequences of the one generation core (engine/core.py), stepped by one background
+thread (`Worker`): continuous batching on a KV pool on the session's device, with an automatic
+prefix cache. The routes validate with the request models, call the engine's own API
+(`Engine.sequences`), and report what the engine says (finish reasons, failures).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from engine.core import Core, Sequence, Step
+from engine.engine import Engine
+from engine.server.metrics import Metrics
+from engine.server.protocol import (FINISH, CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
+                                    ModelCard, ModelList, Usage)
+
+MAX_BODY = 1 << 20  # 1 MiB
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": None}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit; retry later."""
+
+
+class Worker:
+    """Steps one Core in a background thread while it has work; submit() and cancel() from any thread."""
+
+    def __init__(self, core: Core, *, max_queue: int):
+        self.core, self.max_queue = core, max_queue
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="gpt2-onnx-core", daemon=True)
+        self.thread.start()
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queue sequences; QueueFull when max_queue sequences already wait (or the server is stopping)."""
+        with self.cond:
+            if self.stopping:
+                raise QueueFull("server is shutting down")
+            if len(self.core.waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(f"{len(self.core.waiting)} sequences are already waiting")
+            self.core.submit(seqs)
+            self.cond.notify()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        self.core.cancel(seqs)
+        with self.cond:
+            self.cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.core.busy and not self.stopping:
+                    self.cond.wait()
+                if self.stopping and not self.core.busy:
+                    return
+            try:
+                self.core.step()
+            except Exception as e:  # a bug in the step itself: fail what is in flight, keep serving
+                with self.core.lock:
+                    stuck = [*self.core.running, *self.core.waiting]
+                    self.core.waiting.clear()
+                for s in stuck:
+                    if not s.done:
+                        self.core._fail(s, e, [])
+                self.core._release()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop admitting; let in-flight sequences finish for up to `timeout` seconds, then cancel the rest."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout)
+        self.cancel([*self.core.running, *self.core.waiting])
+        self.thread.join(5)
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """The first problem of a request body, naming its field."""
+    errors = exc.errors()
+    e = errors[0]
+    loc = [x for x in e.get("loc", ()) if x != "body"]
+    param = str(loc[0]) if loc and isinstance(loc[0], str) else None
+    kind, msg = e.get("type", ""), str(e.get("msg", "")).removeprefix("Value error, ")
+    if kind == "json_invalid":
+        where = f" at position {loc[0]}" if loc else ""
+        return ApiError(400, f"request body is not valid JSON: {e.get('ctx', {}).get('error', msg)}{where}")
+    if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return ApiError(400, "the request body must be a JSON object")
+    if kind == "extra_forbidden":
+        known = sorted(CompletionRequest.model_fields)
+        return ApiError(400, f"unknown field {param!r}; supported: {known}", param)
+    if kind == "missing":
+        return ApiError(400, f"{param} is required", param)
+    if param == "prompt" and kind != "value_error":
+        return ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of those",
+                        param)
+    got = f", got {e['input']!r}" if kind != "value_error" and "input" in e and len(repr(e["input"])) < 80 else ""
+    return ApiError(400, f"{param}: {msg}{got}" if param and kind != "value_error" else msg, param)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body is read, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 16,
+               max_queue: int = 256, shutdown_timeout: float = 10.0, prefix_cache_mb: float = 512) -> FastAPI:
+    """The FastAPI app serving `engine` with continuous batching and an automatic prefix cache.
+
+    model_id defaults to the model's name from its manifest (a Hub id as given, a folder's name).
+    """
+    for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+                             ("prefix_cache_mb", prefix_cache_mb, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    if api_key == "":
+        raise ValueError("api_key is empty: pass a non-empty key, or none to serve without authentication")
+    model_id = model_id or engine.config.name or engine.folder.name
+    core = Core(engine.model, slots=max_batch, max_length=engine.config.n_positions,
+                prefix_cache_bytes=int(prefix_cache_mb * 2**20))
+    worker = Worker(core, max_queue=max_queue)
+    metrics = Metrics(core)
+    created = int(time.time())
+
+    async def lifespan(app):
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, worker.shutdown, shutdown_timeout)
+
+    app = FastAPI(title="gpt2-onnx", version=_version(), lifespan=lifespan, max_body_size=MAX_BODY,
+                  responses={400: {"model": ErrorResponse}})
+    app.state.core, app.state.worker, app.state.metrics, app.state.model_id = core, worker, metrics, model_id
+
+    def answer(e: ApiError) -> JSONResponse:
+        metrics.requests.labels(str(e.status)).inc()
+        return e.response()
+
+    app.add_exception_handler(ApiError, lambda request, e: answer(e))
+    app.add_exception_handler(RequestValidationError, lambda request, e: answer(_validation_error(e)))
+    app.add_exception_handler(HTTPException, lambda request, e: answer(ApiError(
+        e.status_code, f"request body of more than {MAX_BODY} bytes" if e.status_code == 413 else
+        "request body is not valid UTF-8 JSON" if e.status_code == 400 else str(e.detail))))
+
+    async def authorized(request: Request) -> None:
+        if api_key and not secrets.compare_digest(request.headers.get("authorization", "").encode(),
+                                                  f"Bearer {api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, "active": len(core.running), "queue_depth": len(core.waiting)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)], response_model=ModelList)
+    async def list_models():
+        return ModelList(data=[ModelCard(id=model_id, created=created)])
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)], response_model=CompletionResponse,
+              responses={200: {"content": {"text/event-stream": {}},
+                               "description": "the completion, or with stream: true server-sent events"}})
+    async def completions(body: CompletionRequest, request: Request):
+        t0 = time.perf_counter()
+        if body.model not in (None, model_id):
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}",
+                           "model", "model_not_found")
+        try:
+            options = body.to_options()
+        except ValueError as e:
+            raise ApiError(400, str(e), str(e).split()[0] if str(e).split()[0] in CompletionRequest.model_fields
+                           else None) from e
+        ids = []
+        for p in body.prompts():
+            try:
+                ids.append(engine.encode(p))
+            except ValueError as e:
+                raise ApiError(400, str(e), "prompt") from e
+        n_pos = engine.config.n_positions
+        for x in ids:
+            if len(x) + options.max_new_tokens > n_pos:
+                raise ApiError(400, f"prompt of {len(x)} tokens + max_tokens {options.max_new_tokens} exceeds the "
+                                    f"model's context of n_positions {n_pos}; shorten the prompt or lower max_tokens",
+                               "max_tokens" if len(x) < n_pos else "prompt")
+        seqs = engine.sequences(ids, options)
+        stream = bool(body.stream)
+        rid = f"cmpl-{secrets.token_hex(12)}"
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Step] = asyncio.Queue()
+        texts = ["" for _ in seqs]
+
+        def on_step(step: Step) -> None:  # runs in the core's thread
+            if not stream:
+                texts[step.row] += step.text
+            if stream or step.finish_reason:
+                loop.call_soon_threadsafe(events.put_nowait, step)
+
+        for s in seqs:
+            s.on_step = on_step
+        pending = {s.row for s in seqs}
+        try:
+            worker.submit(seqs)
+        except QueueFull as e:
+            raise ApiError(429, f"server busy: {e}", kind="rate_limit_error", headers={"Retry-After": "1"}) from e
+        metrics.prompt_tokens.inc(sum(len(s.context) for s in seqs))
+
+        def finish(status: str) -> None:
+            worker.cancel(seqs)
+            metrics.requests.labels(status).inc()
+            metrics.completion_tokens.inc(sum(len(s.tokens) for s in seqs))
+            metrics.duration.observe(time.perf_counter() - t0)
+            firsts = [s.t_first - s.t_submit for s in seqs if s.t_first]
+            if firsts:
+                metrics.ttft.observe(min(firsts))
+
+        def usage() -> Usage:
+            prompt, done = sum(len(s.context) for s in seqs), sum(len(s.tokens) for s in seqs)
+            return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
+
+        def response(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
+            return CompletionResponse(id=rid, created=int(time.time()), model=model_id, choices=choices, usage=usage)
+
+        def failure(step: Step) -> ApiError:
+            if step.error is None:  # cancelled by the server itself: it is shutting down
+                return ApiError(503, "the server is shutting down; retry", kind="server_error",
+                                headers={"Retry-After": "1"})
+            return ApiError(500, f"generation failed: {type(step.error).__name__}: {step.error}", kind="server_error")
+
+        if stream:
+            async def sse():
+                status = "499"  # unless it ends below: the client went away
+                try:
+                    while pending:
+                        step = await events.get()
+                        if step.error is not None or step.finish_reason == "cancelled":
+                            e = failure(step)
+                            status = str(e.status)
+                            yield "data: " + json.dumps({"error": {"message": e.message, "type": e.kind}}) + "\n\n"
+                            return
+                        if step.finish_reason:
+                            pending.discard(step.row)
+                        choice = CompletionChoice(text=step.text, index=step.row,
+                                                  finish_reason=FINISH.get(step.finish_reason))
+                        yield f"data: {response([choice]).model_dump_json()}\n\n"
+                    yield f"data: {response([], usage()).model_dump_json()}\n\n"
+                    yield "data: [DONE]\n\n"
+                    status = "200"
+                finally:
+                    finish(status)  # also runs when the client disconnects: frees the rows
+
+            return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+        reasons: dict[int, str] = {}
+
+        async def collect() -> Step | None:
+            while pending:
+                step = await events.get()
+                if step.error is not None or step.finish_reason == "cancelled":
+                    return step
+                reasons[step.row] = FINISH[step.finish_reason]
+                pending.discard(step.row)
+            return None
+
+        gone, result = asyncio.create_task(_disconnected(request)), asyncio.create_task(collect())
+        try:
+            await asyncio.wait({gone, result}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            finish("499")
+            raise
+        finally:
+            gone.cancel()
+        if not result.done():  # the client hung up: stop its sequences now
+            result.cancel()
+            finish("499")
+            return Response(status_code=499)
+        failed = result.result()
+        if failed is not None:
+            e = failure(failed)
+            finish(str(e.status))
+            return e.response()
+        finish("200")
+        return response([CompletionChoice(text=texts[s.row], index=s.row, finish_reason=reasons[s.row]) for s in seqs],
+                        usage())
+
+    return app
+
+
+def _version() -> str:
+    from engine import __version__
+
+    return __version__
+
+
+def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run an app from create_app until interrupted (graceful: in-flight requests finish or are cancelled)."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)

@@ -1,0 +1,168 @@
+"""Request and response models of the OpenAI-compatible API (pydantic; FastAPI publishes them as OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.core import GenerationOptions
+
+MAX_PROMPTS = 64
+MAX_STOPS = 4
+
+
+def _unsupported(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported by this server")
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions: OpenAI's completions request; `to_options()` gives the engine's options."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = Field(None, description="the served model id (GET /v1/models); omitted = the one served")
+    prompt: str | list[int] | list[str | list[int]] = Field(
+        description="text, token ids, or a list of either (at most 64 prompts)")
+    max_tokens: int | None = Field(16, ge=0, description="new tokens at most; prompt + max_tokens <= n_positions")
+    temperature: float | None = Field(1.0, ge=0, le=2, description="0 (or < 1e-5) = greedy")
+    top_p: float | None = Field(1.0, gt=0, le=1)
+    top_k: int | None = Field(0, ge=0, description="0 = off")
+    repetition_penalty: float | None = Field(1.0, gt=0, le=100, description="1 = off")
+    n: int | None = Field(1, ge=1, le=16, description="samples per prompt")
+    stop: str | list[str] | None = Field(None, description="up to 4 stop strings (not returned)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1,
+                             description="choice k of a request draws from numpy's default_rng([seed, k])")
+    stream: bool | None = False
+    stream_options: dict | None = None
+    user: str | None = None
+    echo: bool | None = Field(False, description="only false is supported")
+    logprobs: int | None = Field(None, description="only null is supported")
+    presence_penalty: float | None = Field(0.0, description="only 0 is supported")
+    frequency_penalty: float | None = Field(0.0, description="only 0 is supported")
+    best_of: int | None = Field(None, description="only 1 is supported")
+    suffix: str | None = Field(None, description="not supported")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be an empty list")
+            if isinstance(v[0], (str, list)) and len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
+        for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt is not valid Unicode text ({e.reason} at character {e.start})") from None
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, list) and len(v) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(v)}")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _echo(cls, v):
+        _unsupported("echo", v, (None, False))
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v):
+        _unsupported("logprobs", v, (None,))
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _penalty(cls, v, info):
+        _unsupported(info.field_name, v, (None, 0, 0.0))
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, v):
+        _unsupported("best_of", v, (None, 1))
+        return v
+
+    @field_validator("suffix", "logit_bias")
+    @classmethod
+    def _absent(cls, v, info):
+        _unsupported(info.field_name, v, (None, {}))
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list (a list of ids is one prompt)."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+
+    def to_options(self) -> GenerationOptions:
+        """The engine's GenerationOptions for this request (None means the API default)."""
+        def pick(v, default):
+            return default if v is None else v
+
+        return GenerationOptions(max_new_tokens=pick(self.max_tokens, 16), temperature=pick(self.temperature, 1.0),
+                                 top_p=pick(self.top_p, 1.0), top_k=pick(self.top_k, 0),
+                                 repetition_penalty=pick(self.repetition_penalty, 1.0), n=pick(self.n, 1),
+                                 stop=self.stop, seed=self.seed)
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int = Field(description="prompt p, sample i: p * n + i")
+    logprobs: dict | None = None
+    finish_reason: FinishReason | None = Field(description="stop: a stop string or <|endoftext|>; length: max_tokens")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    """A completion, or (stream: true) one server-sent event of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "gpt2-onnx"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, in OpenAI's shape."""
+
+    error: ErrorBody
+
+
+FINISH: dict[str, FinishReason] = {"eos": "stop", "stop": "stop", "length": "length"}  # the engine's, in OpenAI's words
