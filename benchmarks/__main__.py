@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS, checkpoint, machine
+from benchmarks.common import add_out, checkpoint, machine
+from benchmarks.systems import SYSTEMS
 
 def run_system(name: str, ck: Path, ids, new_tokens: int, runs: int, threads: int) -> dict:
     """Time one system in a fresh process (runs 0: only build its artifacts, export or conversion)."""
@@ -90,7 +91,8 @@ def plot(cases: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--systems", default="ours,hf-torch")
+    ap.add_argument("--systems", default="ours,hf-torch",
+                    help="comma-separated, from: " + ", ".join(SYSTEMS) + " [default: ours,hf-torch]")
     ap.add_argument("--checkpoint", default=None, help="HF GPT-2 folder [default: random-init GPT2Config()]")
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
@@ -100,7 +102,11 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="also batch 1 at prompt 512 + 256 new, and batches 2, 4, 8 (systems that batch); plot")
     ap.add_argument("--name", default=None, help="results file stem")
+    add_out(ap)
     args = ap.parse_args()
+    unknown = [s for s in args.systems.split(",") if s not in SYSTEMS]
+    if unknown:
+        ap.error(f"--systems: unknown {', '.join(unknown)}; choose from {', '.join(SYSTEMS)}")
 
     ck = checkpoint(args.checkpoint)
     systems = args.systems.split(",")
@@ -121,13 +127,13 @@ def main() -> None:
             "cpus": m["cpus"], "checkpoint": str(ck), "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
             **{k: v for k, v in vars(args).items() if k != "checkpoint"}}
     stem = args.name or ("cpu-sweep" if args.sweep else f"cpu-b{args.batch}-p{args.prompt}-n{args.new}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "cases": cases}, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "cases": cases}, indent=2) + "\n")
     head = (f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs; {' '.join(m['flags'])}), {args.threads} threads, "
             f"median of {args.runs} runs, {meta['date']}. Decode tok/s counts all rows of a batch.\n\n")
-    (RESULTS / f"{stem}.md").write_text(head + "\n".join(md))
+    (args.out / f"{stem}.md").write_text(head + "\n".join(md))
     if args.sweep:
-        plot(cases, RESULTS / f"{stem}.png")
+        plot(cases, args.out / f"{stem}.png")
     print(head + "\n".join(md))
 
 

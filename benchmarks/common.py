@@ -34,21 +34,27 @@ def engine_parser(doc: str | None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="HF GPT-2 folder [default: random-init GPT2Config()]")
     ap.add_argument("--threads", type=int, default=2)
+    add_out(ap)
     return ap
 
 
 def load_engine(args: argparse.Namespace):
     """The CPU engine for args.checkpoint (exported once into the cache)."""
     from engine import Engine
-    from export.cache import resolve_model
 
-    return Engine.load(resolve_model(str(checkpoint(args.checkpoint))), provider="cpu", threads=args.threads)
+    return Engine.load(str(checkpoint(args.checkpoint)), provider="cpu", threads=args.threads)
 
 
-def save_json(stem: str, data: dict) -> None:
-    """Write benchmarks/results/<stem>.json and print the same JSON on one line."""
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
+def add_out(ap: argparse.ArgumentParser) -> None:
+    """--out: the folder results are written to."""
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the results [default: {RESULTS}]")
+
+
+def save_json(out: Path, stem: str, data: dict) -> None:
+    """Write <out>/<stem>.json (with the machine it ran on) and print the same JSON on one line."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = {**data, "machine": machine()}
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")
     print(json.dumps(data))
 
 

@@ -29,7 +29,7 @@ def main() -> None:
     after_warm = [m for i, m in samples if i > 100]
     growth = max(after_warm) - min(after_warm)
     out = {"tokens": args.tokens, "rss_mb_by_token": samples, "growth_after_100_tokens_mb": growth}
-    save_json("memory", out)
+    save_json(args.out, "memory", out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def main() -> None:
            "ttft_ms_recomputed": 1e3 * statistics.median(full[1:]),
            "ttft_ms_prefix_reused": 1e3 * statistics.median(reused[1:]), "identical_ids": same}
     out["speedup"] = out["ttft_ms_recomputed"] / out["ttft_ms_prefix_reused"]
-    save_json("prefix", out)
+    save_json(args.out, "prefix", out)
 
 
 if __name__ == "__main__":

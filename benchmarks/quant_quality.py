@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS
+from benchmarks.common import add_out, machine
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--file", required=True, help="the full corpus; its last 10%% is evaluated")
     ap.add_argument("--threads", type=int, default=2)
+    add_out(ap)
     args = ap.parse_args()
     from engine import Engine
     from engine.evaluate import evaluate
@@ -44,8 +45,8 @@ def main() -> None:
     for name, r in rows.items():
         r["loss_increase_pct"] = 100 * (r["nats_per_token"] / ref["nats_per_token"] - 1)
         r["top1_agreement_with_fp32"] = float(np.mean(top1[name] == top1["fp32"]))
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "quant_quality.json").write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "quant_quality.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
     lines = [f"`python -m benchmarks.quant_quality --file {args.file}`: bundled model, held-out last 10% "
              f"({ref['chars']} chars, {ref['tokens']} tokens)", "",
              "| export | nats/token | nats/char | perplexity | loss increase | top-1 agreement with fp32 | model.onnx MB |",
@@ -53,7 +54,7 @@ def main() -> None:
     for k, r in rows.items():
         lines.append(f"| {k} | {r['nats_per_token']:.4f} | {r['nats_per_char']:.4f} | {r['perplexity']:.2f} | "
                      f"{r['loss_increase_pct']:+.2f}% | {r['top1_agreement_with_fp32']:.4f} | {r['model_bytes'] / 1e6:.1f} |")
-    (RESULTS / "quant_quality.md").write_text("\n".join(lines) + "\n")
+    (args.out / "quant_quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import RESULTS, checkpoint, machine
+from benchmarks.common import add_out, checkpoint, machine
 
 HERE = Path(__file__).resolve().parents[1]
 
@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("--baseline", default=None, help="checkout of another commit to serve 'before' from")
     ap.add_argument("--prefix", action="store_true", help="also the shared-prefix TTFT benchmark")
     ap.add_argument("--name", default="server_load")
+    add_out(ap)
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     result = {"command": "python -m benchmarks.server_load " + " ".join(sys.argv[1:]), "machine": machine(),
@@ -191,9 +192,9 @@ def main() -> None:
             raise SystemExit(f"--models: unknown model {name!r} (bundled, 124m)")
     if args.prefix:
         result["shared_prefix"] = shared_prefix(args)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(markdown(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(result))
     print(markdown(result))
 
 

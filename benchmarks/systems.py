@@ -39,10 +39,9 @@ def measure(gen, ids, new_tokens: int, runs: int) -> dict:
 
 def ours(ck: Path, ids, new_tokens, runs, threads, options):
     from engine import Engine
-    from export.cache import resolve_model
 
-    folder = resolve_model(str(ck), quantize=options.get("quantize"))
-    eng = Engine.load(folder, provider="cpu", threads=threads)
+    eng = Engine.load(str(ck), provider="cpu", threads=threads, quantize=options.get("quantize"))
+    folder = eng.folder
 
     def gen(batch, n):
         return [r.token_ids for r in eng.generate_batch(batch, max_new_tokens=n, ignore_eos=True)]

@@ -24,7 +24,9 @@ from engine.sampling import SamplingParams, choose, log_softmax
 from engine.tokenizer import TextStream, Tokenizer
 
 DEFER_MIN = 32  # a sequence waits one step when an admitted one shares this many more tokens than the cache has
-MAX_PREFILL_TOKENS = 4096  # padded prompt tokens prefilled together in one step
+MAX_PREFILL_TOKENS = 4096  # prompt tokens (not counting cached ones) prefilled in one step
+PAD_WASTE = 1.5  # prompts are prefilled together while padding makes at most 1.5x their real tokens
+BLOCK = 16  # tokens per block of the prefix cache's index
 
 
 @dataclass(frozen=True)
@@ -197,52 +199,99 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return k if eq.all() else int(eq.argmin())
 
 
+def block_hashes(ids: Seq[int]) -> list[int]:
+    """Chained hashes of the full BLOCK-token blocks of ids: h[k] stands for ids[: (k + 1) * BLOCK]."""
+    out, h = [], 0
+    for k in range(len(ids) // BLOCK):
+        h = hash((h, tuple(ids[k * BLOCK : (k + 1) * BLOCK])))
+        out.append(h)
+    return out
+
+
 class PrefixCache:
     """KV of recent contexts, matched on token ids (longest common prefix), LRU within a byte budget.
 
-    Pinned prefixes (an explicit `prefix=` of a call) are matched too and never evicted.
+    Entries are indexed by the chained hashes of their BLOCK-token blocks, so matching walks the
+    query's blocks instead of every entry; of the entries sharing the deepest block, the 8 newest are
+    compared (any other there shares fewer than BLOCK more tokens). Contexts shorter than a block are
+    not kept.
+    Pinned prefixes (an explicit `prefix=` of a call) match at any length and are never evicted.
     """
 
     def __init__(self, model: Model, max_bytes: int = 0, pinned: Seq[Prefix] = ()):
         self.model, self.max_bytes = model, max_bytes
-        self.entries: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()
+        cfg = model.cfg
+        self.token_bytes = 2 * cfg.n_layer * cfg.n_head * cfg.kv_head_size * np.dtype(cfg.np_dtype).itemsize
+        self.entries: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()  # least recently used first
+        self.index: dict[int, dict[tuple[int, ...], None]] = {}  # block hash -> entries starting with those blocks
+        self.ends: dict[int, set[tuple[int, ...]]] = {}  # last full block's hash -> entries ending in that block
         self.pinned = list(pinned)
+        self.nbytes = 0  # kept up to date here, so another thread may read it at any time
         self.hits = self.misses = 0
         self.hit_tokens = 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(p.cache.nbytes for p in self.entries.values())
-
     def match(self, ids: np.ndarray) -> tuple[int, Prefix | None]:
-        """(tokens reusable, entry) for a context; at most len(ids) - 1, so one token is left to run."""
-        best, entry = 0, None
-        for p in [*self.pinned, *self.entries.values()]:
-            m = min(common_prefix(p.ids, ids), len(ids) - 1)
-            if m > best:
-                best, entry = m, p
-        if entry is not None and entry.token_ids in self.entries:
-            self.entries.move_to_end(entry.token_ids)
+        """(tokens reusable, entry) for a context. At most len(ids) - 1, so one token is left to run,
+        unless a pinned prefix is the whole context and knows its last logits."""
+        n, best, entry = len(ids), 0, None
+        for p in self.pinned:
+            m = common_prefix(p.ids, ids)
+            if m == len(p.ids) == n and p.last_logits is not None:
+                return n, p
+            if min(m, n - 1) > best:
+                best, entry = min(m, n - 1), p
+        for h in reversed(block_hashes(ids)):
+            bucket = self.index.get(h)
+            if bucket:
+                for key in list(bucket)[-8:]:  # the newest entries sharing the deepest block
+                    m = min(common_prefix(self.entries[key].ids, ids), n - 1)
+                    if m > best:
+                        best, entry = m, self.entries[key]
+                if entry is not None and entry.token_ids in self.entries:
+                    self.entries.move_to_end(entry.token_ids)
+                break
         return best, entry
 
     def insert(self, ids: list[int], pool: KVCache, row: int) -> None:
         """Keep the KV of a context that was just computed in `row` of pool (a copy on the device)."""
-        if not self.max_bytes:
+        key = tuple(ids)
+        if not self.max_bytes or len(ids) < BLOCK or len(ids) * self.token_bytes > self.max_bytes:
             return
-        arr = np.array(ids, np.int64)
-        for key, p in list(self.entries.items()):
-            if common_prefix(p.ids, arr) == len(arr):  # already covered by a longer or equal entry
-                self.entries.move_to_end(key)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        arr, hashes = np.array(ids, np.int64), block_hashes(ids)
+        for other in list(self.index.get(hashes[-1], {}))[-8:]:  # a longer entry covers it already
+            if common_prefix(self.entries[other].ids, arr) == len(ids):
+                self.entries.move_to_end(other)
                 return
-            if common_prefix(p.ids, arr) == len(p.ids):  # the new context extends an entry: replace it
-                del self.entries[key]
+        for h in hashes:  # entries that this context extends are replaced by it
+            for other in list(self.ends.get(h, ())):
+                if len(other) <= len(ids) and common_prefix(self.entries[other].ids, arr) == len(other):
+                    self._drop(other)
         cache = self.model.new_cache(1, len(ids))
-        if cache.nbytes > self.max_bytes:
-            return
         self.model.copy_kv(pool, row, cache, 0, len(ids))
-        self.entries[tuple(ids)] = Prefix(tuple(ids), cache)
+        entry = Prefix(key, cache)
+        self.entries[key] = entry
+        for h in hashes:
+            self.index.setdefault(h, {})[key] = None
+        self.ends.setdefault(hashes[-1], set()).add(key)
+        self.nbytes += cache.nbytes
         while self.nbytes > self.max_bytes:
-            self.entries.popitem(last=False)
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        entry = self.entries.pop(key)
+        hashes = block_hashes(key)
+        for h in hashes:
+            bucket = self.index[h]
+            del bucket[key]
+            if not bucket:
+                del self.index[h]
+        self.ends[hashes[-1]].discard(key)
+        if not self.ends[hashes[-1]]:
+            del self.ends[hashes[-1]]
+        self.nbytes -= entry.cache.nbytes
 
 
 class Core:
@@ -283,9 +332,18 @@ class Core:
             self.waiting.extend(seqs)
 
     def cancel(self, seqs: Seq[Sequence]) -> None:
-        """Stop these sequences; their rows are freed within one step."""
-        for s in seqs:
-            s.cancelled = True
+        """Stop these sequences: waiting ones leave the queue now, running ones free their rows within one step."""
+        with self.lock:
+            for s in seqs:
+                s.cancelled = True
+            gone = {id(s) for s in seqs}
+            if any(id(s) in gone for s in self.waiting):
+                kept = [s for s in self.waiting if id(s) not in gone]
+                for s in self.waiting:
+                    if id(s) in gone and not s.done:
+                        s.end("cancelled")
+                self.waiting.clear()
+                self.waiting.extend(kept)
 
     def step(self) -> list[Step]:
         """Admit waiting sequences (prefill), decode one token for the others, release finished rows."""
@@ -326,82 +384,98 @@ class Core:
             return
         self._emit(seq, step, events)
 
-    def _pop_waiting(self) -> tuple[list[Sequence], list[Sequence]]:
-        """(sequences for the free rows, cancelled ones), in order. A sequence waits a step when one taken
-        now shares a longer prefix with it than the cache has: it then reuses that prefix's KV."""
-        take, later, dropped = [], [], []
+    def _pop_waiting(self) -> list[tuple[Sequence, int, Prefix | None]]:
+        """(sequence, cached tokens, cache entry) for the free rows, in order, within the prefill budget.
+        A sequence waits a step when one taken now shares a longer prefix with it than the cache has:
+        it then reuses that prefix's KV."""
+        take, later = [], []
         free, budget = self.slots - len(self.running), MAX_PREFILL_TOKENS
         with self.lock:
             while self.waiting and len(take) < free:
                 s = self.waiting.popleft()
-                if s.cancelled:
-                    dropped.append(s)
-                    continue
                 ids = np.array(s.context, np.int64)
-                cached = self.prefixes.match(ids)[0] if take else 0
-                shared = max((min(common_prefix(np.array(t.context, np.int64), ids), len(ids) - 1) for t in take
-                              if t.context != s.context), default=0)
+                cached, entry = self.prefixes.match(ids)
+                shared = max((min(common_prefix(np.array(t.context, np.int64), ids), len(ids) - 1)
+                              for t, _, _ in take if t.context != s.context), default=0)
                 if self.prefixes.max_bytes and shared >= cached + DEFER_MIN:
                     later.append(s)
                     continue
-                if take and len(s.context) > budget:
+                if take and len(s.context) - cached > budget:
                     self.waiting.appendleft(s)
                     break
-                budget -= len(s.context)
-                take.append(s)
+                budget -= len(s.context) - cached
+                take.append((s, cached, entry))
             self.waiting.extendleft(reversed(later))
-        return take, dropped
+        return take
+
+    def _prefill(self, seqs: list[Sequence], start: int, copies: list, greedy: dict, logits: dict) -> None:
+        """Fresh prompts into rows start.. : ragged prefills of prompts of similar length (little padding)."""
+        seqs = sorted(seqs, key=lambda s: len(s.context))
+        groups, group = [], []
+        for s in seqs:
+            n = len(s.context)
+            if group and (len(group) + 1) * n > PAD_WASTE * (sum(len(t.context) for t in group) + n) + 64:
+                groups.append(group)
+                group = []
+            group.append(s)
+        groups.append(group)
+        for group in groups:
+            lens = np.array([len(s.context) for s in group])
+            ids = np.zeros((len(group), lens.max()), np.int64)  # right-padded (B, S)
+            for b, s in enumerate(group):
+                ids[b, : lens[b]] = s.context
+            want = [b for b, s in enumerate(group) if s.needs_logits or any(src is s and c.needs_logits
+                                                                             for c, src in copies)]
+            nxt, lg = self.model.run(self.pool, ids, lens, (lens - 1)[:, None], start=start, logits_rows=want)
+            for b, s in enumerate(group):
+                greedy[id(s)] = int(nxt[b, 0])
+            for k, b in enumerate(want):
+                logits[id(group[b])] = lg[k, 0]
+            start += len(group)
 
     def _admit(self, events: list[Step]) -> bool:
-        new, dropped = self._pop_waiting()
-        for s in dropped:
-            self._emit(s, s.end("cancelled"), events)
-        for s in new:
-            if s.options.max_new_tokens == 0:
+        new = []
+        for s, m, entry in self._pop_waiting():
+            if s.cancelled:
+                self._emit(s, s.end("cancelled"), events)
+            elif s.options.max_new_tokens == 0:
                 self._emit(s, s.end("length"), events)
-        new = [s for s in new if not s.done]
+            else:
+                new.append((s, m, entry))
         if not new:
             return False
-        # plan: fresh prompts in one ragged prefill, cache hits as chunks, repeats of a context as copies
+        # plan: fresh prompts in ragged prefills, cache hits as chunks, repeats of a context as copies
         fresh, hits, copies, first = [], [], [], {}
-        for s in new:
+        for s, m, entry in new:
             key = tuple(s.context)
             if key in first:
                 copies.append((s, first[key]))
                 continue
             first[key] = s
-            m, entry = self.prefixes.match(np.array(s.context, np.int64))
-            (hits if entry is not None else fresh).append((s, m, entry))
-        order = [s for s, _, _ in fresh] + [s for s, _, _ in hits] + [s for s, _ in copies]
+            if entry is None:
+                fresh.append(s)
+            else:
+                hits.append((s, m, entry))
+        fresh.sort(key=lambda s: len(s.context))  # rows in the order _prefill runs them
+        order = fresh + [s for s, _, _ in hits] + [s for s, _ in copies]
         base = len(self.running)
         self.running.extend(order)
         rows = {id(s): base + i for i, s in enumerate(order)}
         greedy: dict[int, int] = {}
         logits: dict[int, np.ndarray] = {}
-        ran = False
         try:
             if fresh:
-                ran = True
-                seqs = [s for s, _, _ in fresh]
-                lens = np.array([len(s.context) for s in seqs])
-                ids = np.zeros((len(seqs), lens.max()), np.int64)  # right-padded (B, S)
-                for b, s in enumerate(seqs):
-                    ids[b, : lens[b]] = s.context
-                want = [b for b, s in enumerate(seqs) if s.needs_logits or any(c[1] is s and c[0].needs_logits
-                                                                                for c in copies)]
-                nxt, lg = self.model.run(self.pool, ids, lens, (lens - 1)[:, None], start=base, logits_rows=want)
-                for b, s in enumerate(seqs):
-                    greedy[id(s)] = int(nxt[b, 0])
-                for k, b in enumerate(want):
-                    logits[id(seqs[b])] = lg[k, 0]
+                self._prefill(fresh, base, copies, greedy, logits)
             for s, m, entry in hits:
-                ran = True
                 row = rows[id(s)]
                 self.model.copy_kv(entry.cache, 0, self.pool, row, m)
-                rest = np.array([s.context[m:]], np.int64)  # (1, S)
-                nxt, lg = self.model.run(self.pool, rest, np.array([rest.shape[1]]), np.array([[rest.shape[1] - 1]]),
-                                         start=row, logits_rows=[0])
-                greedy[id(s)], logits[id(s)] = int(nxt[0, 0]), lg[0, 0]
+                if m == len(s.context):  # a pinned prefix that is the whole context: its logits are known
+                    greedy[id(s)], logits[id(s)] = int(np.argmax(entry.last_logits)), entry.last_logits
+                else:
+                    rest = np.array([s.context[m:]], np.int64)  # (1, S)
+                    nxt, lg = self.model.run(self.pool, rest, np.array([rest.shape[1]]),
+                                             np.array([[rest.shape[1] - 1]]), start=row, logits_rows=[0])
+                    greedy[id(s)], logits[id(s)] = int(nxt[0, 0]), lg[0, 0]
                 self.prefixes.hits += 1
                 self.prefixes.hit_tokens += m
             for s, src in copies:
@@ -410,13 +484,16 @@ class Core:
         except Exception as e:  # the model run failed: the sequences joining in it fail, the rest go on
             for s in order:
                 self._fail(s, e, events)
-            return ran
+            return True
         self.prefixes.misses += len(fresh)
-        for s, _, _ in fresh + hits:
-            self.prefixes.insert(s.context, self.pool, rows[id(s)])
+        try:
+            for s in fresh + [s for s, _, _ in hits]:
+                self.prefixes.insert(s.context, self.pool, rows[id(s)])
+        except Exception:  # keeping a prefix is an optimisation: a failed copy loses it, nothing else
+            pass
         for s in order:
             self._take(greedy[id(s)], logits.get(id(s)) if s.needs_logits else None, s, events)
-        return ran
+        return True
 
     def _decode(self, count: int, events: list[Step]) -> None:
         seqs = self.running[:count]

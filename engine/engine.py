@@ -77,6 +77,10 @@ class Engine:
         """Prompt text or ids -> validated ids; an empty prompt starts from <|endoftext|> (as HF does),
         unless empty_ok (after a prefix)."""
         if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"prompt is not valid Unicode text ({e.reason} at character {e.start})") from None
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, (bytes, dict)) or not isinstance(prompt, (Sequence, np.ndarray)):
             raise ValueError(f"prompt must be a string or a sequence of token ids, got {type(prompt).__name__}")

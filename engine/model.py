@@ -193,7 +193,9 @@ class DecodeStep:
     Bindings are kept per (B, R).
     """
 
-    def __init__(self, model: Model, cache: KVCache):
+    def __init__(self, model: Model, cache: KVCache, *, device_buffers: bool | None = None):
+        """device_buffers: keep ids, lengths and outputs in OrtValues as on CUDA (default: on devices other
+        than the CPU; True on the CPU runs the device path there)."""
         if cache.max_length < 2:
             raise ValueError("a decode step needs a KV buffer of at least 2 positions")
         self.model, self.cache = model, cache
@@ -203,7 +205,7 @@ class DecodeStep:
         self.next = np.zeros((n, 1), np.int64)
         self.logits = np.zeros((n, 1, V), np.float32)
         self.index = np.zeros((n, 1), np.int64)  # logits at position 0 of the one new token
-        if model.device == "cpu":  # the session reads and writes these numpy buffers directly
+        if not (model.device != "cpu" if device_buffers is None else device_buffers):  # numpy buffers, bound directly
             self.dev = None
             self.addr = {k: a.ctypes.data for k, a in {**self.host, "next": self.next, "logits": self.logits,
                                                         "index": self.index}.items()}
@@ -214,6 +216,7 @@ class DecodeStep:
         self.total_host = np.array(cache.max_length, np.int32)  # a CPU input of GQA
         self.total = ort.OrtValue.ortvalue_from_numpy(self.total_host)
         self._bindings: dict[tuple[int, int], tuple] = {}
+        self._logits_out: dict[int, ort.OrtValue] = {}
 
     def _binding(self, B: int, R: int) -> tuple:
         m, dev = self.model, self.model.device
@@ -227,9 +230,14 @@ class DecodeStep:
         out = None
         if self.dev is None:
             io.bind_output(C.LOGITS, dev, 0, np.float32, [R, 1, m.cfg.vocab_size], self.addr["logits"])
-        else:  # a buffer of exactly R rows, so reading it copies only the sampling rows' logits
-            out = ort.OrtValue.ortvalue_from_shape_and_type([R, 1, m.cfg.vocab_size], np.float32, dev, 0)
+        elif m.cuda_graph:  # graphs need fixed device buffers: one of exactly R rows per R, shared by every B
+            if R not in self._logits_out:
+                self._logits_out[R] = ort.OrtValue.ortvalue_from_shape_and_type([R, 1, m.cfg.vocab_size], np.float32,
+                                                                               dev, 0)
+            out = self._logits_out[R]
             io.bind_ortvalue_output(C.LOGITS, out)
+        else:  # onnxruntime copies the R sampling rows' logits to host memory, nothing more
+            io.bind_output(C.LOGITS, "cpu")
         m.bind_kv(io, self.cache, 0, B)
         opts = None  # (RunOptions without an entry cost ~0.8 ms a run in onnxruntime 1.32's Python layer)
         if m.cuda_graph:  # one captured graph per set of shapes and addresses
@@ -266,6 +274,7 @@ class DecodeStep:
         if self.dev is None:
             next_ids, logits = self.next[:B, 0].copy(), self.logits[:R, 0]
         else:
-            next_ids, logits = self.dev["next"].numpy()[:B, 0], out.numpy()[:, 0]
+            next_ids = self.dev["next"].numpy()[:B, 0]
+            logits = (out if out is not None else io.get_outputs()[1]).numpy()[:, 0]
         self.model.transfers["logits"] += logits.nbytes
         return next_ids, logits

@@ -350,3 +350,84 @@ def test_prefix_cache_is_bounded_lru(tiny):
     cache.insert(contexts[2], pool, 2)
     assert cache.nbytes <= 2.5 * row and len(cache.entries) == 2
     assert cache.match(np.array(contexts[1] + [5]))[0] == 0 and cache.match(np.array(contexts[2]))[0] == 39
+
+
+def test_decode_step_device_path_equals_the_cpu_path(tiny):
+    """DecodeStep's device path (buffers in OrtValues, logits copied by onnxruntime) run on the CPU."""
+    from engine.model import DecodeStep
+
+    _, engine, _, _ = tiny
+    prompts, lens = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 0, 0], [7, 7, 0, 0, 0]]), np.array([5, 3, 2])
+    caches = [engine.model.new_cache(3, 16) for _ in range(2)]
+    for c in caches:
+        engine.model.run(c, prompts, lens, (lens - 1)[:, None])
+    host, dev = DecodeStep(engine.model, caches[0]), DecodeStep(engine.model, caches[1], device_buffers=True)
+    tokens = np.array([7, 8, 9])
+    for rows in ([], [1], [0, 2], [0, 1, 2], [2]):
+        a, la = host(tokens, np.array(rows, np.int64))
+        b, lb = dev(tokens, np.array(rows, np.int64))
+        assert a.tolist() == b.tolist() and la.shape == (len(rows), engine.config.vocab_size)
+        np.testing.assert_array_equal(la, lb)
+        tokens = a
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == [10, 8, 7]
+
+
+def test_cancelled_waiting_sequences_leave_the_queue_at_once(tiny):
+    _, engine, _, _ = tiny
+    seqs = engine.sequences([[1, 2], [3, 4], [5, 6]], GenerationOptions(max_new_tokens=4))
+    core = Core(engine.model, slots=1, max_length=16)
+    core.submit(seqs)
+    core.step()  # the first runs, two wait
+    core.cancel(seqs[1:])
+    assert len(core.waiting) == 0 and [s.finish_reason for s in seqs[1:]] == ["cancelled"] * 2
+    while core.busy:
+        core.step()
+    assert seqs[0].tokens == engine.generate([1, 2], max_new_tokens=4).token_ids
+
+
+def test_prompts_of_very_different_lengths_are_not_padded_together(tiny, monkeypatch):
+    _, engine, _, _ = tiny
+    shapes = []
+    real = engine.model.run
+
+    def spy(cache, ids, n_new, *a, **kw):
+        shapes.append((ids.shape, int(np.sum(n_new))))
+        return real(cache, ids, n_new, *a, **kw)
+
+    monkeypatch.setattr(engine.model, "run", spy)
+    prompts = [[i + 1] * 10 for i in range(7)] + [list(range(1, 101))]
+    got = engine.generate_batch(prompts, max_new_tokens=3)
+    assert len(shapes) >= 2 and all(b * s <= 1.5 * real_tokens + 64 for (b, s), real_tokens in shapes)
+    monkeypatch.undo()
+    assert [g.token_ids for g in got] == [engine.generate(p, max_new_tokens=3).token_ids for p in prompts]
+
+
+def test_prefix_cache_match_looks_at_one_entry_not_all(tiny, monkeypatch):
+    _, engine, _, _ = tiny
+    cache = PrefixCache(engine.model, max_bytes=1 << 30)
+    pool = engine.model.new_cache(1, 64)
+    preamble = list(range(1, 33))  # two blocks shared by every entry
+    engine.model.run(pool, np.array([preamble + [99] * 8]), np.array([40]), np.array([[39]]))
+    for i in range(300):
+        pool.lengths[0] = 40
+        cache.insert(preamble + [i + 1] * 8, pool, 0)
+    assert len(cache.entries) == 300
+    calls = []
+    real = core_module.common_prefix
+    monkeypatch.setattr(core_module, "common_prefix", lambda a, b: calls.append(1) or real(a, b))
+    m, entry = cache.match(np.array(preamble + [299] * 8 + [5, 6]))  # a recent entry: all of it is reused
+    assert m == 40 and entry.token_ids == tuple(preamble + [299] * 8) and len(calls) <= 8
+    m, entry = cache.match(np.array(preamble + [7] * 8 + [5, 6]))  # an old one: the shared blocks are reused
+    assert m == 32 and len(calls) <= 16
+
+
+def test_a_prefix_that_is_the_whole_context_reuses_its_logits(tiny, monkeypatch):
+    _, engine, _, _ = tiny
+    ids = [4, 8, 15, 16, 23, 42]
+    pre = engine.prefill(ids)
+    want = engine.generate(ids, max_new_tokens=6)
+    runs = []
+    real = engine.model.run
+    monkeypatch.setattr(engine.model, "run", lambda *a, **kw: runs.append(1) or real(*a, **kw))
+    got = engine.generate([], prefix=pre, max_new_tokens=6)
+    assert got.token_ids == want.token_ids and got.prompt_tokens == len(ids) and runs == []  # no prefill ran

@@ -18,6 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from engine.core import Core, Sequence, Step
 from engine.engine import Engine
@@ -160,6 +161,8 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         return e.response()
 
     app.add_exception_handler(ApiError, lambda request, e: answer(e))
+    app.add_exception_handler(ClientDisconnect, lambda request, e: (metrics.requests.labels("499").inc(),
+                                                                    Response(status_code=499))[1])
     app.add_exception_handler(RequestValidationError, lambda request, e: answer(_validation_error(e)))
     app.add_exception_handler(HTTPException, lambda request, e: answer(ApiError(
         e.status_code, f"request body of more than {MAX_BODY} bytes" if e.status_code == 413 else
@@ -223,6 +226,9 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         for s in seqs:
             s.on_step = on_step
         pending = {s.row for s in seqs}
+        if len(seqs) > max_queue:
+            raise ApiError(400, f"this request needs {len(seqs)} sequences (prompts x n) but the server queues at most "
+                                f"{max_queue}; send fewer prompts or a smaller n", "n" if options.n > 1 else "prompt")
         try:
             worker.submit(seqs)
         except QueueFull as e:
