@@ -1,5 +1,12 @@
 """Hugging Face GPT-2 checkpoint -> ONNX model folder (model.onnx, manifest.json, tokenizer.json)."""
 
-from export.exporter import EXPORTER_VERSION, export_model
-
 __all__ = ["export_model", "EXPORTER_VERSION"]
+
+
+def __getattr__(name: str):
+    """export_model / EXPORTER_VERSION on first use, so `export.checkpoint` alone does not import onnx."""
+    if name in __all__:
+        from export import exporter
+
+        return getattr(exporter, name)
+    raise AttributeError(f"module 'export' has no attribute {name!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -15,17 +16,23 @@ from engine import config as C
 from export import checkpoint
 from export.graph import build, build_kv_copy
 
-EXPORTER_VERSION = "0.2.0"  # part of the export cache key: bump when exports change
+EXPORTER_VERSION = "0.3.0"  # part of the export cache key: bump when exports change
 TWO_GB = 2**31 - 1
 DATA_NAME = "model.onnx.data"
 
 Progress = Callable[[str], None]
 
 
+# Activations that are the tanh-approximated GELU of GPT-2, which FastGelu computes. gelu_fast writes
+# sqrt(2/pi) as 0.7978845608 and x + 0.044715 x^3 as x (1 + 0.044715 x^2): equal up to fp32 rounding.
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
 def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | None) -> tuple[C.ModelConfig, float, list[float]]:
-    hf = ck.config
+    hf, where = ck.config, f"{ck.folder / 'config.json'}"
     n_layer, n_head, n_embd = hf.get("n_layer", 12), hf.get("n_head", 12), hf.get("n_embd", 768)
-    vocab = int(ck.weights["wte.weight"].shape[0])
+    wte = ck.weights.get("wte.weight")
+    vocab = int(wte.shape[0]) if wte is not None else hf.get("vocab_size", 50257)
     eos = hf.get("eos_token_id", 50256)
     bos = hf.get("bos_token_id", eos)
     cfg = C.ModelConfig(
@@ -33,13 +40,13 @@ def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | Non
         eos_token_id=eos if isinstance(eos, int) else eos[0], bos_token_id=bos if isinstance(bos, int) else bos[0],
         dtype=dtype, quantization=quantization, source=ck.source, exporter_version=EXPORTER_VERSION,
     )
-    cfg.validate(f"{ck.folder / 'config.json'}")
-    if hf.get("n_inner") not in (None, 4 * n_embd):
-        raise ValueError(f"{ck.folder / 'config.json'}: n_inner {hf['n_inner']} is not 4*n_embd; not supported")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{ck.folder / 'config.json'}: activation_function {hf['activation_function']!r} "
-                         "is not supported (gelu_new or gelu_pytorch_tanh, the tanh-approximated GELU of GPT-2)")
+    cfg.validate(where)
     hs = n_embd // n_head
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise ValueError(f"{where}: n_inner {hf['n_inner']} is not 4*n_embd; not supported")
+    if hf.get("activation_function", "gelu_new") not in TANH_GELU:
+        raise ValueError(f"{where}: activation_function {hf['activation_function']!r} is not supported "
+                         "(gelu_new, gelu_pytorch_tanh or gelu_fast, the tanh-approximated GELU of GPT-2)")
     scales = []
     for i in range(n_layer):
         s = 1.0 / np.sqrt(hs) if hf.get("scale_attn_weights", True) else 1.0
@@ -49,7 +56,7 @@ def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | Non
     return cfg, float(hf.get("layer_norm_epsilon", 1e-5)), scales
 
 
-def _check_weights(cfg: C.ModelConfig, w: dict[str, np.ndarray], folder: Path) -> None:
+def _expected_shapes(cfg: C.ModelConfig) -> dict[str, tuple[int, ...]]:
     E, V, P = cfg.n_embd, cfg.vocab_size, cfg.n_positions
     expect = {"wte.weight": (V, E), "wpe.weight": (P, E), "ln_f.weight": (E,), "ln_f.bias": (E,)}
     for i in range(cfg.n_layer):
@@ -61,11 +68,35 @@ def _check_weights(cfg: C.ModelConfig, w: dict[str, np.ndarray], folder: Path) -
             f"{p}.mlp.c_fc.weight": (E, 4 * E), f"{p}.mlp.c_fc.bias": (4 * E,),
             f"{p}.mlp.c_proj.weight": (4 * E, E), f"{p}.mlp.c_proj.bias": (E,),
         }
-    for name, shape in expect.items():
-        if name not in w:
-            raise ValueError(f"{folder}: weight {name} is missing; is this a complete GPT-2 checkpoint?")
-        if tuple(w[name].shape) != shape:
-            raise ValueError(f"{folder}: weight {name} has shape {tuple(w[name].shape)}, config implies {shape}")
+    return expect
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts h.2 before h.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _some(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "") if names else "none"
+
+
+def _check_weights(cfg: C.ModelConfig, w: dict[str, np.ndarray], folder: Path, hf: dict) -> None:
+    """Every weight the config implies is there with its shape, and nothing else is (lm_head optional)."""
+    expect = _expected_shapes(cfg)
+    if hf.get("tie_word_embeddings", True) is False:  # transformers would initialize a missing head at random
+        expect["lm_head.weight"] = (cfg.vocab_size, cfg.n_embd)
+    missing = sorted(set(expect) - set(w), key=_natural)
+    leftover = sorted(set(w) - set(expect) - {"lm_head.weight"}, key=_natural)
+    if missing or leftover:
+        raise ValueError(
+            f"{folder}: the weights do not match config.json (n_layer {cfg.n_layer}, n_embd {cfg.n_embd}): "
+            f"missing {_some(missing)}; not used {_some(leftover)}. Check that config.json belongs to these "
+            "weights and that the checkpoint is a GPT-2 language model (GPT2LMHeadModel or GPT2Model)"
+        )
+    expect.setdefault("lm_head.weight", (cfg.vocab_size, cfg.n_embd))
+    for name, arr in w.items():
+        if tuple(arr.shape) != expect[name]:
+            raise ValueError(f"{folder}: weight {name} has shape {tuple(arr.shape)}, config implies {expect[name]}")
     if "lm_head.weight" in w and np.array_equal(w["lm_head.weight"], w["wte.weight"]):
         del w["lm_head.weight"]  # tied: store wte once
 
@@ -109,7 +140,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     say(f"reading checkpoint {model}")
     ck = checkpoint.load(model)
     cfg, eps, scales = _model_config(ck, dtype, quantize)
-    _check_weights(cfg, ck.weights, ck.folder)
+    _check_weights(cfg, ck.weights, ck.folder, ck.config)
 
     quantizer = None
     if quantize:
