@@ -26,6 +26,7 @@ Progress = Callable[[str], None]
 # Activations that are the tanh-approximated GELU of GPT-2, which FastGelu computes. gelu_fast writes
 # sqrt(2/pi) as 0.7978845608 and x + 0.044715 x^3 as x (1 + 0.044715 x^2): equal up to fp32 rounding.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's head size must be a multiple of this
 
 
 def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | None) -> tuple[C.ModelConfig, float, list[float]]:
@@ -35,13 +36,16 @@ def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | Non
     vocab = int(wte.shape[0]) if wte is not None else hf.get("vocab_size", 50257)
     eos = hf.get("eos_token_id", 50256)
     bos = hf.get("bos_token_id", eos)
-    cfg = C.ModelConfig(
+    fields = dict(
         n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=hf.get("n_positions", 1024), vocab_size=vocab,
         eos_token_id=eos if isinstance(eos, int) else eos[0], bos_token_id=bos if isinstance(bos, int) else bos[0],
         dtype=dtype, quantization=quantization, source=ck.source, exporter_version=EXPORTER_VERSION,
     )
-    cfg.validate(where)
+    C.ModelConfig(**fields).validate(where)
     hs = n_embd // n_head
+    if hs % GQA_HEAD_MULTIPLE:  # zero-pad each head (exact, see graph.pad_heads)
+        fields["kv_head_size_padded"] = -(-hs // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
+    cfg = C.ModelConfig(**fields)
     if hf.get("n_inner") not in (None, 4 * n_embd):
         raise ValueError(f"{where}: n_inner {hf['n_inner']} is not 4*n_embd; not supported")
     if hf.get("activation_function", "gelu_new") not in TANH_GELU:
@@ -49,7 +53,7 @@ def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | Non
                          "(gelu_new, gelu_pytorch_tanh or gelu_fast, the tanh-approximated GELU of GPT-2)")
     scales = []
     for i in range(n_layer):
-        s = 1.0 / np.sqrt(hs) if hf.get("scale_attn_weights", True) else 1.0
+        s = 1.0 / np.sqrt(hs) if hf.get("scale_attn_weights", True) else 1.0  # the real head size, padded or not
         if hf.get("scale_attn_by_inverse_layer_idx", False):
             s /= i + 1
         scales.append(float(s))
