@@ -105,22 +105,93 @@ def _check_weights(cfg: C.ModelConfig, w: dict[str, np.ndarray], folder: Path, h
         del w["lm_head.weight"]  # tied: store wte once
 
 
+NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+GPT2_SPECIAL = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+
+
+def _content(token) -> str:
+    return token if isinstance(token, str) else token["content"]
+
+
+def _added_token(token, special: bool):
+    """A token from tokenizer_config / special_tokens_map (a string or a dict of AddedToken fields)."""
+    from tokenizers import AddedToken
+
+    if isinstance(token, str):
+        return AddedToken(token, special=special)
+    flags = {k: token[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in token}
+    return AddedToken(token["content"], special=special or bool(token.get("special")), **flags)
+
+
+def _added_tokens(folder: Path, config: dict) -> list[tuple[int | None, object]]:
+    """(declared id or None, AddedToken) in the order transformers' GPT2Tokenizer adds them.
+
+    tokenizer_config.json's added_tokens_decoder when it has one; else the legacy files:
+    special_tokens_map.json (overriding tokenizer_config's named tokens) and added_tokens.json
+    ({token: id}; special if named in either). Then every named or extra special token not yet
+    added, with GPT-2's defaults (<|endoftext|> for bos, eos and unk).
+    """
+    named = {k: config[k] for k in NAMED_SPECIAL if config.get(k)}
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    extra = list(extra.values() if isinstance(extra, dict) else extra)
+    if "added_tokens_decoder" in config:
+        added = [(int(i), _added_token(t, False)) for i, t in config["added_tokens_decoder"].items()]
+    else:
+        for key, value in _read_json(folder / "special_tokens_map.json").items():
+            if key in ("additional_special_tokens", "extra_special_tokens"):
+                extra += [t for t in (value.values() if isinstance(value, dict) else value) if t not in extra]
+            elif key in NAMED_SPECIAL and value:
+                named[key] = value
+        special = {_content(t) for t in [*named.values(), *extra]}
+        from tokenizers import AddedToken
+
+        added = [(int(i), AddedToken(t, lstrip=False, rstrip=False, normalized=t not in special, special=t in special))
+                 for t, i in _read_json(folder / "added_tokens.json").items()]
+    added.sort(key=lambda it: it[0])
+    have = {tok.content for _, tok in added}
+    named = {**GPT2_SPECIAL, **named}
+    for token in [*(named[k] for k in NAMED_SPECIAL if named.get(k)), *extra]:  # transformers' order
+        if _content(token) not in have:
+            added.append((None, _added_token(token, True)))
+            have.add(_content(token))
+    return added
+
+
 def write_tokenizer(folder: Path, dest: Path) -> None:
-    """Copy tokenizer.json, or build it from vocab.json + merges.txt (GPT-2 byte-level BPE)."""
+    """Copy tokenizer.json, or build it from vocab.json + merges.txt (GPT-2 byte-level BPE) with the
+    added and special tokens of added_tokens.json / tokenizer_config.json / special_tokens_map.json,
+    as transformers' GPT2Tokenizer reads them."""
     if (folder / C.TOKENIZER_NAME).is_file():
         shutil.copyfile(folder / C.TOKENIZER_NAME, dest)
         return
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     if not (vocab.is_file() and merges.is_file()):
         raise ValueError(f"{folder} has no tokenizer: expected tokenizer.json or vocab.json + merges.txt")
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
+    config = _read_json(folder / "tokenizer_config.json")
+    if config.get("split_special_tokens"):
+        raise ValueError(f"{folder / 'tokenizer_config.json'}: split_special_tokens is not supported; "
+                         "save the tokenizer as tokenizer.json (tokenizer.save_pretrained) and export again")
     tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    if "<|endoftext|>" in json.loads(vocab.read_text()):
-        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    added = _added_tokens(folder, config)
+    tok.add_tokens([t for _, t in added])
+    for declared, t in added:
+        if declared is not None and tok.token_to_id(t.content) != declared:
+            raise ValueError(f"{folder}: added token {t.content!r} is declared with id {declared} but follows "
+                             f"the vocabulary as id {tok.token_to_id(t.content)}; the tokenizer files disagree")
     tok.save(str(dest))
 
 
