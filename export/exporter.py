@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -195,6 +196,15 @@ def write_tokenizer(folder: Path, dest: Path) -> None:
     tok.save(str(dest))
 
 
+def weights_digest(proto) -> str:
+    """sha256 over the graph's initializers (name, dtype, dims, bytes) in graph order."""
+    h = hashlib.sha256()
+    for t in proto.graph.initializer:
+        h.update(f"{t.name}\0{t.data_type}\0{list(t.dims)}\0".encode())
+        h.update(t.raw_data)
+    return "sha256:" + h.hexdigest()
+
+
 def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
                  progress: Progress | None = None) -> Path:
     """Export a GPT-2 checkpoint (Hub id or HF folder) to `out`; returns the folder.
@@ -234,6 +244,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
         import onnx
 
         say("writing model.onnx")
+        digest = weights_digest(proto)  # before saving: external data moves the bytes out of the proto
         big = _over_2gb(proto)
         onnx_path = tmp / C.MODEL_NAME
         if big:
@@ -243,7 +254,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
             onnx.save_model(proto, str(onnx_path))
         onnx.save_model(build_kv_copy(cfg), str(tmp / C.COPY_MODEL_NAME))
         write_tokenizer(ck.folder, tmp / C.TOKENIZER_NAME)
-        final = C.ModelConfig(**{**cfg.__dict__, "onnx_bytes": onnx_path.stat().st_size,
+        final = C.ModelConfig(**{**cfg.__dict__, "onnx_bytes": onnx_path.stat().st_size, "weights_digest": digest,
                                  "kv_copy_bytes": (tmp / C.COPY_MODEL_NAME).stat().st_size,
                                  "external_data": DATA_NAME if big else None,
                                  "external_data_bytes": (tmp / DATA_NAME).stat().st_size if big else 0})

@@ -201,3 +201,18 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"could not read .*model\.safetensors .*runs past the end.*download complete"):
         export_model(str(tmp_path / "hf"), tmp_path / "out")
+
+
+def test_weights_digest_names_the_exported_weights(tiny, tmp_path, monkeypatch):
+    import onnx
+
+    from export import exporter
+
+    _, engine, ck, onnx_dir = tiny
+    digest = engine.config.weights_digest
+    assert digest.startswith("sha256:") and len(digest) == 7 + 64
+    assert exporter.weights_digest(onnx.load(onnx_dir / "model.onnx")) == digest  # what the file holds
+    monkeypatch.setattr(exporter, "TWO_GB", 1000)  # the same weights as external data: the same digest
+    assert Engine.load(export_model(str(ck), tmp_path / "big")).config.weights_digest == digest
+    monkeypatch.undo()
+    assert Engine.load(export_model(str(ck), tmp_path / "int8", quantize="int8")).config.weights_digest != digest
