@@ -56,6 +56,7 @@ class ModelConfig:
     external_data: str | None = None  # file holding the weights when the model is over 2 GB
     external_data_bytes: int = 0
     kv_head_size_padded: int = 0  # 0: heads not padded; else each head zero-padded to this size (a multiple of 8)
+    adapter: str | None = None  # PEFT adapter folder merged into the weights (LoRA, IA3), if any
     weights_digest: str = ""  # "sha256:..." over the graph's initializers (name, dtype, dims, bytes) in graph order
 
     @property

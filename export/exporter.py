@@ -30,7 +30,8 @@ TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's head size must be a multiple of this
 
 
-def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | None) -> tuple[C.ModelConfig, float, list[float]]:
+def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | None,
+                  adapter: str | None) -> tuple[C.ModelConfig, float, list[float]]:
     hf, where = ck.config, f"{ck.folder / 'config.json'}"
     n_layer, n_head, n_embd = hf.get("n_layer", 12), hf.get("n_head", 12), hf.get("n_embd", 768)
     wte = ck.weights.get("wte.weight")
@@ -40,7 +41,7 @@ def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | Non
     fields = dict(
         n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=hf.get("n_positions", 1024), vocab_size=vocab,
         eos_token_id=eos if isinstance(eos, int) else eos[0], bos_token_id=bos if isinstance(bos, int) else bos[0],
-        dtype=dtype, quantization=quantization, source=ck.source, exporter_version=EXPORTER_VERSION,
+        dtype=dtype, quantization=quantization, source=ck.source, exporter_version=EXPORTER_VERSION, adapter=adapter,
     )
     C.ModelConfig(**fields).validate(where)
     hs = n_embd // n_head
@@ -206,9 +207,10 @@ def weights_digest(proto) -> str:
 
 
 def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
-                 progress: Progress | None = None) -> Path:
+                 adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
     """Export a GPT-2 checkpoint (Hub id or HF folder) to `out`; returns the folder.
 
+    `adapter`: a PEFT LoRA or IA3 adapter folder merged into the weights (export.adapters).
     The folder is written atomically: a failed export leaves no half-written model behind.
     """
     say = progress or (lambda msg: None)
@@ -224,8 +226,14 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
 
     say(f"reading checkpoint {model}")
     ck = checkpoint.load(model)
-    cfg, eps, scales = _model_config(ck, dtype, quantize)
+    adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
+    cfg, eps, scales = _model_config(ck, dtype, quantize, adapter)
     _check_weights(cfg, ck.weights, ck.folder, ck.config)
+    if adapter:
+        from export.adapters import merge_adapter
+
+        say(f"merging adapter {adapter}")
+        ck.weights = merge_adapter(ck.weights, adapter)
 
     quantizer = None
     if quantize:
