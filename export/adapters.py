@@ -1,4 +1,4 @@
-"""PEFT adapters: LoRA and IA3 merged into the base weights at export.
+"""PEFT adapters: LoRA and IA3 merged into the base weights at export; prefix-tuning read as a prefix KV.
 
 An adapter folder is what peft's `PeftModel.save_pretrained` writes: adapter_config.json plus
 adapter_model.safetensors (or adapter_model.bin). Its tensor names are the base model's module
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import config as C
 from export import checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -175,3 +176,38 @@ def _merge_ia3(weights, config, tensors, where):
             raise ValueError(f"{where}: {key} has shape {l.shape}, but its weight is {W.shape}; "
                              "was the adapter trained on another base model?")
     return out
+
+
+def read_prefix_adapter(adapter_dir: str | Path, cfg: C.ModelConfig) -> list[np.ndarray]:
+    """A peft prefix-tuning adapter as the KV of its virtual tokens, for the exported model `cfg`.
+
+    Returns 2 * n_layer arrays in past-name order (layer 0 key, layer 0 value, layer 1 key, ...),
+    each (1, n_head, num_virtual_tokens, cfg.kv_head_size) of dtype cfg.np_dtype: the values peft's
+    `get_prompt` feeds as past_key_values, zero-padded per head like the exported graph's heads.
+    Put them at positions 0..num_virtual_tokens-1 of a KV cache (lengths = num_virtual_tokens);
+    the prompt's tokens then take positions from num_virtual_tokens on, as they do under peft.
+
+    peft saves `prompt_embeddings` (num_virtual_tokens, 2 * n_layer * n_embd) already through its
+    prefix_projection MLP when it has one (get_prompt_embedding_to_save), so no MLP runs here.
+    """
+    config, tensors = read_adapter(adapter_dir)
+    where = str(Path(adapter_dir).expanduser() / ADAPTER_CONFIG)
+    if config.get("peft_type") != "PREFIX_TUNING":
+        raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}, not PREFIX_TUNING; LoRA and IA3 "
+                         "adapters are merged at export (gpt2-onnx export BASE --adapter DIR)")
+    want = {"num_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "token_dim": cfg.n_embd,
+            "num_transformer_submodules": 1}
+    wrong = {k: config.get(k) for k, v in want.items() if config.get(k, v) != v}
+    if wrong:
+        raise ValueError(f"{where}: {wrong} do not fit this model ({want}); was it trained on another base model?")
+    n_virtual = config.get("num_virtual_tokens")
+    emb = tensors.get("prompt_embeddings")
+    L, nh, hs = cfg.n_layer, cfg.n_head, cfg.head_size
+    if not isinstance(n_virtual, int) or emb is None or emb.shape != (n_virtual, 2 * L * cfg.n_embd):
+        raise ValueError(f"{where}: expected prompt_embeddings of shape ({n_virtual}, {2 * L * cfg.n_embd}), "
+                         f"got {None if emb is None else emb.shape}")
+    if not 0 < n_virtual < cfg.n_positions:
+        raise ValueError(f"{where}: num_virtual_tokens {n_virtual} must be in 1..n_positions-1 ({cfg.n_positions - 1})")
+    kv = emb.reshape(n_virtual, 2 * L, nh, hs).transpose(1, 2, 0, 3)  # (2L, nh, T, hs): layer-major, key then value
+    kv = np.pad(kv, [(0, 0), (0, 0), (0, 0), (0, cfg.kv_head_size - hs)])  # (2L, nh, T, kv_head_size)
+    return [np.ascontiguousarray(kv[j][None], dtype=cfg.np_dtype) for j in range(2 * L)]  # each (1, nh, T, hsp)

@@ -1,4 +1,4 @@
-"""PEFT adapters against peft's own PeftModel in torch: LoRA / IA3 merged at export."""
+"""PEFT adapters against peft's own PeftModel in torch: LoRA / IA3 merged at export, prefix-tuning as a prefix KV."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ import torch
 import transformers
 from helpers import make_checkpoint
 from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
+from test_parity import kv_layer
 
 from engine import Engine
 from export import export_model
-from export.adapters import merge_adapter
+from export.adapters import merge_adapter, read_prefix_adapter
 from export.cache import resolve_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")  # peft's advice
@@ -158,3 +159,81 @@ def test_cli_export_with_adapter_and_cache_key(base, tmp_path):
             resolve_model(str(merged), adapter=str(tmp_path / "adapter"))
     finally:
         del os.environ["GPT2_ONNX_CACHE"]
+
+
+# ---- prefix-tuning: a prefix KV at run time ----------------------------------------------------------
+
+PREFIX = {
+    "embedding": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5),
+    "projection-mlp": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=True,
+                                         encoder_hidden_size=24),
+}
+
+
+@pytest.fixture(scope="module", params=[("embedding", "head8"), ("projection-mlp", "head8"), ("embedding", "head5")],
+                ids=lambda p: "-".join(p))
+def prefix_adapter(request, tmp_path_factory):
+    kind, shape = request.param
+    root = tmp_path_factory.mktemp(f"prefix-{kind}-{shape}")
+    make_checkpoint(root / "hf", seed=7, **(BASE if shape == "head8" else {**BASE, "n_embd": 10, "n_head": 2}))
+    trained = save_adapter(root / "hf", copy.deepcopy(PREFIX[kind]), root / "adapter", seed=3, scale=1.0)
+    engine = Engine.load(export_model(str(root / "hf"), root / "onnx"), provider="cpu")
+    loaded = PeftModel.from_pretrained(load_base(root / "hf"), root / "adapter").eval()
+    return trained.eval(), loaded, engine, root / "adapter"
+
+
+def test_prefix_kv_equals_what_peft_feeds_as_past_key_values(prefix_adapter):
+    trained, loaded, engine, adapter = prefix_adapter
+    kv = read_prefix_adapter(adapter, engine.config)
+    cfg, n_virtual = engine.config, loaded.active_peft_config.num_virtual_tokens
+    assert len(kv) == 2 * cfg.n_layer
+    assert {a.shape for a in kv} == {(1, cfg.n_head, n_virtual, cfg.kv_head_size)}
+    with torch.no_grad():
+        for model in (loaded, trained):  # the training model runs the projection MLP, if any
+            past = model.get_prompt(batch_size=1)
+            for i in range(cfg.n_layer):
+                k, v = kv_layer(past, i)  # (1, nh, T, hs)
+                np.testing.assert_allclose(kv[2 * i][..., : cfg.head_size], k.numpy(), atol=1e-5, rtol=0)
+                np.testing.assert_allclose(kv[2 * i + 1][..., : cfg.head_size], v.numpy(), atol=1e-5, rtol=0)
+    assert all(not a[..., cfg.head_size:].any() for a in kv)  # padded dims are zero
+
+
+def test_prefix_kv_in_the_onnx_model_matches_peft_logits_and_greedy_ids(prefix_adapter):
+    _, loaded, engine, adapter = prefix_adapter
+    kv = read_prefix_adapter(adapter, engine.config)
+    T, new = kv[0].shape[2], 12
+    cache = engine.model.new_cache(1, T + len(IDS) + new)
+    for dst, src in zip(cache.host_arrays(), kv):
+        dst[:, :, :T] = src  # (1, nh, T, hs): the virtual tokens take positions 0..T-1
+    cache.lengths[:] = T
+    got = engine.model.forward(np.array([IDS]), np.array([len(IDS)]), cache, np.arange(len(IDS))[None])[0]
+    with torch.no_grad():
+        ref = loaded(input_ids=torch.tensor([IDS])).logits[0].numpy()
+        # greedy by full recomputes through PeftModel.forward: with transformers 5 (model kwarg `cache`),
+        # peft 0.21's generate injects the prefix as `past_key_values`, which the model ignores
+        ref_ids = []
+        for _ in range(new):
+            step = loaded(input_ids=torch.tensor([IDS + ref_ids])).logits[0, -1]
+            ref_ids.append(int(step.argmax()))
+    np.testing.assert_allclose(got, ref, atol=ATOL, rtol=0)
+    ids = [int(got[-1].argmax())]
+    for _ in range(new - 1):
+        step = engine.model.forward(np.array([[ids[-1]]]), np.array([1]), cache, np.zeros((1, 1), np.int64))
+        ids.append(int(step[0, 0].argmax()))
+    assert ids == ref_ids
+    with loaded.disable_adapter(), torch.no_grad():  # and the prefix changes the answer
+        assert np.abs(loaded(input_ids=torch.tensor([IDS])).logits[0].numpy() - ref).max() > 0.05
+
+
+def test_prefix_adapter_for_another_model_is_refused(prefix_adapter, tmp_path):
+    from dataclasses import replace
+
+    _, _, engine, adapter = prefix_adapter
+    with pytest.raises(ValueError, match=r"'num_layers': 2.*do not fit this model.*another base model"):
+        read_prefix_adapter(adapter, replace(engine.config, n_layer=3))
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (lora / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(ValueError, match="not PREFIX_TUNING; LoRA and IA3 adapters are merged at export"):
+        read_prefix_adapter(lora, engine.config)
