@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -216,3 +217,24 @@ def test_weights_digest_names_the_exported_weights(tiny, tmp_path, monkeypatch):
     assert Engine.load(export_model(str(ck), tmp_path / "big")).config.weights_digest == digest
     monkeypatch.undo()
     assert Engine.load(export_model(str(ck), tmp_path / "int8", quantize="int8")).config.weights_digest != digest
+
+
+def test_bitfit_bias_only_fine_tune_exports_exactly(tmp_path):
+    """BitFit trains only the biases (GPT-2's init leaves them zero): a plain checkpoint, exported exactly."""
+    model = make_checkpoint(tmp_path / "base", **SMALL)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "bitfit")
+    shutil.copyfile(tmp_path / "base" / "tokenizer.json", tmp_path / "bitfit" / "tokenizer.json")
+    with torch.no_grad():
+        ref = model(torch.tensor([IDS])).logits[0].numpy()
+        base = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base")(torch.tensor([IDS])).logits[0].numpy()
+    assert np.abs(ref - base).max() > 0.1  # the biases matter
+    engine = export_and_load(tmp_path / "bitfit", tmp_path / "out")
+    np.testing.assert_allclose(logits_of(engine), ref, atol=ATOL, rtol=0)
+    ids = engine.generate(IDS, max_new_tokens=16).token_ids
+    assert ids == model.generate(torch.tensor([IDS]), max_new_tokens=16, do_sample=False,
+                                 pad_token_id=0)[0, len(IDS):].tolist()
