@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_checkpoint
+from test_fp16_cuda import needs_cuda
 from test_parity import kv_layer
 
 from engine import Engine
@@ -92,3 +93,21 @@ def test_manifest_with_an_impossible_padded_head_size_is_refused(padded, bad):
     _, engine, _, _ = padded
     with pytest.raises(ValueError, match="kv_head_size_padded must be 0 or a multiple of 8 >= head_size"):
         replace(engine.config, kv_head_size_padded=bad).validate()
+
+
+@needs_cuda
+def test_padded_heads_on_cuda_fp32_and_fp16(padded):
+    model, cpu, hsp, root = padded
+    ids = [7, 300, 12, 45, 99, 3, 250]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    gpu = Engine.load(root / "onnx", provider="cuda")
+    cache = gpu.model.new_cache(1, len(ids))
+    got = gpu.model.forward(np.array([ids]), np.array([len(ids)]), cache, np.arange(len(ids))[None])[0]
+    np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
+    assert gpu.generate(ids, max_new_tokens=16).token_ids == cpu.generate(ids, max_new_tokens=16).token_ids
+    half = Engine.load(export_model(str(root / "hf"), root / "fp16", dtype="float16"), provider="cuda")
+    assert half.config.kv_head_size == hsp
+    cache = half.model.new_cache(1, len(ids))
+    got = half.model.forward(np.array([ids]), np.array([len(ids)]), cache, np.arange(len(ids))[None])[0]
+    assert np.isfinite(got).all() and np.abs(got - ref).max() < 0.2
