@@ -59,13 +59,15 @@ def _load(model: Optional[str], provider: str, threads: Optional[int], *, dtype:
 def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...) or local Hugging Face folder"),
            output: Path = typer.Option(..., "-o", "--output", help="folder to write"),
            dtype: str = typer.Option("float32", help="float32 | float16 (float16 is for CUDA)"),
-           quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only (MatMulNBits)")):
+           quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only (MatMulNBits)"),
+           adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder (LoRA, IA3) to merge")):
     """Export a GPT-2 checkpoint to model.onnx + kv_copy.onnx + manifest.json + tokenizer.json."""
     from engine.resolve import export
 
     try:
         with err.status(f"exporting {escape(model)}") as status:
-            out = export(model, output, dtype=dtype, quantize=quantize, progress=lambda m: status.update(escape(m)))
+            out = export(model, output, dtype=dtype, quantize=quantize, adapter=adapter,
+                         progress=lambda m: status.update(escape(m)))
     except ValueError as e:
         _fail(e)
     err.print(f"exported {escape(model)} -> {escape(str(out))}")

@@ -65,6 +65,9 @@ class ModelConfig:
     kv_copy_bytes: int = 0  # size of kv_copy.onnx
     external_data: str | None = None  # file holding the weights when the model is over 2 GB
     external_data_bytes: int = 0
+    kv_head_size_padded: int = 0  # 0: heads not padded; else each head zero-padded to this size (a multiple of 8)
+    adapter: str | None = None  # PEFT adapter folder merged into the weights (LoRA, IA3), if any
+    weights_digest: str = ""  # "sha256:..." over the graph's initializers (name, dtype, dims, bytes) in graph order
 
     @property
     def head_size(self) -> int:
@@ -72,8 +75,8 @@ class ModelConfig:
 
     @property
     def kv_head_size(self) -> int:
-        """Head size of the KV buffers the graph reads and writes."""
-        return self.head_size
+        """Head size of the KV buffers the graph reads and writes (the padded head size, if padded)."""
+        return self.kv_head_size_padded or self.head_size
 
     @property
     def np_dtype(self) -> type:
@@ -135,6 +138,10 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or not 0 <= v < self.vocab_size:
                 raise ValueError(f"{where}: {name} {v!r} is outside the vocabulary [0, {self.vocab_size})")
+        kv = self.kv_head_size_padded
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv < 0 or (kv and (kv < self.head_size or kv % 8)):
+            raise ValueError(f"{where}: kv_head_size_padded must be 0 or a multiple of 8 >= head_size "
+                             f"{self.head_size}, got {kv!r}")
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"{where}: dtype must be float32 or float16, got {self.dtype!r}")
         if self.quantization not in (None, "int8", "int4"):

@@ -26,28 +26,30 @@ def bundled() -> Path:
 
 
 def resolve(model: str | Path | None = None, *, dtype: str = "float32", quantize: str | None = None,
-            progress: Progress | None = None) -> Path:
-    """An exported folder for `model`; checkpoints are exported once into cache_root() and reused."""
+            adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
+    """An exported folder for `model`; checkpoints (with a PEFT LoRA/IA3 adapter merged, if given) are
+    exported once into cache_root() and reused."""
     spec = str(bundled() if model is None else model)
     path = Path(spec).expanduser()
     if (path / C.MANIFEST_NAME).is_file():
-        if dtype != "float32" or quantize:
-            raise ValueError(f"{path} is already exported; dtype and quantize apply to checkpoints "
+        if dtype != "float32" or quantize or adapter:
+            raise ValueError(f"{path} is already exported; dtype, quantize and adapter apply to checkpoints "
                              "(pass the Hugging Face folder or Hub id instead)")
         return path
     if (path / C.MODEL_NAME).is_file():  # an exported folder that lost its manifest: no checkpoint to export
         C.ModelConfig.load(path)  # raises ValueError naming manifest.json
     from export.cache import resolve_model  # the exporter, only now
 
-    return resolve_model(spec, dtype=dtype, quantize=quantize, progress=progress)
+    return resolve_model(spec, dtype=dtype, quantize=quantize, adapter=None if adapter is None else str(adapter),
+                         progress=progress)
 
 
 def export(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
-           progress: Progress | None = None) -> Path:
-    """Export a checkpoint (Hugging Face folder or Hub id) into the folder `out`."""
-    from export import export_model  # the exporter, only now
+           adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
+    """Export a checkpoint (Hugging Face folder or Hub id, with a PEFT adapter merged) into the folder `out`."""
+    from export.exporter import export_model  # the exporter, only now
 
-    return export_model(model, out, dtype=dtype, quantize=quantize, progress=progress)
+    return export_model(model, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)
 
 
 def cache_entries() -> list[dict]:

@@ -1,5 +1,14 @@
-"""Hugging Face GPT-2 checkpoint -> ONNX model folder (model.onnx, manifest.json, tokenizer.json)."""
+"""Hugging Face GPT-2 checkpoint -> ONNX model folder (model.onnx, kv_copy.onnx, manifest.json, tokenizer.json)."""
 
-from export.exporter import EXPORTER_VERSION, export_model
+EXPORTER_VERSION = "0.3.1"  # part of the export cache key: bump when exports change
 
 __all__ = ["export_model", "EXPORTER_VERSION"]
+
+
+def __getattr__(name: str):
+    """export_model on first use, so `export.cache` and `export.checkpoint` alone do not import onnx."""
+    if name == "export_model":
+        from export import exporter
+
+        return exporter.export_model
+    raise AttributeError(f"module 'export' has no attribute {name!r}")

@@ -4,42 +4,53 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Callable
 from pathlib import Path
 
 from engine import config as C
-from export.exporter import EXPORTER_VERSION, Progress, export_model
+from engine.config import cache_root
+from export import EXPORTER_VERSION
+
+Progress = Callable[[str], None]
 
 
-def cache_root() -> Path:
-    """$GPT2_ONNX_CACHE, else $XDG_CACHE_HOME/gpt2-onnx, else ~/.cache/gpt2-onnx."""
-    if os.environ.get("GPT2_ONNX_CACHE"):
-        return Path(os.environ["GPT2_ONNX_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpt2-onnx"
+def _files(folder: Path) -> list[str]:
+    """name:size:mtime of every file in a folder: a changed checkpoint or adapter gets a fresh export."""
+    parts = [str(folder.resolve())]
+    for f in sorted(folder.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return parts
 
 
-def _fingerprint(spec: str, dtype: str, quantize: str | None) -> str:
+def _fingerprint(spec: str, dtype: str, quantize: str | None, adapter: str | None = None) -> str:
     path = Path(spec).expanduser()
     parts = [EXPORTER_VERSION, dtype, str(quantize)]
-    if path.is_dir():
-        parts.append(str(path.resolve()))
-        for f in sorted(path.iterdir()):  # a changed checkpoint gets a fresh export
-            if f.is_file():
-                st = f.stat()
-                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
-    else:
-        parts.append(spec)
+    parts += _files(path) if path.is_dir() else [spec]
+    if adapter is not None:
+        parts += ["adapter", *_files(Path(adapter).expanduser())]
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def resolve_model(spec: str, *, dtype: str = "float32", quantize: str | None = None,
+def resolve_model(spec: str, *, dtype: str = "float32", quantize: str | None = None, adapter: str | None = None,
                   progress: Progress | None = None) -> Path:
-    """An exported folder as is; a checkpoint (HF folder or Hub id) exported once into the cache."""
+    """An exported folder as is; a checkpoint (HF folder or Hub id), with an optional PEFT adapter folder
+    (LoRA, IA3) merged in, exported once into the cache."""
     path = Path(spec).expanduser()
+    if adapter is not None and not Path(adapter).expanduser().is_dir():
+        raise ValueError(f"adapter {adapter}: no such folder; pass the folder PeftModel.save_pretrained wrote")
     if (path / C.MANIFEST_NAME).is_file():
+        if adapter is not None:
+            raise ValueError(f"{spec} is already exported; an adapter is merged at export: pass the base "
+                             "checkpoint with the adapter instead")
         return path
     name = Path(spec).name or "model"
-    out = cache_root() / f"{name}-{_fingerprint(spec, dtype, quantize)}"
+    if adapter is not None:
+        name += "+" + (Path(adapter).expanduser().resolve().name or "adapter")
+    out = cache_root() / f"{name}-{_fingerprint(spec, dtype, quantize, adapter)}"
     if (out / C.MANIFEST_NAME).is_file():
         return out
-    return export_model(spec, out, dtype=dtype, quantize=quantize, progress=progress)
+    from export.exporter import export_model  # onnx and the rest, only to export
+
+    return export_model(spec, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)

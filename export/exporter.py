@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -12,44 +14,55 @@ from pathlib import Path
 import numpy as np
 
 from engine import config as C
-from export import checkpoint
+from export import EXPORTER_VERSION, checkpoint
 from export.graph import build, build_kv_copy
 
-EXPORTER_VERSION = "0.2.1"  # part of the export cache key: bump when exports change
 TWO_GB = 2**31 - 1
 DATA_NAME = "model.onnx.data"
 
 Progress = Callable[[str], None]
 
 
-def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | None) -> tuple[C.ModelConfig, float, list[float]]:
-    hf = ck.config
+# Activations that are the tanh-approximated GELU of GPT-2, which FastGelu computes. gelu_fast writes
+# sqrt(2/pi) as 0.7978845608 and x + 0.044715 x^3 as x (1 + 0.044715 x^2): equal up to fp32 rounding.
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+GQA_HEAD_MULTIPLE = 8  # GroupQueryAttention's head size must be a multiple of this
+
+
+def _model_config(ck: checkpoint.Checkpoint, dtype: str, quantization: str | None,
+                  adapter: str | None) -> tuple[C.ModelConfig, float, list[float]]:
+    hf, where = ck.config, f"{ck.folder / 'config.json'}"
     n_layer, n_head, n_embd = hf.get("n_layer", 12), hf.get("n_head", 12), hf.get("n_embd", 768)
-    vocab = int(ck.weights["wte.weight"].shape[0])
+    wte = ck.weights.get("wte.weight")
+    vocab = int(wte.shape[0]) if wte is not None else hf.get("vocab_size", 50257)
     eos = hf.get("eos_token_id", 50256)
     bos = hf.get("bos_token_id", eos)
-    cfg = C.ModelConfig(
+    fields = dict(
         n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=hf.get("n_positions", 1024), vocab_size=vocab,
         eos_token_id=eos if isinstance(eos, int) else eos[0], bos_token_id=bos if isinstance(bos, int) else bos[0],
         dtype=dtype, quantization=quantization, source=ck.source, name=ck.name, exporter_version=EXPORTER_VERSION,
+        adapter=adapter,
     )
-    cfg.validate(f"{ck.folder / 'config.json'}")
-    if hf.get("n_inner") not in (None, 4 * n_embd):
-        raise ValueError(f"{ck.folder / 'config.json'}: n_inner {hf['n_inner']} is not 4*n_embd; not supported")
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"{ck.folder / 'config.json'}: activation_function {hf['activation_function']!r} "
-                         "is not supported (gelu_new or gelu_pytorch_tanh, the tanh-approximated GELU of GPT-2)")
+    C.ModelConfig(**fields).validate(where)
     hs = n_embd // n_head
+    if hs % GQA_HEAD_MULTIPLE:  # zero-pad each head (exact, see graph.pad_heads)
+        fields["kv_head_size_padded"] = -(-hs // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
+    cfg = C.ModelConfig(**fields)
+    if hf.get("n_inner") not in (None, 4 * n_embd):
+        raise ValueError(f"{where}: n_inner {hf['n_inner']} is not 4*n_embd; not supported")
+    if hf.get("activation_function", "gelu_new") not in TANH_GELU:
+        raise ValueError(f"{where}: activation_function {hf['activation_function']!r} is not supported "
+                         "(gelu_new, gelu_pytorch_tanh or gelu_fast, the tanh-approximated GELU of GPT-2)")
     scales = []
     for i in range(n_layer):
-        s = 1.0 / np.sqrt(hs) if hf.get("scale_attn_weights", True) else 1.0
+        s = 1.0 / np.sqrt(hs) if hf.get("scale_attn_weights", True) else 1.0  # the real head size, padded or not
         if hf.get("scale_attn_by_inverse_layer_idx", False):
             s /= i + 1
         scales.append(float(s))
     return cfg, float(hf.get("layer_norm_epsilon", 1e-5)), scales
 
 
-def _check_weights(cfg: C.ModelConfig, w: dict[str, np.ndarray], folder: Path) -> None:
+def _expected_shapes(cfg: C.ModelConfig) -> dict[str, tuple[int, ...]]:
     E, V, P = cfg.n_embd, cfg.vocab_size, cfg.n_positions
     expect = {"wte.weight": (V, E), "wpe.weight": (P, E), "ln_f.weight": (E,), "ln_f.bias": (E,)}
     for i in range(cfg.n_layer):
@@ -61,38 +74,143 @@ def _check_weights(cfg: C.ModelConfig, w: dict[str, np.ndarray], folder: Path) -
             f"{p}.mlp.c_fc.weight": (E, 4 * E), f"{p}.mlp.c_fc.bias": (4 * E,),
             f"{p}.mlp.c_proj.weight": (4 * E, E), f"{p}.mlp.c_proj.bias": (E,),
         }
-    for name, shape in expect.items():
-        if name not in w:
-            raise ValueError(f"{folder}: weight {name} is missing; is this a complete GPT-2 checkpoint?")
-        if tuple(w[name].shape) != shape:
-            raise ValueError(f"{folder}: weight {name} has shape {tuple(w[name].shape)}, config implies {shape}")
+    return expect
+
+
+def _natural(name: str) -> list:
+    """Sort key that puts h.2 before h.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _some(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "") if names else "none"
+
+
+def _check_weights(cfg: C.ModelConfig, w: dict[str, np.ndarray], folder: Path, hf: dict) -> None:
+    """Every weight the config implies is there with its shape, and nothing else is (lm_head optional)."""
+    expect = _expected_shapes(cfg)
+    if hf.get("tie_word_embeddings", True) is False:  # transformers would initialize a missing head at random
+        expect["lm_head.weight"] = (cfg.vocab_size, cfg.n_embd)
+    missing = sorted(set(expect) - set(w), key=_natural)
+    leftover = sorted(set(w) - set(expect) - {"lm_head.weight"}, key=_natural)
+    if missing or leftover:
+        raise ValueError(
+            f"{folder}: the weights do not match config.json (n_layer {cfg.n_layer}, n_embd {cfg.n_embd}): "
+            f"missing {_some(missing)}; not used {_some(leftover)}. Check that config.json belongs to these "
+            "weights and that the checkpoint is a GPT-2 language model (GPT2LMHeadModel or GPT2Model)"
+        )
+    expect.setdefault("lm_head.weight", (cfg.vocab_size, cfg.n_embd))
+    for name, arr in w.items():
+        if tuple(arr.shape) != expect[name]:
+            raise ValueError(f"{folder}: weight {name} has shape {tuple(arr.shape)}, config implies {expect[name]}")
     if "lm_head.weight" in w and np.array_equal(w["lm_head.weight"], w["wte.weight"]):
         del w["lm_head.weight"]  # tied: store wte once
 
 
+NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+GPT2_SPECIAL = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+
+
+def _content(token) -> str:
+    return token if isinstance(token, str) else token["content"]
+
+
+def _added_token(token, special: bool):
+    """A token from tokenizer_config / special_tokens_map (a string or a dict of AddedToken fields)."""
+    from tokenizers import AddedToken
+
+    if isinstance(token, str):
+        return AddedToken(token, special=special)
+    flags = {k: token[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in token}
+    return AddedToken(token["content"], special=special or bool(token.get("special")), **flags)
+
+
+def _added_tokens(folder: Path, config: dict) -> list[tuple[int | None, object]]:
+    """(declared id or None, AddedToken) in the order transformers' GPT2Tokenizer adds them.
+
+    tokenizer_config.json's added_tokens_decoder when it has one; else the legacy files:
+    special_tokens_map.json (overriding tokenizer_config's named tokens) and added_tokens.json
+    ({token: id}; special if named in either). Then every named or extra special token not yet
+    added, with GPT-2's defaults (<|endoftext|> for bos, eos and unk).
+    """
+    named = {k: config[k] for k in NAMED_SPECIAL if config.get(k)}
+    extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+    extra = list(extra.values() if isinstance(extra, dict) else extra)
+    if "added_tokens_decoder" in config:
+        added = [(int(i), _added_token(t, False)) for i, t in config["added_tokens_decoder"].items()]
+    else:
+        for key, value in _read_json(folder / "special_tokens_map.json").items():
+            if key in ("additional_special_tokens", "extra_special_tokens"):
+                extra += [t for t in (value.values() if isinstance(value, dict) else value) if t not in extra]
+            elif key in NAMED_SPECIAL and value:
+                named[key] = value
+        special = {_content(t) for t in [*named.values(), *extra]}
+        from tokenizers import AddedToken
+
+        added = [(int(i), AddedToken(t, lstrip=False, rstrip=False, normalized=t not in special, special=t in special))
+                 for t, i in _read_json(folder / "added_tokens.json").items()]
+    added.sort(key=lambda it: it[0])
+    have = {tok.content for _, tok in added}
+    named = {**GPT2_SPECIAL, **named}
+    for token in [*(named[k] for k in NAMED_SPECIAL if named.get(k)), *extra]:  # transformers' order
+        if _content(token) not in have:
+            added.append((None, _added_token(token, True)))
+            have.add(_content(token))
+    return added
+
+
 def write_tokenizer(folder: Path, dest: Path) -> None:
-    """Copy tokenizer.json, or build it from vocab.json + merges.txt (GPT-2 byte-level BPE)."""
+    """Copy tokenizer.json, or build it from vocab.json + merges.txt (GPT-2 byte-level BPE) with the
+    added and special tokens of added_tokens.json / tokenizer_config.json / special_tokens_map.json,
+    as transformers' GPT2Tokenizer reads them."""
     if (folder / C.TOKENIZER_NAME).is_file():
         shutil.copyfile(folder / C.TOKENIZER_NAME, dest)
         return
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     if not (vocab.is_file() and merges.is_file()):
         raise ValueError(f"{folder} has no tokenizer: expected tokenizer.json or vocab.json + merges.txt")
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
+    config = _read_json(folder / "tokenizer_config.json")
+    if config.get("split_special_tokens"):
+        raise ValueError(f"{folder / 'tokenizer_config.json'}: split_special_tokens is not supported; "
+                         "save the tokenizer as tokenizer.json (tokenizer.save_pretrained) and export again")
     tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(config.get("add_prefix_space", False)))
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    if "<|endoftext|>" in json.loads(vocab.read_text()):
-        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    added = _added_tokens(folder, config)
+    tok.add_tokens([t for _, t in added])
+    for declared, t in added:
+        if declared is not None and tok.token_to_id(t.content) != declared:
+            raise ValueError(f"{folder}: added token {t.content!r} is declared with id {declared} but follows "
+                             f"the vocabulary as id {tok.token_to_id(t.content)}; the tokenizer files disagree")
     tok.save(str(dest))
 
 
+def weights_digest(proto) -> str:
+    """sha256 over the graph's initializers (name, dtype, dims, bytes) in graph order."""
+    h = hashlib.sha256()
+    for t in proto.graph.initializer:
+        h.update(f"{t.name}\0{t.data_type}\0{list(t.dims)}\0".encode())
+        h.update(t.raw_data)
+    return "sha256:" + h.hexdigest()
+
+
 def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
-                 progress: Progress | None = None) -> Path:
+                 adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
     """Export a GPT-2 checkpoint (Hub id or HF folder) to `out`; returns the folder.
 
+    `adapter`: a PEFT LoRA or IA3 adapter folder merged into the weights (export.adapters).
     The folder is written atomically: a failed export leaves no half-written model behind.
     """
     say = progress or (lambda msg: None)
@@ -108,8 +226,14 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
 
     say(f"reading checkpoint {model}")
     ck = checkpoint.load(model)
-    cfg, eps, scales = _model_config(ck, dtype, quantize)
-    _check_weights(cfg, ck.weights, ck.folder)
+    adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
+    cfg, eps, scales = _model_config(ck, dtype, quantize, adapter)
+    _check_weights(cfg, ck.weights, ck.folder, ck.config)
+    if adapter:
+        from export.adapters import merge_adapter
+
+        say(f"merging adapter {adapter}")
+        ck.weights = merge_adapter(ck.weights, adapter)
 
     quantizer = None
     if quantize:
@@ -128,6 +252,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
         import onnx
 
         say("writing model.onnx")
+        digest = weights_digest(proto)  # before saving: external data moves the bytes out of the proto
         big = _over_2gb(proto)
         onnx_path = tmp / C.MODEL_NAME
         if big:
@@ -137,7 +262,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
             onnx.save_model(proto, str(onnx_path))
         onnx.save_model(build_kv_copy(cfg), str(tmp / C.COPY_MODEL_NAME))
         write_tokenizer(ck.folder, tmp / C.TOKENIZER_NAME)
-        final = C.ModelConfig(**{**cfg.__dict__, "onnx_bytes": onnx_path.stat().st_size,
+        final = C.ModelConfig(**{**cfg.__dict__, "onnx_bytes": onnx_path.stat().st_size, "weights_digest": digest,
                                  "kv_copy_bytes": (tmp / C.COPY_MODEL_NAME).stat().st_size,
                                  "external_data": DATA_NAME if big else None,
                                  "external_data_bytes": (tmp / DATA_NAME).stat().st_size if big else 0})

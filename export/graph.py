@@ -3,7 +3,8 @@
 Per layer: MatMul+Add -> GroupQueryAttention (packed QKV, past/present KV that may share one
 max-length buffer) -> MatMul -> SkipLayerNormalization -> MatMul -> FastGelu (= gelu_new, bias
 fused) -> MatMul -> SkipLayerNormalization. The embedding Gather and the LM head share `wte`;
-the LM head runs only on the positions named by `logits_index`.
+the LM head runs only on the positions named by `logits_index`. Heads whose size is not a multiple
+of 8 (which GroupQueryAttention needs) are zero-padded to `cfg.kv_head_size` (see `pad_heads`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,28 @@ class _Builder:
         return outs
 
 
+def pad_heads(cfg: C.ModelConfig, w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Zero-pad every attention head from head_size to cfg.kv_head_size; exact.
+
+    The q/k/v columns of c_attn get zero columns, so the padded q.k terms are 0 * 0 and the padded
+    value dims are 0; the rows of attn.c_proj that read those value dims are zero too. The attention
+    scale stays 1/sqrt(head_size): it is passed to GroupQueryAttention explicitly.
+    """
+    E, nh, hs, hp = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.kv_head_size
+    if hp == hs:
+        return w
+    out = dict(w)
+    for i in range(cfg.n_layer):
+        p = f"h.{i}.attn"
+        qkv = w[f"{p}.c_attn.weight"].reshape(E, 3, nh, hs)  # (E, q|k|v, nh, hs)
+        out[f"{p}.c_attn.weight"] = np.pad(qkv, [(0, 0), (0, 0), (0, 0), (0, hp - hs)]).reshape(E, 3 * nh * hp)
+        bias = w[f"{p}.c_attn.bias"].reshape(3, nh, hs)  # (q|k|v, nh, hs)
+        out[f"{p}.c_attn.bias"] = np.pad(bias, [(0, 0), (0, 0), (0, hp - hs)]).reshape(3 * nh * hp)
+        proj = w[f"{p}.c_proj.weight"].reshape(nh, hs, E)  # (nh, hs, E): input rows per head
+        out[f"{p}.c_proj.weight"] = np.pad(proj, [(0, 0), (0, hp - hs), (0, 0)]).reshape(nh * hp, E)
+    return out
+
+
 def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scales: list[float],
           quantize=None) -> onnx.ModelProto:
     """Return the ONNX model for GPT-2 weights `w` (canonical names, float32 numpy).
@@ -47,6 +70,7 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
     """
     np_dtype = cfg.np_dtype
     onnx_dtype = TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
+    w = pad_heads(cfg, w)
     b = _Builder()
 
     def W(name: str) -> str:
@@ -78,7 +102,7 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
 
     for i in range(cfg.n_layer):
         p = f"h.{i}"
-        qkv = linear(x, f"{p}.attn.c_attn")  # (B, S, 3 * n_embd): q heads | k heads | v heads
+        qkv = linear(x, f"{p}.attn.c_attn")  # (B, S, 3 * n_head * kv_head_size): q heads | k heads | v heads
         attn, _, _ = b.op(
             "GroupQueryAttention",
             [qkv, "", "", C.PAST_KEY.format(i=i), C.PAST_VALUE.format(i=i), C.SEQLENS_K, C.TOTAL_SEQUENCE_LENGTH],

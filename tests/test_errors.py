@@ -200,7 +200,8 @@ def test_external_data_export_loads_and_detects_truncation(tiny, tmp_path, monke
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("activation_function", "relu", r"activation_function 'relu' is not supported \(gelu_new or gelu_pytorch_tanh"),
+    ("activation_function", "relu",
+     r"activation_function .relu. is not supported \(gelu_new, gelu_pytorch_tanh or gelu_fast"),
     ("n_inner", 48, r"n_inner 48 is not 4\*n_embd"),
 ])
 def test_unsupported_gpt2_variant_is_refused_before_writing(tmp_path, field, value, match):

@@ -138,7 +138,7 @@ def test_api_key_queue_full_and_requests_that_can_never_fit(tiny, monkeypatch):
         r = post(s.url, {"prompt": "x", "n": 2}, headers=auth)  # 2 sequences, a queue of 1: never fits
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         with ThreadPoolExecutor(2) as pool:
-            busy = [pool.submit(post, s.url, {"prompt": "x", "max_tokens": 40, "temperature": 0}, headers=auth)
+            busy = [pool.submit(post, s.url, {"prompt": "x", "max_tokens": 100, "temperature": 0}, headers=auth)
                     for _ in range(2)]
             deadline = time.time() + 10
             while httpx.get(s.url + "/health").json()["queue_depth"] < 1:  # one runs, one waits
