@@ -95,6 +95,7 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
              stop: Optional[list[str]] = typer.Option(None, help="stop string (repeatable); not printed"),
              provider: str = typer.Option("auto", help="auto | cpu | cuda"),
              threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)"),
+             prefix_adapter: Optional[Path] = typer.Option(None, help="a peft prefix-tuning adapter to generate after"),
              stats: bool = typer.Option(False, "--stats", help="print tokens, finish reason and timing to stderr")):
     """Generate a continuation of PROMPT (with the bundled Tiny Shakespeare model by default).
 
@@ -127,9 +128,10 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
 
     try:
         engine = _load(model, provider, threads)
+        prefix = engine.load_prefix(prefix_adapter) if prefix_adapter is not None else None
         for step in engine.stream_batch([prompt], max_new_tokens=max_new_tokens, temperature=temperature,
                                         top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                                        stop=stop or None, n=samples):
+                                        stop=stop or None, n=samples, prefix=prefix):
             steps[step.row].append(step)
             if stream:
                 show()
@@ -246,6 +248,8 @@ def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_
           max_batch: int = typer.Option(16, help="sequences decoded together (KV rows)"),
           max_queue: int = typer.Option(256, help="waiting sequences before 429"),
           prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
+          prefix_adapter: Optional[list[str]] = typer.Option(None, help="NAME=DIR: a peft prefix-tuning adapter "
+                                                             "served as model NAME (repeatable)"),
           provider: str = typer.Option("auto", help="auto | cpu | cuda"),
           threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)")):
     """Serve an OpenAI-compatible /v1/completions API with continuous batching."""
@@ -255,8 +259,14 @@ def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_
         _fail(ValueError(f"the server needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
     try:
         engine = _load(model, provider, threads)
+        prefixes = {}
+        for spec in prefix_adapter or []:
+            name, sep, folder = spec.partition("=")
+            if not (sep and name and folder):
+                raise ValueError(f"--prefix-adapter takes NAME=DIR, got {spec!r}")
+            prefixes[name] = engine.load_prefix(folder)
         app_ = create_app(engine, model_id=served_model_name, api_key=api_key, max_batch=max_batch,
-                          max_queue=max_queue, prefix_cache_mb=prefix_cache_mb)
+                          max_queue=max_queue, prefix_cache_mb=prefix_cache_mb, prefixes=prefixes)
     except ValueError as e:
         _fail(ValueError(str(e).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
                          .replace("prefix_cache_mb", "--prefix-cache-mb").replace("api_key", "--api-key")))

@@ -14,7 +14,7 @@ MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
 COPY_MODEL_NAME = "kv_copy.onnx"  # copies KV rows between buffers on the session's device
 TOKENIZER_NAME = "tokenizer.json"
-FORMAT_VERSION = 3  # bump when the graph contract changes; the engine refuses other versions
+FORMAT_VERSION = 4  # bump when the graph contract changes; the engine refuses other versions
 
 # Graph I/O names. Layer-indexed names come from these templates, never from substring search.
 INPUT_IDS = "input_ids"
@@ -29,6 +29,8 @@ PAST_KEY = "past_key_values.{i}.key"
 PAST_VALUE = "past_key_values.{i}.value"
 PRESENT_KEY = "present.{i}.key"
 PRESENT_VALUE = "present.{i}.value"
+# facts the exporter writes into model.onnx's metadata; the engine checks them against the manifest
+GRAPH_FACTS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "kv_head_size", "weights_digest")
 # kv_copy.onnx: for every KV buffer j (past-name order) dst.{j} = Pad(Slice(src.{j}, :length on axis 2), pads)
 COPY_SRC = "src.{j}"
 COPY_DST = "dst.{j}"
@@ -82,6 +84,10 @@ class ModelConfig:
     def np_dtype(self) -> type:
         """numpy dtype of activations and KV buffers."""
         return np.float16 if self.dtype == "float16" else np.float32
+
+    def graph_facts(self) -> dict[str, str]:
+        """GRAPH_FACTS of this config, as model.onnx's metadata holds them."""
+        return {k: str(getattr(self, k)) for k in GRAPH_FACTS}
 
     def past_names(self) -> list[str]:
         return [t.format(i=i) for i in range(self.n_layer) for t in (PAST_KEY, PAST_VALUE)]

@@ -120,12 +120,13 @@ class Sequence:
     logprobs and outcome. Seeded sequences draw from numpy's default_rng([seed, row])."""
 
     def __init__(self, context: list[int], options: GenerationOptions, *, row: int, eos_token_id: int | None,
-                 tokenizer: Tokenizer | None = None, on_step: Callable[[Step], None] | None = None):
+                 tokenizer: Tokenizer | None = None, on_step: Callable[[Step], None] | None = None, virtual: int = 0):
         self.context, self.options, self.row = context, options, row
+        self.virtual = virtual  # leading virtual tokens (a prefix-tuning adapter): no text, no repetition penalty
         self.eos_token_id = None if options.ignore_eos else eos_token_id
         self.sampling = options.sampling
         self.rng = np.random.default_rng(None if options.seed is None else [options.seed, row])
-        self.stream = TextStream(tokenizer, context[-5:]) if tokenizer is not None else None
+        self.stream = TextStream(tokenizer, context[virtual:][-5:]) if tokenizer is not None else None
         self.stop = StopText(options.stop)
         self.on_step = on_step
         self.tokens: list[int] = []
@@ -146,7 +147,8 @@ class Sequence:
         """The next token: the graph's argmax, or a choice from this row's logits (V,)."""
         if logits is None:
             return int(greedy_id)
-        seen = np.array(self.context + self.tokens, np.int64) if self.sampling.repetition_penalty != 1.0 else None
+        seen = (np.array(self.context[self.virtual:] + self.tokens, np.int64)
+                if self.sampling.repetition_penalty != 1.0 else None)
         tok = choose(logits, self.sampling, self.rng, seen)
         if self.options.logprobs:  # under the model's own distribution, before sampling filters
             self.logprobs.append(float(log_softmax(logits)[tok]))
@@ -181,15 +183,33 @@ class Sequence:
 
 @dataclass(eq=False)
 class Prefix:
-    """Token ids and their KV (a one-row cache), reusable by sequences whose context starts with them."""
+    """Token ids and their KV (a one-row cache), reusable by sequences whose context starts with them.
+
+    `model` is the weights digest of the model that computed it (another model refuses it). A
+    prefix-tuning adapter's prefix has `virtual` leading tokens with no real ids: they get ids below
+    zero, unique in the process, so they match only themselves.
+    """
 
     token_ids: tuple[int, ...]
     cache: KVCache
     last_logits: np.ndarray | None = None  # (V,) logits after the last token, when computed by Engine.prefill
+    model: str = ""
+    virtual: int = 0
+    name: str = ""
     ids: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ids = np.array(self.token_ids, np.int64)
+
+
+_virtual_next = [-1]
+
+
+def virtual_ids(n: int) -> tuple[int, ...]:
+    """n placeholder ids (< 0) for virtual tokens, never handed out twice in this process."""
+    start = _virtual_next[0]
+    _virtual_next[0] -= n
+    return tuple(range(start, start - n, -1))
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -328,6 +348,8 @@ class Core:
             if len(s.context) + s.options.max_new_tokens > self.pool.max_length:
                 raise ValueError(f"context of {len(s.context)} tokens + max_new_tokens {s.options.max_new_tokens} "
                                  f"does not fit this pool's {self.pool.max_length} positions")
+            if s.virtual and not any(p.token_ids == tuple(s.context[: s.virtual]) for p in self.prefixes.pinned):
+                raise ValueError("a sequence after a prefix-tuning prefix needs that prefix pinned in the core")
         with self.lock:
             self.waiting.extend(seqs)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from engine import config as C
-from engine.core import GenerationOptions, Prefix, Sequence as Seq, Step
+from engine.core import GenerationOptions, Prefix, Sequence as Seq, Step, virtual_ids
 from engine.generator import Generator
 from engine.model import Model
-from engine.resolve import resolve
+from engine.resolve import read_prefix_adapter, resolve
 from engine.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -66,7 +66,11 @@ class Engine:
         folder = resolve(model, dtype=dtype, quantize=quantize, progress=progress)
         cfg = C.ModelConfig.load(folder)
         model = Model(folder, cfg, provider=provider, threads=threads, cuda_graph=cuda_graph)
-        return cls(folder, cfg, model, Tokenizer(folder / C.TOKENIZER_NAME))
+        tokenizer = Tokenizer(folder / C.TOKENIZER_NAME)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"{folder / C.TOKENIZER_NAME} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                             f"is {cfg.vocab_size}: it belongs to another model; re-export with gpt2-onnx export")
+        return cls(folder, cfg, model, tokenizer)
 
     @property
     def provider(self) -> str:
@@ -110,15 +114,20 @@ class Engine:
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not len(prompts):
             raise ValueError("prompts must be a non-empty list of prompts (strings or token id lists)")
         if prefix is not None and not isinstance(prefix, Prefix):
-            raise ValueError("prefix must come from engine.prefill(...)")
+            raise ValueError("prefix must come from engine.prefill(...) or engine.load_prefix(...)")
+        if prefix is not None and (prefix.model != self.config.weights_digest
+                                   or prefix.cache.shape[1:] != (self.config.n_head, len(prefix.token_ids),
+                                                                 self.config.kv_head_size)):
+            raise ValueError(f"this prefix was computed by another model (weights {prefix.model or '?'}, this "
+                             f"engine's {self.config.weights_digest or '?'}); compute it with this engine's prefill")
         contexts = []
         for p in prompts:
-            ids = self.encode(p, empty_ok=prefix is not None)
+            ids = self.encode(p, empty_ok=prefix is not None and not prefix.virtual)
             context = list(prefix.token_ids) + ids if prefix is not None else ids
             self.check_length(len(context), options.max_new_tokens)
             contexts.append(context)
-        n, eos = options.n, self.config.eos_token_id
-        return [Seq(c, options, row=p * n + i, eos_token_id=eos, tokenizer=self.tokenizer)
+        n, eos, virtual = options.n, self.config.eos_token_id, prefix.virtual if prefix is not None else 0
+        return [Seq(c, options, row=p * n + i, eos_token_id=eos, tokenizer=self.tokenizer, virtual=virtual)
                 for p, c in enumerate(contexts) for i in range(n)]
 
     # ---- generation -------------------------------------------------------------------------
@@ -128,7 +137,20 @@ class Engine:
         self.check_length(len(ids), 0)
         cache = self.model.new_cache(1, len(ids))
         _, logits = self.model.run(cache, np.array([ids]), np.array([len(ids)]), np.array([[len(ids) - 1]]))
-        return Prefix(tuple(ids), cache, logits[0, 0])
+        return Prefix(tuple(ids), cache, logits[0, 0], model=self.config.weights_digest)
+
+    def load_prefix(self, adapter: str | Path) -> Prefix:
+        """A peft prefix-tuning adapter (PrefixTuningConfig) as a Prefix for generate(..., prefix=).
+
+        Its virtual tokens' KV goes to the device once; prompts follow it from position
+        num_virtual_tokens on, as under peft, and count against n_positions. An empty prompt after it
+        starts from <|endoftext|>, as an empty prompt does without a prefix.
+        """
+        arrays = read_prefix_adapter(adapter, self.config)
+        T = arrays[0].shape[2]
+        cache = self.model.new_cache(1, T)
+        cache.write(arrays, T)
+        return Prefix(virtual_ids(T), cache, model=self.config.weights_digest, virtual=T, name=str(adapter))
 
     def stream_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,

@@ -50,6 +50,17 @@ class KVCache:
         """Device address of `row` in buffer j (past-name order)."""
         return self._base[j] + row * self.row_bytes
 
+    def write(self, arrays: list[np.ndarray], length: int) -> None:
+        """Fill every row from host arrays of this cache's shape (once, e.g. an adapter's prefix)."""
+        for j, a in enumerate(arrays):
+            if a.shape != self.shape:
+                raise ValueError(f"KV array {j} has shape {a.shape}, the cache {self.shape}")
+            if self._host is not None:
+                self._host[j][...] = a
+            else:
+                self.values[j].update_inplace(np.ascontiguousarray(a, dtype=self.dtype))
+        self.lengths[:] = length
+
     def host_arrays(self) -> list[np.ndarray]:
         """The buffers as numpy arrays, in past-name order (views on CPU, copies from a device)."""
         self.host_reads += 1

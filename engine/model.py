@@ -97,7 +97,22 @@ class Model:
                 C.LOGITS_ROWS] + cfg.past_names()
         have = [i.name for i in self.session.get_inputs()]
         if sorted(have) != sorted(want):
-            raise ValueError(f"{path} inputs {have} do not match its manifest (expected {want}); re-export the model")
+            raise ValueError(f"{folder / C.MANIFEST_NAME} does not describe {path} (graph inputs {have}, expected "
+                             f"{want}): the files come from different exports; re-export the model")
+        self._check_graph(folder, path)
+
+    def _check_graph(self, folder: Path, path: Path) -> None:
+        """The manifest must describe this graph: its KV and logits shapes and the facts in its metadata."""
+        cfg, graph = self.cfg, {}
+        past = {i.name: i.shape for i in self.session.get_inputs()}[C.PAST_KEY.format(i=0)]  # (B, nh, T, hs)
+        logits = {o.name: o.shape for o in self.session.get_outputs()}[C.LOGITS]  # (R, K, V)
+        graph.update(n_head=past[1], kv_head_size=past[3], vocab_size=logits[2])
+        graph.update(self.session.get_modelmeta().custom_metadata_map)
+        wrong = [f"{k} {v} in the manifest, {graph.get(k)} in the graph" for k, v in cfg.graph_facts().items()
+                 if str(graph.get(k)) != v]
+        if wrong:
+            raise ValueError(f"{folder / C.MANIFEST_NAME} does not describe {path} ({'; '.join(wrong)}): the files "
+                             "come from different exports; re-export the model with gpt2-onnx export")
 
     def new_cache(self, rows: int, max_length: int) -> KVCache:
         """An empty KV cache of `rows` sequences on this model's device."""

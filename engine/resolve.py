@@ -52,6 +52,13 @@ def export(model: str, out: str | Path, *, dtype: str = "float32", quantize: str
     return export_model(model, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)
 
 
+def read_prefix_adapter(adapter: str | Path, cfg: C.ModelConfig) -> list:
+    """A peft prefix-tuning adapter's virtual-token KV for the model `cfg` (see export.adapters)."""
+    from export.adapters import read_prefix_adapter as read  # safetensors, only now
+
+    return read(adapter, cfg)
+
+
 def cache_entries() -> list[dict]:
     """The exports in the cache: name, folder, bytes, and the manifest's source, dtype and quantization."""
     root, out = C.cache_root(), []

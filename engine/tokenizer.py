@@ -19,6 +19,11 @@ class Tokenizer:
         except Exception as e:
             raise ValueError(f"could not read tokenizer {path}: {e}") from e
 
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer can produce (added tokens included)."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

@@ -253,6 +253,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
 
         say("writing model.onnx")
         digest = weights_digest(proto)  # before saving: external data moves the bytes out of the proto
+        onnx.helper.set_model_props(proto, C.ModelConfig(**{**cfg.__dict__, "weights_digest": digest}).graph_facts())
         big = _over_2gb(proto)
         onnx_path = tmp / C.MODEL_NAME
         if big:

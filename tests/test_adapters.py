@@ -237,3 +237,52 @@ def test_prefix_adapter_for_another_model_is_refused(prefix_adapter, tmp_path):
     (lora / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
     with pytest.raises(ValueError, match="not PREFIX_TUNING; LoRA and IA3 adapters are merged at export"):
         read_prefix_adapter(lora, engine.config)
+
+
+def _peft_greedy(loaded, ids, new):
+    """Greedy ids by full recomputes through PeftModel.forward (see above: peft's generate drops the prefix)."""
+    out = []
+    with torch.no_grad():
+        for _ in range(new):
+            out.append(int(loaded(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax()))
+    return out
+
+
+def test_engine_load_prefix_generates_as_peft(prefix_adapter):
+    _, loaded, engine, adapter = prefix_adapter
+    pre = engine.load_prefix(adapter)
+    T = loaded.active_peft_config.num_virtual_tokens
+    assert pre.virtual == T and pre.cache.lengths.tolist() == [T]
+    r = engine.generate(IDS, prefix=pre, max_new_tokens=10, logprobs=True)
+    assert r.token_ids == _peft_greedy(loaded, IDS, 10) and r.prompt_tokens == T + len(IDS)
+    with torch.no_grad():
+        lp = torch.log_softmax(loaded(input_ids=torch.tensor([IDS + r.token_ids])).logits[0], -1).numpy()
+    np.testing.assert_allclose(r.logprobs, [lp[len(IDS) - 1 + i, t] for i, t in enumerate(r.token_ids)], atol=ATOL)
+    batch = engine.generate_batch([IDS, IDS[:3], IDS], prefix=pre, max_new_tokens=6)  # rows share the prefix's KV
+    assert [b.token_ids for b in batch] == [_peft_greedy(loaded, p, 6) for p in (IDS, IDS[:3], IDS)]
+    empty = engine.generate("", prefix=pre, max_new_tokens=5)  # documented: starts from <|endoftext|>
+    assert empty.token_ids == engine.generate([engine.config.bos_token_id], prefix=pre, max_new_tokens=5).token_ids
+    with pytest.raises(ValueError, match=f"prompt of {T + 60} tokens"):  # the virtual tokens count
+        engine.generate([1] * 60, prefix=pre, max_new_tokens=5)
+
+
+def test_served_prefix_adapters_are_selected_by_model_name(prefix_adapter):
+    from helpers import Server, post
+
+    from engine.server import create_app
+
+    _, loaded, engine, adapter = prefix_adapter
+    pre = engine.load_prefix(adapter)
+    s = Server(create_app(engine, model_id="base", prefixes={"tuned": pre}))
+    try:
+        names = [m["id"] for m in __import__("httpx").get(s.url + "/v1/models").json()["data"]]
+        assert names == ["base", "tuned"]
+        body = {"prompt": IDS, "max_tokens": 8, "temperature": 0}
+        tuned = post(s.url, {**body, "model": "tuned"}).json()
+        plain = post(s.url, {**body, "model": "base"}).json()
+        assert tuned["choices"][0]["text"] == engine.generate(IDS, prefix=pre, max_new_tokens=8).text
+        assert plain["choices"][0]["text"] == engine.generate(IDS, max_new_tokens=8).text
+        assert tuned["usage"]["prompt_tokens"] == pre.virtual + len(IDS)
+        assert post(s.url, {**body, "model": "other"}).status_code == 404
+    finally:
+        s.stop()

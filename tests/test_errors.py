@@ -103,7 +103,7 @@ def test_manifest_from_another_version(export_copy):
     m = json.loads((export_copy / "manifest.json").read_text())
     m["format_version"] = 99
     (export_copy / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match="format_version 99 but this engine reads format 3"):
+    with pytest.raises(ValueError, match="format_version 99 but this engine reads format 4"):
         Engine.load(export_copy)
 
 
@@ -209,3 +209,34 @@ def test_unsupported_gpt2_variant_is_refused_before_writing(tmp_path, field, val
     with pytest.raises(ValueError, match=match):
         export_model(str(tmp_path / "hf"), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_prefix_from_another_model_is_refused(tiny, tmp_path):
+    _, engine, _, _ = tiny
+    from helpers import SHAPES
+
+    make_checkpoint(tmp_path / "hf", seed=99, **SHAPES["tiny"])  # the same shape, other weights
+    other = Engine.load(export_model(str(tmp_path / "hf"), tmp_path / "onnx"))
+    pre = other.prefill([1, 2, 3, 4])
+    with pytest.raises(ValueError, match="this prefix was computed by another model"):
+        engine.generate([5], prefix=pre, max_new_tokens=2)
+    assert other.generate([5], prefix=pre, max_new_tokens=2).token_ids
+
+
+@pytest.mark.parametrize("field, value", [("n_embd", 128), ("n_head", 8), ("vocab_size", 999), ("n_positions", 256),
+                                          ("n_layer", 3)])
+def test_a_manifest_out_of_step_with_the_graph_is_refused_at_load(export_copy, field, value):
+    m = json.loads((export_copy / "manifest.json").read_text())
+    m[field] = value
+    (export_copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=rf"manifest\.json (does not describe|.*inputs).*re-export"):
+        Engine.load(export_copy)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(export_copy, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({f"w{i}": i for i in range(1500)}, unk_token="w0")).save(
+        str(export_copy / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"tokenizer\.json has 1500 tokens but the model's vocabulary is 1000"):
+        Engine.load(export_copy)

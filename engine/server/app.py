@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from engine.core import Core, Sequence, Step
+from engine.core import Core, Prefix, Sequence, Step
 from engine.engine import Engine
 from engine.server.metrics import Metrics
 from engine.server.protocol import (FINISH, CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
@@ -130,10 +130,13 @@ async def _disconnected(request: Request) -> None:
 
 
 def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 16,
-               max_queue: int = 256, shutdown_timeout: float = 10.0, prefix_cache_mb: float = 512) -> FastAPI:
+               max_queue: int = 256, shutdown_timeout: float = 10.0, prefix_cache_mb: float = 512,
+               prefixes: dict[str, Prefix] | None = None) -> FastAPI:
     """The FastAPI app serving `engine` with continuous batching and an automatic prefix cache.
 
     model_id defaults to the model's name from its manifest (a Hub id as given, a folder's name).
+    prefixes: more served models, each the engine after a Prefix (e.g. `engine.load_prefix(peft_dir)`
+    for a prefix-tuning adapter), chosen per request by its "model" field, as vLLM selects adapters.
     """
     for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                              ("prefix_cache_mb", prefix_cache_mb, 0)):
@@ -142,8 +145,11 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
     if api_key == "":
         raise ValueError("api_key is empty: pass a non-empty key, or none to serve without authentication")
     model_id = model_id or engine.config.name or engine.folder.name
+    prefixes = dict(prefixes or {})
+    if model_id in prefixes:
+        raise ValueError(f"prefix name {model_id!r} is the served model's own id; choose another name")
     core = Core(engine.model, slots=max_batch, max_length=engine.config.n_positions,
-                prefix_cache_bytes=int(prefix_cache_mb * 2**20))
+                prefix_cache_bytes=int(prefix_cache_mb * 2**20), pinned=list(prefixes.values()))
     worker = Worker(core, max_queue=max_queue)
     metrics = Metrics(core)
     created = int(time.time())
@@ -183,34 +189,36 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
 
     @app.get("/v1/models", dependencies=[Depends(authorized)], response_model=ModelList)
     async def list_models():
-        return ModelList(data=[ModelCard(id=model_id, created=created)])
+        return ModelList(data=[ModelCard(id=m, created=created) for m in [model_id, *prefixes]])
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)], response_model=CompletionResponse,
               responses={200: {"content": {"text/event-stream": {}},
                                "description": "the completion, or with stream: true server-sent events"}})
     async def completions(body: CompletionRequest, request: Request):
         t0 = time.perf_counter()
-        if body.model not in (None, model_id):
-            raise ApiError(404, f"model {body.model!r} is not served here; this server serves {model_id!r}",
-                           "model", "model_not_found")
+        if body.model not in (None, model_id, *prefixes):
+            raise ApiError(404, f"model {body.model!r} is not served here; this server serves "
+                                f"{[model_id, *prefixes]}", "model", "model_not_found")
+        prefix = prefixes.get(body.model)
         try:
             options = body.to_options()
         except ValueError as e:
             raise ApiError(400, str(e), str(e).split()[0] if str(e).split()[0] in CompletionRequest.model_fields
                            else None) from e
-        ids = []
+        ids, before = [], len(prefix.token_ids) if prefix is not None else 0
         for p in body.prompts():
             try:
-                ids.append(engine.encode(p))
+                ids.append(engine.encode(p, empty_ok=prefix is not None and not prefix.virtual))
             except ValueError as e:
                 raise ApiError(400, str(e), "prompt") from e
         n_pos = engine.config.n_positions
         for x in ids:
-            if len(x) + options.max_new_tokens > n_pos:
-                raise ApiError(400, f"prompt of {len(x)} tokens + max_tokens {options.max_new_tokens} exceeds the "
-                                    f"model's context of n_positions {n_pos}; shorten the prompt or lower max_tokens",
-                               "max_tokens" if len(x) < n_pos else "prompt")
-        seqs = engine.sequences(ids, options)
+            if before + len(x) + options.max_new_tokens > n_pos:
+                head = f"{before} prefix tokens + " if before else ""
+                raise ApiError(400, f"{head}prompt of {len(x)} tokens + max_tokens {options.max_new_tokens} exceeds "
+                                    f"the model's context of n_positions {n_pos}; shorten the prompt or lower max_tokens",
+                               "max_tokens" if before + len(x) < n_pos else "prompt")
+        seqs = engine.sequences(ids, options, prefix=prefix)
         stream = bool(body.stream)
         rid = f"cmpl-{secrets.token_hex(12)}"
         loop = asyncio.get_running_loop()
