@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -127,8 +128,8 @@ def test_wrong_model_body_limit_and_health(server):
 def test_api_key_queue_full_and_requests_that_can_never_fit(tiny, monkeypatch):
     from engine.model import DecodeStep
 
-    real = DecodeStep.__call__
-    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: (time.sleep(0.02), real(self, *a))[1])
+    real, go = DecodeStep.__call__, threading.Event()
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: (go.wait(30), real(self, *a))[1])  # held until go
     _, engine, _, _ = tiny
     s = Server(create_app(engine, model_id="t", api_key="sekrit", max_batch=1, max_queue=1))
     auth = {"authorization": "Bearer sekrit"}
@@ -138,15 +139,16 @@ def test_api_key_queue_full_and_requests_that_can_never_fit(tiny, monkeypatch):
         r = post(s.url, {"prompt": "x", "n": 2}, headers=auth)  # 2 sequences, a queue of 1: never fits
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         with ThreadPoolExecutor(2) as pool:
-            busy = [pool.submit(post, s.url, {"prompt": "x", "max_tokens": 100, "temperature": 0}, headers=auth)
+            busy = [pool.submit(post, s.url, {"prompt": "x", "max_tokens": 5, "temperature": 0}, headers=auth)
                     for _ in range(2)]
-            deadline = time.time() + 10
-            while httpx.get(s.url + "/health").json()["queue_depth"] < 1:  # one runs, one waits
+            deadline = time.time() + 30
+            while httpx.get(s.url + "/health").json()["queue_depth"] < 1:  # one runs (held), one waits
                 assert time.time() < deadline
                 time.sleep(0.01)
             r = post(s.url, {"prompt": "x"}, headers=auth)
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
             assert httpx.get(s.url + "/health").status_code == 200  # health stays open
+            go.set()
             assert [f.result().status_code for f in busy] == [200, 200]
     finally:
         s.stop()
