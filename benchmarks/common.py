@@ -40,7 +40,7 @@ def engine_parser(doc: str | None) -> argparse.ArgumentParser:
 
 def load_engine(args: argparse.Namespace):
     """The CPU engine for args.checkpoint (exported once into the cache)."""
-    from engine import Engine
+    from gpt2_onnx import Engine
 
     return Engine.load(str(checkpoint(args.checkpoint)), provider="cpu", threads=args.threads)
 

@@ -40,8 +40,8 @@ def main() -> None:
 
     from benchmarks.common import write_id_tokenizer
     from benchmarks.systems import measure
-    from engine import Engine
-    from export import export_model
+    from gpt2_onnx import Engine
+    from gpt2_onnx.export import export_model
 
     dev = "cuda" if args.provider == "cuda" and torch.cuda.is_available() else "cpu"
     cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4, n_positions=1024) if args.smoke else GPT2Config()
@@ -149,7 +149,7 @@ def main() -> None:
 
 def _mixed_requests(engine, vocab: int, n: int):
     """n sequences with mixed prompt lengths and budgets, a quarter of them sampled (seeded)."""
-    from engine import GenerationOptions
+    from gpt2_onnx import GenerationOptions
 
     rng = np.random.default_rng(7)
     seqs = []
@@ -164,7 +164,7 @@ def server_core(engine, vocab: int, smoke: bool = False) -> dict:
     """The server's continuous batching (Core) on 16 KV rows: 64 mixed sequences joining and leaving."""
     import time
 
-    from engine.core import Core
+    from gpt2_onnx.core import Core
 
     seqs = _mixed_requests(engine, vocab, 16 if smoke else 64)
     core = Core(engine.model, slots=16, max_length=engine.config.n_positions, prefix_cache_bytes=256 << 20)
@@ -185,7 +185,7 @@ def memcpy_profile(engine, vocab: int, smoke: bool = False) -> dict:
     """Memcpy nodes per decode step in an onnxruntime profile: greedy rows only, then with sampled rows."""
     import onnxruntime as ort
 
-    from engine.model import PROVIDERS
+    from gpt2_onnx.model import PROVIDERS
 
     m = engine.model
     opts = m._opts
@@ -216,7 +216,7 @@ def server_http(engine, vocab: int, smoke: bool = False) -> dict:
     import uvicorn
 
     from benchmarks.server_load import load
-    from engine.server import create_app
+    from gpt2_onnx.server import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,6 @@
 """Quantization quality on the bundled Tiny Shakespeare model: held-out loss and top-1 agreement.
 
-    python -m benchmarks.quant_quality --file ../shared/data/tinyshakespeare.txt
+    python -m benchmarks.quant_quality --file tinyshakespeare.txt
 
 Evaluates the last 10% of FILE (the split the model never trained on) with `gpt2-onnx eval`'s
 computation for fp32, int8 and int4 exports.
@@ -24,10 +24,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     add_out(ap)
     args = ap.parse_args()
-    from engine import Engine
-    from engine.evaluate import evaluate
-    from export import export_model
-    from models import BUNDLED
+    from gpt2_onnx import Engine
+    from gpt2_onnx.evaluate import evaluate
+    from gpt2_onnx.export import export_model
+    from gpt2_onnx.models import BUNDLED
 
     text = Path(args.file).read_text(encoding="utf-8")
     held = text[int(len(text) * 0.9):]

@@ -40,7 +40,8 @@ class Served:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", str(self.port), "--max-batch", str(max_batch),
+        cli = "gpt2_onnx.cli" if root == HERE else "engine.cli"  # a baseline from before the package was renamed
+        cmd = [sys.executable, "-m", cli, "serve", "--port", str(self.port), "--max-batch", str(max_batch),
                "--threads", str(threads), *extra] + (["-m", model] if model else [])
         self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.url = f"http://127.0.0.1:{self.port}"

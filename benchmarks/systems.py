@@ -38,7 +38,7 @@ def measure(gen, ids, new_tokens: int, runs: int) -> dict:
 
 
 def ours(ck: Path, ids, new_tokens, runs, threads, options):
-    from engine import Engine
+    from gpt2_onnx import Engine
 
     eng = Engine.load(str(ck), provider="cpu", threads=threads, quantize=options.get("quantize"))
     folder = eng.folder

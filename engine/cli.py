@@ -34,7 +34,7 @@ def _fail(e: Exception) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        from engine import __version__
+        from gpt2_onnx import __version__
 
         print(f"gpt2-onnx {__version__}")
         raise typer.Exit()
@@ -48,7 +48,7 @@ def main_options(version: bool = typer.Option(False, "--version", callback=_vers
 
 def _load(model: Optional[str], provider: str, threads: Optional[int], *, dtype: str = "float32",
           quantize: Optional[str] = None):
-    from engine import Engine
+    from gpt2_onnx import Engine
 
     with err.status(f"preparing {escape(model or 'the bundled model')}") as status:
         return Engine.load(model, provider=provider, threads=threads, dtype=dtype, quantize=quantize,
@@ -62,7 +62,7 @@ def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...)
            quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only (MatMulNBits)"),
            adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder (LoRA, IA3) to merge")):
     """Export a GPT-2 checkpoint to model.onnx + kv_copy.onnx + manifest.json + tokenizer.json."""
-    from engine.resolve import export
+    from gpt2_onnx.resolve import export
 
     try:
         with err.status(f"exporting {escape(model)}") as status:
@@ -102,7 +102,7 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
     Each sample is printed as the prompt (unless --no-echo) and its continuation; several samples are
     labelled and shown one after another, also with --stream (the first live, the others as they finish).
     """
-    from engine import GenerationResult
+    from gpt2_onnx import GenerationResult
 
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -172,7 +172,7 @@ def eval_(file: Path = typer.Argument(..., help="UTF-8 text file"),
     """Held-out loss (nats/token, nats/char) and perplexity of a model on FILE."""
     from rich.progress import Progress
 
-    from engine.evaluate import evaluate
+    from gpt2_onnx.evaluate import evaluate
 
     try:
         text = file.read_text(encoding="utf-8")
@@ -254,7 +254,7 @@ def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_
           threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)")):
     """Serve an OpenAI-compatible /v1/completions API with continuous batching."""
     try:
-        from engine.server import create_app, serve as run_server
+        from gpt2_onnx.server import create_app, serve as run_server
     except ImportError as e:
         _fail(ValueError(f"the server needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
     try:
@@ -277,8 +277,8 @@ def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_
 @cache_app.command("list")
 def cache_list():
     """Exports in the cache (GPT2_ONNX_CACHE): name, size, source."""
-    from engine.config import cache_root
-    from engine.resolve import cache_entries
+    from gpt2_onnx.config import cache_root
+    from gpt2_onnx.resolve import cache_entries
 
     entries = cache_entries()
     print(f"{cache_root()}: {len(entries)} export(s), {sum(e['bytes'] for e in entries) / 1e6:.1f} MB")
@@ -290,7 +290,7 @@ def cache_list():
 @cache_app.command("clear")
 def cache_clear(name: Optional[str] = typer.Argument(None, help="one export (see cache list); default: all")):
     """Delete exports from the cache (they are made again when next needed)."""
-    from engine.resolve import clear_cache
+    from gpt2_onnx.resolve import clear_cache
 
     try:
         gone = clear_cache(name)

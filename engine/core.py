@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.kv_cache import KVCache
-from engine.model import DecodeStep, Model
-from engine.sampling import SamplingParams, choose, log_softmax
-from engine.tokenizer import TextStream, Tokenizer
+from gpt2_onnx.kv_cache import KVCache
+from gpt2_onnx.model import DecodeStep, Model
+from gpt2_onnx.sampling import SamplingParams, choose, log_softmax
+from gpt2_onnx.tokenizer import TextStream, Tokenizer
 
 DEFER_MIN = 32  # a sequence waits one step when an admitted one shares this many more tokens than the cache has
 MAX_PREFILL_TOKENS = 4096  # prompt tokens (not counting cached ones) prefilled in one step

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import config as C
-from engine.core import GenerationOptions, Prefix, Sequence as Seq, Step, virtual_ids
-from engine.generator import Generator
-from engine.model import Model
-from engine.resolve import read_prefix_adapter, resolve
-from engine.tokenizer import Tokenizer
+from gpt2_onnx import config as C
+from gpt2_onnx.core import GenerationOptions, Prefix, Sequence as Seq, Step, virtual_ids
+from gpt2_onnx.generator import Generator
+from gpt2_onnx.model import Model
+from gpt2_onnx.resolve import read_prefix_adapter, resolve
+from gpt2_onnx.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 OPTION_NAMES = [f.name for f in fields(GenerationOptions)]

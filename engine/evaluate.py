@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.engine import Engine
-from engine.sampling import log_softmax
+from gpt2_onnx.engine import Engine
+from gpt2_onnx.sampling import log_softmax
 
 
 @dataclass(frozen=True)

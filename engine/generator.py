@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from engine.core import Core, GenerationOptions, Prefix, Step
+from gpt2_onnx.core import Core, GenerationOptions, Prefix, Step
 
 if TYPE_CHECKING:
-    from engine.engine import Engine, Prompt
+    from gpt2_onnx.engine import Engine, Prompt
 
 
 class Generator:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from engine.config import ModelConfig
+from gpt2_onnx.config import ModelConfig
 
 
 class KVCache:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from engine import config as C
-from engine.kv_cache import KVCache
+from gpt2_onnx import config as C
+from gpt2_onnx.kv_cache import KVCache
 
 LFS_MAGIC = b"version https://git-lfs"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}

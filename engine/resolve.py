@@ -13,14 +13,14 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from engine import config as C
+from gpt2_onnx import config as C
 
 Progress = Callable[[str], None]
 
 
 def bundled() -> Path:
     """The Tiny Shakespeare checkpoint shipped with the package."""
-    from models import BUNDLED
+    from gpt2_onnx.models import BUNDLED
 
     return BUNDLED
 
@@ -38,7 +38,7 @@ def resolve(model: str | Path | None = None, *, dtype: str = "float32", quantize
         return path
     if (path / C.MODEL_NAME).is_file():  # an exported folder that lost its manifest: no checkpoint to export
         C.ModelConfig.load(path)  # raises ValueError naming manifest.json
-    from export.cache import resolve_model  # the exporter, only now
+    from gpt2_onnx.export.cache import resolve_model  # the exporter, only now
 
     return resolve_model(spec, dtype=dtype, quantize=quantize, adapter=None if adapter is None else str(adapter),
                          progress=progress)
@@ -47,14 +47,14 @@ def resolve(model: str | Path | None = None, *, dtype: str = "float32", quantize
 def export(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
            adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
     """Export a checkpoint (Hugging Face folder or Hub id, with a PEFT adapter merged) into the folder `out`."""
-    from export.exporter import export_model  # the exporter, only now
+    from gpt2_onnx.export.exporter import export_model  # the exporter, only now
 
     return export_model(model, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)
 
 
 def read_prefix_adapter(adapter: str | Path, cfg: C.ModelConfig) -> list:
     """A peft prefix-tuning adapter's virtual-token KV for the model `cfg` (see export.adapters)."""
-    from export.adapters import read_prefix_adapter as read  # safetensors, only now
+    from gpt2_onnx.export.adapters import read_prefix_adapter as read  # safetensors, only now
 
     return read(adapter, cfg)
 

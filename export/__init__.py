@@ -8,7 +8,7 @@ __all__ = ["export_model", "EXPORTER_VERSION"]
 def __getattr__(name: str):
     """export_model on first use, so `export.cache` and `export.checkpoint` alone do not import onnx."""
     if name == "export_model":
-        from export import exporter
+        from gpt2_onnx.export import exporter
 
         return exporter.export_model
-    raise AttributeError(f"module 'export' has no attribute {name!r}")
+    raise AttributeError(f"module 'gpt2_onnx.export' has no attribute {name!r}")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import config as C
-from export import checkpoint
+from gpt2_onnx import config as C
+from gpt2_onnx.export import checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."

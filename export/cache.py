@@ -7,9 +7,9 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from engine import config as C
-from engine.config import cache_root
-from export import EXPORTER_VERSION
+from gpt2_onnx import config as C
+from gpt2_onnx.config import cache_root
+from gpt2_onnx.export import EXPORTER_VERSION
 
 Progress = Callable[[str], None]
 
@@ -51,6 +51,6 @@ def resolve_model(spec: str, *, dtype: str = "float32", quantize: str | None = N
     out = cache_root() / f"{name}-{_fingerprint(spec, dtype, quantize, adapter)}"
     if (out / C.MANIFEST_NAME).is_file():
         return out
-    from export.exporter import export_model  # onnx and the rest, only to export
+    from gpt2_onnx.export.exporter import export_model  # onnx and the rest, only to export
 
     return export_model(spec, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)

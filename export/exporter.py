@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import config as C
-from export import EXPORTER_VERSION, checkpoint
-from export.graph import build, build_kv_copy
+from gpt2_onnx import config as C
+from gpt2_onnx.export import EXPORTER_VERSION, checkpoint
+from gpt2_onnx.export.graph import build, build_kv_copy
 
 TWO_GB = 2**31 - 1
 DATA_NAME = "model.onnx.data"
@@ -230,14 +230,14 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     cfg, eps, scales = _model_config(ck, dtype, quantize, adapter)
     _check_weights(cfg, ck.weights, ck.folder, ck.config)
     if adapter:
-        from export.adapters import merge_adapter
+        from gpt2_onnx.export.adapters import merge_adapter
 
         say(f"merging adapter {adapter}")
         ck.weights = merge_adapter(ck.weights, adapter)
 
     quantizer = None
     if quantize:
-        from export.quantize import matmul_nbits
+        from gpt2_onnx.export.quantize import matmul_nbits
 
         bits = 8 if quantize == "int8" else 4
         quantizer = lambda arr: matmul_nbits(arr, bits=bits, dtype=dtype)  # noqa: E731

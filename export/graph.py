@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engine import config as C
+from gpt2_onnx import config as C
 
 MS = "com.microsoft"
 OPSET = 17

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from helpers import SHAPES, make_checkpoint
 
-from engine import Engine
-from export import export_model
+from gpt2_onnx import Engine
+from gpt2_onnx.export import export_model
 
 
 @pytest.fixture(scope="session", params=sorted(SHAPES))

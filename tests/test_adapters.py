@@ -16,10 +16,10 @@ from helpers import make_checkpoint
 from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 from test_parity import kv_layer
 
-from engine import Engine
-from export import export_model
-from export.adapters import merge_adapter, read_prefix_adapter
-from export.cache import resolve_model
+from gpt2_onnx import Engine
+from gpt2_onnx.export import export_model
+from gpt2_onnx.export.adapters import merge_adapter, read_prefix_adapter
+from gpt2_onnx.export.cache import resolve_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")  # peft's advice
 ATOL = 1e-4
@@ -140,7 +140,7 @@ def test_other_peft_types_and_mismatched_bases_are_refused(base, tmp_path):
 
 def test_cli_export_with_adapter_and_cache_key(base, tmp_path):
     save_adapter(base, LoraConfig(r=4, target_modules=["c_attn", "c_fc"]), tmp_path / "adapter")
-    r = subprocess.run([sys.executable, "-m", "engine.cli", "export", str(base), "--adapter", str(tmp_path / "adapter"),
+    r = subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "export", str(base), "--adapter", str(tmp_path / "adapter"),
                         "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     ref_logits, _ = peft_reference(base, tmp_path / "adapter")
@@ -269,7 +269,7 @@ def test_engine_load_prefix_generates_as_peft(prefix_adapter):
 def test_served_prefix_adapters_are_selected_by_model_name(prefix_adapter):
     from helpers import Server, post
 
-    from engine.server import create_app
+    from gpt2_onnx.server import create_app
 
     _, loaded, engine, adapter = prefix_adapter
     pre = engine.load_prefix(adapter)

@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from engine import Engine
-from engine.evaluate import evaluate
-from export import export_model
-from models import BUNDLED
+from gpt2_onnx import Engine
+from gpt2_onnx.evaluate import evaluate
+from gpt2_onnx.export import export_model
+from gpt2_onnx.models import BUNDLED
 
 SAMPLE = Path(__file__).parent / "data" / "heldout_sample.txt"  # from the held-out last 10% of the corpus
 
@@ -70,7 +70,7 @@ def test_eval_matches_torch(bundled):
 
 def _cli(*args, cache):
     env = dict(os.environ, GPT2_ONNX_CACHE=str(cache), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=600)
 
 

@@ -14,8 +14,8 @@ import transformers
 from helpers import make_checkpoint
 from safetensors.torch import load_file, save_file
 
-from engine import Engine
-from export import export_model
+from gpt2_onnx import Engine
+from gpt2_onnx.export import export_model
 
 ATOL = 1e-4
 SMALL = dict(vocab_size=300, n_positions=48, n_embd=32, n_layer=2, n_head=4)
@@ -179,7 +179,7 @@ def test_bf16_safetensors_read_with_numpy_alone(tmp_path):
     code = (
         "import sys; sys.modules['ml_dtypes'] = None\n"  # as if ml_dtypes were not installed
         "import numpy as np\n"
-        "from export import checkpoint\n"
+        "from gpt2_onnx.export import checkpoint\n"
         f"ck = checkpoint.load({str(tmp_path / 'hf')!r})\n"
         "assert 'onnx' not in sys.modules, 'reading a checkpoint imported onnx'\n"
         f"np.savez({str(tmp_path / 'w.npz')!r}, **ck.weights)\n"
@@ -207,7 +207,7 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
 def test_weights_digest_names_the_exported_weights(tiny, tmp_path, monkeypatch):
     import onnx
 
-    from export import exporter
+    from gpt2_onnx.export import exporter
 
     _, engine, ck, onnx_dir = tiny
     digest = engine.config.weights_digest

@@ -12,7 +12,7 @@ import pytest
 
 def cli(*args, env_extra=None, input=None):
     env = dict(os.environ, **(env_extra or {}))
-    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", *map(str, args)], capture_output=True, text=True,
                           env=env, input=input, timeout=300)
 
 
@@ -64,7 +64,7 @@ def test_several_streamed_samples_are_shown_one_after_another(tiny):
 
 
 def test_version_eval_default_model_and_cache_commands(tiny, tmp_path):
-    from engine import __version__
+    from gpt2_onnx import __version__
 
     _, _, ck, _ = tiny
     assert cli("--version").stdout == f"gpt2-onnx {__version__}\n"

@@ -17,10 +17,10 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-from engine import Engine, GenerationOptions, Generator  # noqa: E402
-from engine import core as core_module  # noqa: E402
-from engine.core import Core, PrefixCache  # noqa: E402
-from engine.server import create_app  # noqa: E402
+from gpt2_onnx import Engine, GenerationOptions, Generator  # noqa: E402
+from gpt2_onnx import core as core_module  # noqa: E402
+from gpt2_onnx.core import Core, PrefixCache  # noqa: E402
+from gpt2_onnx.server import create_app  # noqa: E402
 from helpers import Server, post  # noqa: E402
 
 REASON = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -190,7 +190,7 @@ def test_a_failing_callback_ends_only_its_sequence(tiny):
 # ---- cancellation -------------------------------------------------------------------------------
 def test_non_streaming_disconnect_frees_rows_and_counts_499(served, monkeypatch):
     s, _ = served
-    from engine.model import DecodeStep
+    from gpt2_onnx.model import DecodeStep
 
     real = DecodeStep.__call__
 
@@ -215,7 +215,7 @@ def test_non_streaming_disconnect_frees_rows_and_counts_499(served, monkeypatch)
 # ---- one core, packed rows, no host round trips --------------------------------------------------
 def test_every_model_run_of_generation_comes_from_the_core_step(served):
     s, engine = served
-    assert importlib.util.find_spec("engine.scheduler") is None  # the server's old second loop is gone
+    assert importlib.util.find_spec("gpt2_onnx.scheduler") is None  # the server's old second loop is gone
     callers = []
     session = engine.model.session
     real = session.run_with_iobinding
@@ -354,7 +354,7 @@ def test_prefix_cache_is_bounded_lru(tiny):
 
 def test_decode_step_device_path_equals_the_cpu_path(tiny):
     """DecodeStep's device path (buffers in OrtValues, logits copied by onnxruntime) run on the CPU."""
-    from engine.model import DecodeStep
+    from gpt2_onnx.model import DecodeStep
 
     _, engine, _, _ = tiny
     prompts, lens = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 0, 0], [7, 7, 0, 0, 0]]), np.array([5, 3, 2])

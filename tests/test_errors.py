@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from engine import Engine
-from export import export_model
+from gpt2_onnx import Engine
+from gpt2_onnx.export import export_model
 
 from helpers import make_checkpoint
 
@@ -184,7 +184,7 @@ def test_pytorch_bin_without_torch_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_external_data_export_loads_and_detects_truncation(tiny, tmp_path, monkeypatch):
-    from export import exporter
+    from gpt2_onnx.export import exporter
 
     _, engine, ck, _ = tiny
     monkeypatch.setattr(exporter, "TWO_GB", 1000)  # pretend the tiny model is over 2 GB
@@ -229,7 +229,7 @@ def test_a_manifest_out_of_step_with_the_graph_is_refused_at_load(export_copy, f
     m = json.loads((export_copy / "manifest.json").read_text())
     m[field] = value
     (export_copy / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match=rf"manifest\.json (does not describe|.*inputs).*re-export"):
+    with pytest.raises(ValueError, match=r"manifest\.json (does not describe|.*inputs).*re-export"):
         Engine.load(export_copy)
 
 

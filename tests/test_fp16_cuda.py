@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from engine import Engine
-from export import export_model
+from gpt2_onnx import Engine
+from gpt2_onnx.export import export_model
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="CUDAExecutionProvider not available (install onnxruntime-gpu "
@@ -43,7 +43,7 @@ def test_fp16_export_is_sane_on_cpu(fp16):
 
 def test_decode_step_greedy_ids_and_logits_match_forward(tiny):
     """The bound-once decode step (the CUDA-graph path) equals forward(), on any provider."""
-    from engine.model import DecodeStep
+    from gpt2_onnx.model import DecodeStep
 
     _, engine, _, _ = tiny
     prompts = np.array([[3, 1, 4, 1, 5], [9, 2, 6, 0, 0]])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine import SamplingParams
-from engine.sampling import choose, filter_logits, penalize
-from engine.tokenizer import TextStream
+from gpt2_onnx import SamplingParams
+from gpt2_onnx.sampling import choose, filter_logits, penalize
+from gpt2_onnx.tokenizer import TextStream
 
 
 # ---- token choice -------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from helpers import make_checkpoint
 from test_fp16_cuda import needs_cuda
 from test_parity import kv_layer
 
-from engine import Engine
-from export import export_model
+from gpt2_onnx import Engine
+from gpt2_onnx.export import export_model
 
 ATOL = 1e-4
 SHAPES = {  # name: (GPT2Config kwargs, padded head size)

@@ -1,12 +1,57 @@
-"""The runtime stays light: importing engine loads neither torch nor transformers."""
+"""The runtime stays light and its package is its own: `import gpt2_onnx`, nothing generic at top level."""
 
+from __future__ import annotations
+
+import ast
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "transformers", "onnx", "safetensors", "huggingface_hub", "peft")
 
 
-def test_engine_import_pulls_in_no_torch():
-    code = ("import sys, engine, engine.cli, engine.evaluate; from engine import Engine; "
-            "bad = [m for m in ('torch', 'transformers', 'onnx') if m in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+def _imports_after(code: str) -> list[str]:
+    probe = f"import sys\n{code}\nprint(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stdout + r.stderr
+    return eval(r.stdout.strip().splitlines()[-1])
+
+
+def test_import_and_cli_pull_in_nothing_heavy():
+    assert _imports_after("import gpt2_onnx, gpt2_onnx.cli, gpt2_onnx.evaluate; from gpt2_onnx import Engine") == []
+
+
+def test_loading_an_exported_or_cached_model_imports_only_the_runtime(tiny, tmp_path):
+    _, _, ck, onnx_dir = tiny
+    cache = tmp_path / "cache"
+    assert _imports_after(f"import os; os.environ['GPT2_ONNX_CACHE'] = {str(cache)!r}\n"
+                          f"from gpt2_onnx import Engine; Engine.load({str(ck)!r})")  # exports: onnx comes in
+    for model in (onnx_dir, ck):  # an exported folder, and a checkpoint whose export is cached
+        code = (f"import os; os.environ['GPT2_ONNX_CACHE'] = {str(cache)!r}\n"
+                f"from gpt2_onnx import Engine; Engine.load({str(model)!r}).generate([1, 2], max_new_tokens=2)")
+        assert _imports_after(code) == [], model
+
+
+def test_the_runtime_reaches_the_exporter_only_through_the_resolver():
+    for f in (ROOT / "engine").rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name.startswith(("gpt2_onnx.export", "export")):
+                    assert f.name == "resolve.py", f"{f.relative_to(ROOT)} imports {name}"
+
+
+def test_the_wheel_installs_one_package_named_gpt2_onnx(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = tmp_path.glob("gpt2_onnx-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"gpt2_onnx"}, top
+    for must in ("gpt2_onnx/cli.py", "gpt2_onnx/core.py", "gpt2_onnx/server/app.py", "gpt2_onnx/export/graph.py",
+                 "gpt2_onnx/models/tiny-shakespeare/model.safetensors", "gpt2_onnx/models/tiny-shakespeare/tokenizer.json"):
+        assert must in names, must

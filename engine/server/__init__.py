@@ -3,6 +3,6 @@
 `protocol` holds the request and response models, `metrics` the Prometheus metrics, `app` the routes.
 """
 
-from engine.server.app import ApiError, Worker, create_app, serve
+from gpt2_onnx.server.app import ApiError, Worker, create_app, serve
 
 __all__ = ["ApiError", "Worker", "create_app", "serve"]

@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from engine.core import Core, Prefix, Sequence, Step
-from engine.engine import Engine
-from engine.server.metrics import Metrics
-from engine.server.protocol import (FINISH, CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
+from gpt2_onnx.core import Core, Prefix, Sequence, Step
+from gpt2_onnx.engine import Engine
+from gpt2_onnx.server.metrics import Metrics
+from gpt2_onnx.server.protocol import (FINISH, CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
                                     ModelCard, ModelList, Usage)
 
 MAX_BODY = 1 << 20  # 1 MiB
@@ -325,7 +325,7 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
 
 
 def _version() -> str:
-    from engine import __version__
+    from gpt2_onnx import __version__
 
     return __version__
 

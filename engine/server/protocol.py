@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from engine.core import GenerationOptions
+from gpt2_onnx.core import GenerationOptions
 
 MAX_PROMPTS = 64
 MAX_STOPS = 4

@@ -1,6 +1,6 @@
 """Train the bundled GPT-2 on Tiny Shakespeare (development only; needs torch + transformers).
 
-Usage: python models/tiny-shakespeare/train.py --data ../shared/data/tinyshakespeare.txt \
+Usage: python models/tiny-shakespeare/train.py --data tinyshakespeare.txt \
            --out models/tiny-shakespeare --steps 1100
 
 Data split: the first 90% of the characters train (tokenizer and model), the last 10% are held
