@@ -11,22 +11,52 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def make_checkpoint(folder: Path, seed: int = 0) -> Path:
-    """GPT2Config() (124M shape), seeded random init, saved once (needs torch + transformers)."""
-    if (folder / "config.json").is_file():
-        return folder
+TOKENIZER_TEXT = ["the quick brown fox jumps over the lazy dog. " * 20, "To be, or not to be: that is the question."]
+
+
+def make_checkpoint(folder: Path, *, seed: int = 0, tokenizer: str = "bpe", **config):
+    """A seeded random-init GPT-2 saved in Hugging Face format with a tokenizer; returns the torch model.
+
+    The one local checkpoint builder of the tests and the benchmarks (needs torch + transformers).
+    config: GPT2Config fields (default: the 124M shape). tokenizer: "bpe", a small byte-level BPE
+    for text prompts; "ids", one name per id, so that converters see the whole vocabulary.
+    """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
-    write_id_tokenizer(folder, GPT2Config().vocab_size)
-    return folder
+    model = GPT2LMHeadModel(GPT2Config(**config)).eval()
+    model.save_pretrained(folder)
+    if tokenizer == "bpe":
+        write_bpe_tokenizer(folder)
+    elif tokenizer == "ids":
+        write_id_tokenizer(folder, model.config.vocab_size)
+    else:
+        raise ValueError(f"tokenizer must be 'bpe' or 'ids', got {tokenizer!r}")
+    return model
+
+
+def write_bpe_tokenizer(folder: Path) -> None:
+    """A small byte-level BPE (GPT-2 style) so that text prompts work on test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TOKENIZER_TEXT, trainer)
+    tok.save(str(folder / "tokenizer.json"))
 
 
 def checkpoint(arg: str | None) -> Path:
-    """--checkpoint as given, else the random-init 124M-shape checkpoint (made once in the cache)."""
-    return Path(arg) if arg else make_checkpoint(Path.home() / ".cache" / "gpt2-onnx" / "bench-gpt2-124m")
+    """--checkpoint as given, else the random-init 124M-shape checkpoint (made once, beside the export cache)."""
+    if arg:
+        return Path(arg)
+    folder = Path.home() / ".cache" / "gpt2-onnx" / "bench-gpt2-124m"
+    if not (folder / "config.json").is_file():
+        make_checkpoint(folder, tokenizer="ids")
+    return folder
 
 
 def engine_parser(doc: str | None) -> argparse.ArgumentParser:

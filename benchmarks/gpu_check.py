@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -38,19 +39,18 @@ def main() -> None:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from benchmarks.common import write_id_tokenizer
+    from benchmarks.common import make_checkpoint
     from benchmarks.systems import measure
     from gpt2_onnx import Engine
     from gpt2_onnx.export import export_model
 
     dev = "cuda" if args.provider == "cuda" and torch.cuda.is_available() else "cpu"
-    cfg = GPT2Config(n_layer=2, n_embd=128, n_head=4, n_positions=1024) if args.smoke else GPT2Config()
-    work = Path("/tmp/gpu_check")
+    shape = dict(n_layer=2, n_embd=128, n_head=4, n_positions=1024) if args.smoke else {}
+    cfg = GPT2Config(**shape)
+    work = Path(os.environ.get("GPU_CHECK_WORK", "/tmp/gpu_check"))
     ck = work / "hf"
     if not (ck / "config.json").is_file():
-        torch.manual_seed(0)
-        GPT2LMHeadModel(cfg).save_pretrained(ck)
-        write_id_tokenizer(ck, cfg.vocab_size)
+        make_checkpoint(ck, tokenizer="ids", **shape)
     ref_model = GPT2LMHeadModel.from_pretrained(ck).eval().to(dev)
     ref_model.generation_config.eos_token_id = None
     report = {"gpu": torch.cuda.get_device_name(0) if dev == "cuda" else platform.processor(),

@@ -10,11 +10,7 @@ from pathlib import Path
 
 import httpx
 
-import torch
-import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-TOKENIZER_TEXT = ["the quick brown fox jumps over the lazy dog. " * 20, "To be, or not to be: that is the question."]
+from benchmarks.common import make_checkpoint as build_checkpoint
 
 SHAPES = {
     # name: GPT2Config kwargs
@@ -24,26 +20,11 @@ SHAPES = {
 }
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A small byte-level BPE (GPT-2 style) so that text prompts work on the test models."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(TOKENIZER_TEXT, trainer)
-    tok.save(str(folder / "tokenizer.json"))
-
-
-def make_checkpoint(folder: Path, *, seed: int = 0, **kwargs) -> "transformers.GPT2LMHeadModel":
-    """Save a seeded random GPT-2 (HF format + tokenizer.json) into folder; return the torch model."""
-    kw = dict(initializer_range=0.3, bos_token_id=0, eos_token_id=0)
-    kw.update(kwargs)
-    torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**kw)).eval()
-    model.save_pretrained(folder)
-    write_tokenizer(folder)
-    return model
+def make_checkpoint(folder: Path, *, seed: int = 0, **kwargs):
+    """benchmarks.common.make_checkpoint with the tests' defaults: large init weights (so that greedy
+    output is not degenerate), bos = eos = 0, the small BPE tokenizer."""
+    return build_checkpoint(folder, seed=seed, **{"initializer_range": 0.3, "bos_token_id": 0, "eos_token_id": 0,
+                                                  **kwargs})
 
 
 # ---- the HTTP server on loopback -----------------------------------------------------------

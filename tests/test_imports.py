@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "onnx", "safetensors", "huggingface_hub", "peft")
 
@@ -55,3 +57,18 @@ def test_the_wheel_installs_one_package_named_gpt2_onnx(tmp_path):
     for must in ("gpt2_onnx/cli.py", "gpt2_onnx/core.py", "gpt2_onnx/server/app.py", "gpt2_onnx/export/graph.py",
                  "gpt2_onnx/models/tiny-shakespeare/model.safetensors", "gpt2_onnx/models/tiny-shakespeare/tokenizer.json"):
         assert must in names, must
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.py is prepared here: its smoke mode on the CPU provider runs every part."""
+    import json
+
+    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--provider", "cpu", "--smoke", "--runs", "1",
+                        "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                       env={**__import__("os").environ, "GPU_CHECK_WORK": str(tmp_path / "work")})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert all("error" not in report[k] for k in ("server_core", "memcpy_profile", "server_http")), report
+    assert report["server_core"]["greedy_equal_solo"] and report["memcpy_profile"]["memcpy_node_events"] == 0
+    assert all(p.get("max_abs_logit_diff", 1) < 1e-3 for k, p in report["parity"].items() if k == "fp32")
