@@ -39,7 +39,8 @@ class Step:
     text: str
     finish_reason: str | None  # set on the sequence's last step: "length" | "eos" | "stop" | "error" | "cancelled"
     time: float  # seconds since the sequence was submitted
-    logprob: float | None = None  # log p(token) under the model, when logprobs=True
+    logprob: float | None = None  # log p(token) under the model, when logprobs is not None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # the `logprobs` most likely (id, log p), best first
     error: Exception | None = None  # with finish_reason "error"
 
 
@@ -50,7 +51,9 @@ class GenerationOptions:
     max_new_tokens: tokens to generate at most. temperature 0 (or < 1e-5) is greedy; > 0 samples with
     top_k (0 = off), top_p (1 = off), repetition_penalty (1 = off) and seed. stop: strings that end a
     sequence (the stop text is not returned). ignore_eos: keep going past <|endoftext|>. logprobs:
-    report log p of each new token. n: samples per prompt (they share one prefill).
+    None = off, 0 = log p of each new token, N = also the N most likely tokens there; prompt_logprobs:
+    the same for the prompt's tokens (the first has none). Log-probabilities are log_softmax of the
+    model's fp32 logits, before temperature and filters. n: samples per prompt (one prefill).
     """
 
     max_new_tokens: int = 64
@@ -61,7 +64,8 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
-    logprobs: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
     n: int = 1
 
     def __post_init__(self) -> None:
@@ -77,9 +81,13 @@ class GenerationOptions:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {m!r}")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        for name in ("ignore_eos", "logprobs"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0):
+                raise ValueError(f"{name} must be None (off), 0 (the token's own) or N > 0 (also the N most likely "
+                                 f"tokens), got {v!r}")
         self.sampling.validate()
 
     @property
@@ -131,13 +139,17 @@ class Sequence:
         self.on_step = on_step
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[tuple[tuple[int, float], ...]] = []
+        self.prompt_logprobs: list[float | None] = []  # with prompt_logprobs: one per context token, the first None
+        self.prompt_top_logprobs: list[tuple[tuple[int, float], ...] | None] = []
         self.finish_reason: str | None = None
         self.error: Exception | None = None
         self.cancelled = False
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         # plain greedy needs no logits on the host: the graph's argmax output is enough
-        self.needs_logits = not self.sampling.greedy or self.sampling.repetition_penalty != 1.0 or options.logprobs
+        self.needs_logits = (not self.sampling.greedy or self.sampling.repetition_penalty != 1.0
+                             or options.logprobs is not None)
 
     @property
     def done(self) -> bool:
@@ -150,9 +162,21 @@ class Sequence:
         seen = (np.array(self.context[self.virtual:] + self.tokens, np.int64)
                 if self.sampling.repetition_penalty != 1.0 else None)
         tok = choose(logits, self.sampling, self.rng, seen)
-        if self.options.logprobs:  # under the model's own distribution, before sampling filters
-            self.logprobs.append(float(log_softmax(logits)[tok]))
+        if self.options.logprobs is not None:  # under the model's own distribution, before sampling filters
+            lp = log_softmax(logits)
+            self.logprobs.append(float(lp[tok]))
+            self.top_logprobs.append(top_n(lp, self.options.logprobs))
         return tok
+
+    def score_prompt(self, logits: np.ndarray) -> None:
+        """Prompt logprobs from the logits (S, V) of every context position."""
+        n, ids = self.options.prompt_logprobs, self.context
+        self.prompt_logprobs, self.prompt_top_logprobs = [None], [None]
+        for start in range(0, len(ids) - 1, 64):  # (64, V) at a time: float64 log_softmax of long prompts is big
+            lp = log_softmax(logits[start : min(start + 64, len(ids) - 1)])
+            for k, row in enumerate(lp):
+                self.prompt_logprobs.append(float(row[ids[start + k + 1]]))
+                self.prompt_top_logprobs.append(top_n(row, n))
 
     def push(self, tok: int) -> Step:
         """Append a token and apply the finish rule: a stop string, then eos, then max_new_tokens."""
@@ -172,13 +196,14 @@ class Sequence:
             self.finish_reason = "stop" if hit else self.finish_reason
         now = time.perf_counter()
         self.t_first = self.t_first or now
-        lp = self.logprobs[-1] if self.options.logprobs else None
-        return Step(self.row, len(self.tokens) - 1, tok, delta, self.finish_reason, now - self.t_submit, lp)
+        on = self.options.logprobs is not None
+        return Step(self.row, len(self.tokens) - 1, tok, delta, self.finish_reason, now - self.t_submit,
+                    self.logprobs[-1] if on else None, self.top_logprobs[-1] if on else None)
 
     def end(self, reason: str, error: Exception | None = None) -> Step:
         """Finish without a token (failure, cancellation, or max_new_tokens 0)."""
         self.finish_reason, self.error = reason, error
-        return Step(self.row, len(self.tokens) - 1, -1, "", reason, time.perf_counter() - self.t_submit, None, error)
+        return Step(self.row, len(self.tokens) - 1, -1, "", reason, time.perf_counter() - self.t_submit, error=error)
 
 
 @dataclass(eq=False)
@@ -210,6 +235,15 @@ def virtual_ids(n: int) -> tuple[int, ...]:
     start = _virtual_next[0]
     _virtual_next[0] -= n
     return tuple(range(start, start - n, -1))
+
+
+def top_n(lp: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
+    """The n most likely (token id, log p) of one row of log-probabilities, best first."""
+    if not n:
+        return ()
+    ids = np.argpartition(-lp, n - 1)[:n] if n < len(lp) else np.arange(len(lp))
+    ids = ids[np.argsort(-lp[ids], kind="stable")]
+    return tuple((int(i), float(lp[i])) for i in ids)
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -430,91 +464,120 @@ class Core:
             self.waiting.extendleft(reversed(later))
         return take
 
-    def _prefill(self, seqs: list[Sequence], start: int, copies: list, greedy: dict, logits: dict) -> None:
-        """Fresh prompts into rows start.. : ragged prefills of prompts of similar length (little padding)."""
-        seqs = sorted(seqs, key=lambda s: len(s.context))
-        groups, group = [], []
-        for s in seqs:
+    def _groups(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        """Fresh prompts (sorted by length) in ragged prefills of similar length, so padding stays small;
+        a prompt whose logprobs are wanted is prefilled alone, with logits at every position."""
+        groups, group = [[s] for s in seqs if s.options.prompt_logprobs is not None], []
+        for s in (s for s in seqs if s.options.prompt_logprobs is None):
             n = len(s.context)
             if group and (len(group) + 1) * n > PAD_WASTE * (sum(len(t.context) for t in group) + n) + 64:
                 groups.append(group)
                 group = []
             group.append(s)
-        groups.append(group)
-        for group in groups:
-            lens = np.array([len(s.context) for s in group])
-            ids = np.zeros((len(group), lens.max()), np.int64)  # right-padded (B, S)
-            for b, s in enumerate(group):
-                ids[b, : lens[b]] = s.context
-            want = [b for b, s in enumerate(group) if s.needs_logits or any(src is s and c.needs_logits
-                                                                             for c, src in copies)]
-            nxt, lg = self.model.run(self.pool, ids, lens, (lens - 1)[:, None], start=start, logits_rows=want)
-            for b, s in enumerate(group):
-                greedy[id(s)] = int(nxt[b, 0])
-            for k, b in enumerate(want):
-                logits[id(group[b])] = lg[k, 0]
-            start += len(group)
+        return groups + [group] if group else groups
+
+    def _first_logits(self, s: Sequence, start: int, row: int, wants: bool) -> tuple[int, np.ndarray | None]:
+        """Run the context after `start` cached tokens of s in its row; (greedy id, logits) of its first token."""
+        rest = np.array([s.context[start:]], np.int64)  # (1, S)
+        S = rest.shape[1]
+        every = s.options.prompt_logprobs is not None
+        nxt, lg = self.model.run(self.pool, rest, np.array([S]), np.arange(S)[None] if every else np.array([[S - 1]]),
+                                 start=row, logits_rows=[0] if wants or every else [])
+        if every:
+            s.score_prompt(np.concatenate([np.full((start, lg.shape[2]), np.nan, np.float32), lg[0]]) if start
+                           else lg[0])
+            if start:  # after a prefix-tuning adapter: its virtual tokens have no logprobs, nor the first real one
+                s.prompt_logprobs[: start + 1] = [None] * (start + 1)
+                s.prompt_top_logprobs[: start + 1] = [None] * (start + 1)
+        return int(nxt[0, -1]), lg[0, -1] if wants or every else None
 
     def _admit(self, events: list[Step]) -> bool:
+        """Sequences join: fresh prompts prefilled in groups, cache hits as chunks after the cached KV, repeats
+        of a context as copies of its row. Each gets its first token as soon as its own run is done."""
         new = []
         for s, m, entry in self._pop_waiting():
             if s.cancelled:
                 self._emit(s, s.end("cancelled"), events)
-            elif s.options.max_new_tokens == 0:
+            elif s.options.max_new_tokens == 0 and s.options.prompt_logprobs is None:
                 self._emit(s, s.end("length"), events)
             else:
                 new.append((s, m, entry))
         if not new:
             return False
-        # plan: fresh prompts in ragged prefills, cache hits as chunks, repeats of a context as copies
         fresh, hits, copies, first = [], [], [], {}
         for s, m, entry in new:
             key = tuple(s.context)
-            if key in first:
+            if key in first and s.options.prompt_logprobs is None:
                 copies.append((s, first[key]))
                 continue
-            first[key] = s
-            if entry is None:
+            first.setdefault(key, s)
+            if s.options.prompt_logprobs is not None and s.virtual:  # only the adapter's KV is reused
+                entry = next(p for p in self.prefixes.pinned if p.token_ids == tuple(s.context[: s.virtual]))
+                hits.append((s, s.virtual, entry))
+            elif entry is None or s.options.prompt_logprobs is not None:
                 fresh.append(s)
             else:
                 hits.append((s, m, entry))
-        fresh.sort(key=lambda s: len(s.context))  # rows in the order _prefill runs them
-        order = fresh + [s for s, _, _ in hits] + [s for s, _ in copies]
+        groups = self._groups(sorted(fresh, key=lambda s: len(s.context)))
+        order = [s for g in groups for s in g] + [s for s, _, _ in hits] + [s for s, _ in copies]
         base = len(self.running)
         self.running.extend(order)
         rows = {id(s): base + i for i, s in enumerate(order)}
-        greedy: dict[int, int] = {}
-        logits: dict[int, np.ndarray] = {}
-        try:
-            if fresh:
-                self._prefill(fresh, base, copies, greedy, logits)
-            for s, m, entry in hits:
-                row = rows[id(s)]
-                self.model.copy_kv(entry.cache, 0, self.pool, row, m)
+        wants = {id(src) for c, src in copies if c.needs_logits}
+        got: dict[int, tuple[int, np.ndarray | None]] = {}  # first token: (greedy id, logits)
+
+        def start(s: Sequence, greedy: int, logits: np.ndarray | None) -> None:
+            got[id(s)] = greedy, logits
+            if s.options.max_new_tokens == 0:  # scored only
+                self._emit(s, s.end("length"), events)
+            else:
+                self._take(greedy, logits if s.needs_logits else None, s, events)
+
+        for group in groups:
+            try:
+                if len(group) == 1:
+                    (s,) = group
+                    start(s, *self._first_logits(s, 0, rows[id(s)], s.needs_logits or id(s) in wants))
+                    continue
+                lens = np.array([len(s.context) for s in group])
+                ids = np.zeros((len(group), lens.max()), np.int64)  # right-padded (B, S)
+                for b, s in enumerate(group):
+                    ids[b, : lens[b]] = s.context
+                want = [b for b, s in enumerate(group) if s.needs_logits or id(s) in wants]
+                nxt, lg = self.model.run(self.pool, ids, lens, (lens - 1)[:, None], start=rows[id(group[0])],
+                                         logits_rows=want)
+                at = {b: k for k, b in enumerate(want)}
+                for b, s in enumerate(group):
+                    start(s, int(nxt[b, 0]), lg[at[b], 0] if b in at else None)
+            except Exception as e:  # the model run failed: the sequences joining in it fail, the rest go on
+                for s in group:
+                    self._fail(s, e, events)
+        for s, m, entry in hits:
+            try:
+                self.model.copy_kv(entry.cache, 0, self.pool, rows[id(s)], m)
                 if m == len(s.context):  # a pinned prefix that is the whole context: its logits are known
-                    greedy[id(s)], logits[id(s)] = int(np.argmax(entry.last_logits)), entry.last_logits
+                    start(s, int(np.argmax(entry.last_logits)), entry.last_logits)
                 else:
-                    rest = np.array([s.context[m:]], np.int64)  # (1, S)
-                    nxt, lg = self.model.run(self.pool, rest, np.array([rest.shape[1]]),
-                                             np.array([[rest.shape[1] - 1]]), start=row, logits_rows=[0])
-                    greedy[id(s)], logits[id(s)] = int(nxt[0, 0]), lg[0, 0]
+                    start(s, *self._first_logits(s, m, rows[id(s)], True))
                 self.prefixes.hits += 1
                 self.prefixes.hit_tokens += m
-            for s, src in copies:
-                self.model.copy_kv(self.pool, rows[id(src)], self.pool, rows[id(s)], len(s.context))
-                greedy[id(s)], logits[id(s)] = greedy[id(src)], logits.get(id(src))
-        except Exception as e:  # the model run failed: the sequences joining in it fail, the rest go on
-            for s in order:
+            except Exception as e:
                 self._fail(s, e, events)
-            return True
+        for s, src in copies:
+            try:
+                if id(src) not in got:
+                    raise RuntimeError("the sequence whose prompt it shares failed")
+                self.model.copy_kv(self.pool, rows[id(src)], self.pool, rows[id(s)], len(s.context))
+                start(s, *got[id(src)])
+            except Exception as e:
+                self._fail(s, e, events)
         self.prefixes.misses += len(fresh)
         try:
             for s in fresh + [s for s, _, _ in hits]:
-                self.prefixes.insert(s.context, self.pool, rows[id(s)])
+                if id(s) in got:
+                    self.prefixes.insert(s.context, self.pool, rows[id(s)])
         except Exception:  # keeping a prefix is an optimisation: a failed copy loses it, nothing else
             pass
-        for s in order:
-            self._take(greedy[id(s)], logits.get(id(s)) if s.needs_logits else None, s, events)
         return True
 
     def _decode(self, count: int, events: list[Step]) -> None:

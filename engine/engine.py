@@ -34,18 +34,27 @@ class GenerationResult:
     finish_reason: str  # "length" | "eos" | "stop"
     time_to_first_token: float  # seconds, prefill included
     decode_tokens_per_s: float  # tokens after the first / time after the first
-    logprobs: list[float] | None = None  # per new token, when logprobs=True
+    logprobs: list[float] | None = None  # per new token, when logprobs is not None
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None  # per new token: the N most likely (id, log p)
+    prompt_logprobs: list[float | None] | None = None  # per context token (the first None), with prompt_logprobs
+    prompt_top_logprobs: list[tuple[tuple[int, float], ...] | None] | None = None
 
     @classmethod
-    def from_steps(cls, steps: list[Step], prompt_tokens: int) -> "GenerationResult":
-        """The result of one sequence from its Steps (as generate and the CLI's --stream --stats see them)."""
+    def from_steps(cls, steps: list[Step], prompt_tokens: int, seq: Seq | None = None) -> "GenerationResult":
+        """The result of one sequence from its Steps (as generate and the CLI's --stream --stats see them);
+        seq adds its prompt logprobs."""
         tokens = [s for s in steps if s.token_id >= 0]
         ttft = tokens[0].time if tokens else 0.0
         span = tokens[-1].time - tokens[0].time if tokens else 0.0
+        scored = seq is not None and seq.options.prompt_logprobs is not None
+        lps = seq is not None and seq.options.logprobs is not None or bool(tokens and tokens[0].logprob is not None)
         return cls(text="".join(s.text for s in steps), token_ids=[s.token_id for s in tokens],
                    prompt_tokens=prompt_tokens, finish_reason=steps[-1].finish_reason if steps else "length",
                    time_to_first_token=ttft, decode_tokens_per_s=(len(tokens) - 1) / span if span > 0 else 0.0,
-                   logprobs=[s.logprob for s in tokens] if tokens and tokens[0].logprob is not None else None)
+                   logprobs=[s.logprob for s in tokens] if lps else None,
+                   top_logprobs=[s.top_logprobs for s in tokens] if lps else None,
+                   prompt_logprobs=list(seq.prompt_logprobs) if scored else None,
+                   prompt_top_logprobs=list(seq.prompt_top_logprobs) if scored else None)
 
 
 class Engine:
@@ -154,15 +163,14 @@ class Engine:
 
     def stream_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                     stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: bool = False,
-                     n: int = 1, prefix: Prefix | None = None) -> Iterator[Step]:
+                     stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: int | None = None,
+                     prompt_logprobs: int | None = None, n: int = 1, prefix: Prefix | None = None) -> Iterator[Step]:
         """Decode several prompts together; yields Steps (each with its row) as tokens arrive.
 
-        Options as in GenerationOptions. n samples per prompt share one prefill; prefix (from prefill)
-        is reused without recomputation.
+        Options as in GenerationOptions. n samples per prompt share one prefill; prefix (from prefill
+        or load_prefix) is reused without recomputation.
         """
-        gen = Generator(self, prompts, _options(locals()), prefix=prefix)
-        return self._drain(gen)
+        return self._drain(Generator(self, prompts, _options(locals()), prefix=prefix))
 
     @staticmethod
     def _drain(gen: Generator) -> Iterator[Step]:
@@ -171,22 +179,23 @@ class Engine:
 
     def stream(self, prompt: Prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: bool = False,
-               prefix: Prefix | None = None) -> Iterator[Step]:
+               stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: int | None = None,
+               prompt_logprobs: int | None = None, prefix: Prefix | None = None) -> Iterator[Step]:
         """Generate for one prompt, yielding a Step per token (options as in GenerationOptions)."""
         return self._drain(Generator(self, [prompt], _options(locals()), prefix=prefix))
 
     def generate_batch(self, prompts: Sequence[Prompt], *, max_new_tokens: int = 64, temperature: float = 0.0,
                        top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                       stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: bool = False,
-                       n: int = 1, prefix: Prefix | None = None) -> list[GenerationResult]:
+                       stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: int | None = None,
+                       prompt_logprobs: int | None = None, n: int = 1,
+                       prefix: Prefix | None = None) -> list[GenerationResult]:
         """Generate for several prompts (and n samples each), one result per sequence (row p * n + i)."""
         return self._collect(Generator(self, prompts, _options(locals()), prefix=prefix))
 
     def generate(self, prompt: Prompt, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: bool = False,
-                 prefix: Prefix | None = None) -> GenerationResult:
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False, logprobs: int | None = None,
+                 prompt_logprobs: int | None = None, prefix: Prefix | None = None) -> GenerationResult:
         """Generate for one prompt; returns text, ids and timings (options as in GenerationOptions)."""
         return self._collect(Generator(self, [prompt], _options(locals()), prefix=prefix))[0]
 
@@ -194,4 +203,4 @@ class Engine:
         steps: dict[int, list[Step]] = {s.row: [] for s in gen.sequences}
         for s in self._drain(gen):
             steps[s.row].append(s)
-        return [GenerationResult.from_steps(steps[q.row], len(q.context)) for q in gen.sequences]
+        return [GenerationResult.from_steps(steps[q.row], len(q.context), q) for q in gen.sequences]

@@ -253,7 +253,7 @@ def test_engine_load_prefix_generates_as_peft(prefix_adapter):
     pre = engine.load_prefix(adapter)
     T = loaded.active_peft_config.num_virtual_tokens
     assert pre.virtual == T and pre.cache.lengths.tolist() == [T]
-    r = engine.generate(IDS, prefix=pre, max_new_tokens=10, logprobs=True)
+    r = engine.generate(IDS, prefix=pre, max_new_tokens=10, logprobs=0)
     assert r.token_ids == _peft_greedy(loaded, IDS, 10) and r.prompt_tokens == T + len(IDS)
     with torch.no_grad():
         lp = torch.log_softmax(loaded(input_ids=torch.tensor([IDS + r.token_ids])).logits[0], -1).numpy()

@@ -105,8 +105,8 @@ def test_eos_and_ids_and_logprobs_through_the_servers_core(tiny):
     app = create_app(eos_engine, model_id="t", max_batch=4)
     s = Server(app)
     try:
-        opts = [GenerationOptions(max_new_tokens=8), GenerationOptions(max_new_tokens=9, logprobs=True),
-                GenerationOptions(max_new_tokens=7, temperature=0.8, seed=2, logprobs=True, n=2)]
+        opts = [GenerationOptions(max_new_tokens=8), GenerationOptions(max_new_tokens=9, logprobs=0),
+                GenerationOptions(max_new_tokens=7, temperature=0.8, seed=2, logprobs=0, n=2)]
         prompts = [[1, 2], [3, 4, 5], "the quick"]
         seqs = [q for p, o in zip(prompts, opts) for q in eos_engine.sequences([p], o)]
         with ThreadPoolExecutor(4) as pool:  # other clients batch with these sequences
@@ -122,7 +122,7 @@ def test_eos_and_ids_and_logprobs_through_the_servers_core(tiny):
             for w in eos_engine.generate_batch([p], **{f.name: getattr(o, f.name) for f in dataclasses.fields(o)}):
                 q = next(got)
                 assert (q.tokens, q.finish_reason) == (w.token_ids, w.finish_reason)
-                if o.logprobs:
+                if o.logprobs is not None:
                     np.testing.assert_allclose(q.logprobs, w.logprobs, atol=1e-5, rtol=0)
         assert seqs[0].finish_reason == "eos" and seqs[0].tokens == [first]
         r = post(s.url, {"prompt": [1, 2], "max_tokens": 8, "temperature": 0}).json()

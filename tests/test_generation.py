@@ -83,7 +83,7 @@ def test_repetition_penalty_changes_greedy_output(tiny):
 
 def test_logprobs_are_the_models(tiny):
     model, engine, _, _ = tiny
-    r = engine.generate([3, 4, 5], max_new_tokens=4, logprobs=True, ignore_eos=True)
+    r = engine.generate([3, 4, 5], max_new_tokens=4, logprobs=0, ignore_eos=True)
     ids = [3, 4, 5] + r.token_ids
     with torch.no_grad():
         lp = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1).numpy()
