@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,6 +15,9 @@ from gpt2_onnx.generator import Generator
 from gpt2_onnx.model import Model
 from gpt2_onnx.resolve import read_prefix_adapter, resolve
 from gpt2_onnx.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from gpt2_onnx.evaluate import Score
 
 Prompt = str | Sequence[int]
 OPTION_NAMES = [f.name for f in fields(GenerationOptions)]
@@ -147,6 +151,16 @@ class Engine:
         cache = self.model.new_cache(1, len(ids))
         _, logits = self.model.run(cache, np.array([ids]), np.array([len(ids)]), np.array([[len(ids) - 1]]))
         return Prefix(tuple(ids), cache, logits[0, 0], model=self.config.weights_digest)
+
+    def score(self, requests: Sequence[tuple[Prompt, Prompt]]) -> list[Score]:
+        """Log-probabilities of continuations after contexts, and whether each token is the greedy one.
+
+        requests: (context, continuation) pairs of texts or token id lists, tokenized separately (as
+        lm-evaluation-harness does); ragged rows run in one forward, no generation.
+        """
+        from gpt2_onnx.evaluate import score
+
+        return score(self, requests)
 
     def load_prefix(self, adapter: str | Path) -> Prefix:
         """A peft prefix-tuning adapter (PrefixTuningConfig) as a Prefix for generate(..., prefix=).

@@ -1,15 +1,88 @@
-"""Held-out loss of a model on a text, computed by the ONNX engine."""
+"""Scoring with the ONNX engine: continuations after contexts (Engine.score), held-out loss of a text."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gpt2_onnx.engine import Engine
 from gpt2_onnx.sampling import log_softmax
+
+if TYPE_CHECKING:
+    from gpt2_onnx.engine import Engine, Prompt
+
+MAX_SCORE_LOGITS = 1 << 25  # logits (rows x positions x vocab) held at once while scoring: 128 MB of float32
+
+
+@dataclass(frozen=True)
+class Score:
+    """Log-probabilities of one continuation after its context."""
+
+    token_ids: list[int]  # the continuation's tokens
+    logprobs: list[float]  # log p of each of them, log_softmax of the fp32 logits
+    greedy: list[bool]  # whether each was the model's most likely token there
+
+    @property
+    def logprob(self) -> float:
+        """log p(continuation | context)."""
+        return float(sum(self.logprobs))
+
+    @property
+    def is_greedy(self) -> bool:
+        """Whether greedy decoding from the context produces the continuation."""
+        return all(self.greedy)
+
+
+def score(engine: Engine, requests: Sequence[tuple[Prompt, Prompt]]) -> list[Score]:
+    """Score (context, continuation) pairs of texts or id lists: ragged rows in one forward each batch,
+    no generation (CTranslate2's score_batch, lm-evaluation-harness's loglikelihood).
+
+    Context and continuation are tokenized separately; an empty context starts from <|endoftext|>.
+    """
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, Sequence):
+        raise ValueError("requests must be a list of (context, continuation) pairs")
+    pairs = []
+    for r in requests:
+        if not isinstance(r, (tuple, list)) or len(r) != 2:
+            raise ValueError(f"each request must be a (context, continuation) pair, got {r!r}")
+        ctx, cont = engine.encode(r[0]), engine.encode(r[1], empty_ok=True)
+        if not cont:
+            raise ValueError(f"the continuation of {r!r} is empty: there is nothing to score")
+        engine.check_length(len(ctx) + len(cont), 0)
+        pairs.append((ctx, cont))
+    out: list[Score | None] = [None] * len(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    V, batch = engine.config.vocab_size, []
+
+    def flush() -> None:
+        rows = [pairs[i] for i in batch]
+        lens = np.array([len(c) + len(t) for c, t in rows])
+        K = max(len(t) for _, t in rows)
+        ids = np.zeros((len(rows), lens.max()), np.int64)  # right-padded (B, S)
+        index = np.zeros((len(rows), K), np.int64)  # (B, K): the positions that predict each continuation token
+        for b, (c, t) in enumerate(rows):
+            ids[b, : lens[b]] = c + t
+            index[b] = np.minimum(np.arange(len(c) - 1, len(c) - 1 + K), lens[b] - 2)
+        cache = engine.model.new_cache(len(rows), int(lens.max()))
+        logits = engine.model.forward(ids, lens, cache, index)  # (B, K, V)
+        for b, (c, t) in enumerate(rows):
+            lp = log_softmax(logits[b, : len(t)])
+            out[batch[b]] = Score(list(t), [float(lp[k, tok]) for k, tok in enumerate(t)],
+                                  [bool(logits[b, k].argmax() == tok) for k, tok in enumerate(t)])
+        batch.clear()
+
+    for i in order:
+        c, t = pairs[i]
+        longest = max([len(c) + len(t)] + [sum(map(len, pairs[j])) for j in batch])
+        if batch and (len(batch) + 1) * max(longest, len(t)) * V > MAX_SCORE_LOGITS:
+            flush()
+        batch.append(i)
+    if batch:
+        flush()
+    return out
 
 
 @dataclass(frozen=True)

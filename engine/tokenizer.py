@@ -8,7 +8,11 @@ from tokenizers import Tokenizer as _HFTokenizer
 
 
 class Tokenizer:
-    """Encode text to ids and decode ids to text (special tokens dropped)."""
+    """Encode text to ids and decode ids to text (special tokens dropped).
+
+    Special-token text in a prompt (`<|endoftext|>`) encodes as the special token, as Hugging Face's
+    tokenizers do; the library, the server and /tokenize follow this one policy.
+    """
 
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -29,6 +33,22 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text, special tokens included (a piece of a UTF-8 character shows as U+FFFD)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_name(self, token_id: int) -> str | None:
+        """The vocabulary's name of a token (`<|endoftext|>`), or None outside the vocabulary."""
+        return self._tok.id_to_token(token_id)
+
+    def offsets(self, ids: list[int]) -> list[int]:
+        """Character offset of each token in decode(ids): where the text it completes begins."""
+        stream, out, at = TextStream(self), [], 0
+        for t in ids:
+            out.append(at)
+            at += len(stream.push(t))
+        return out
 
 
 class TextStream:

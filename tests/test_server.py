@@ -108,7 +108,8 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
     ({"prompt": "x " * 20, "max_tokens": 100}, "max_tokens", "n_positions 128"),
     ({"prompt": "x " * 200, "max_tokens": 1}, "prompt", "n_positions 128"),
     ({"prompt": "x", "stream": "yes"}, "stream", "stream: Input should be a valid boolean"),
-    ({"prompt": "x", "echo": True}, "echo", "not supported"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs", "logprobs: Input should be less than or equal to 20"),
+    ({"prompt": "x", "best_of": 2}, "best_of", "best_of=2 is not supported"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, body, param, fragment):
     s, _ = server

@@ -23,8 +23,9 @@ from starlette.requests import ClientDisconnect
 from gpt2_onnx.core import Core, Prefix, Sequence, Step
 from gpt2_onnx.engine import Engine
 from gpt2_onnx.server.metrics import Metrics
-from gpt2_onnx.server.protocol import (FINISH, CompletionChoice, CompletionRequest, CompletionResponse, ErrorResponse,
-                                    ModelCard, ModelList, Usage)
+from gpt2_onnx.server.protocol import (FINISH, CompletionChoice, CompletionRequest, CompletionResponse,
+                                       DetokenizeRequest, DetokenizeResponse, ErrorResponse, LogProbs, ModelCard,
+                                       ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo, Usage)
 
 MAX_BODY = 1 << 20  # 1 MiB
 
@@ -191,6 +192,26 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
     async def list_models():
         return ModelList(data=[ModelCard(id=m, created=created) for m in [model_id, *prefixes]])
 
+    @app.post("/tokenize", dependencies=[Depends(authorized)], response_model=TokenizeResponse)
+    async def tokenize(body: TokenizeRequest):
+        """Token ids of a text (special-token text is the special token, as in Hugging Face's tokenizers)."""
+        ids = await asyncio.get_running_loop().run_in_executor(None, engine.tokenizer.encode, body.prompt)
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.config.n_positions)
+
+    @app.post("/detokenize", dependencies=[Depends(authorized)], response_model=DetokenizeResponse)
+    async def detokenize(body: DetokenizeRequest):
+        bad = [t for t in body.tokens if not 0 <= t < engine.config.vocab_size]
+        if bad:
+            raise ApiError(400, f"token ids {bad[:5]} are outside the vocabulary [0, {engine.config.vocab_size})",
+                           "tokens")
+        return DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
+
+    @app.get("/tokenizer_info", dependencies=[Depends(authorized)], response_model=TokenizerInfo)
+    async def tokenizer_info():
+        cfg, tok = engine.config, engine.tokenizer
+        return TokenizerInfo(eos_token=tok.token_name(cfg.eos_token_id), bos_token=tok.token_name(cfg.bos_token_id),
+                             model_max_length=cfg.n_positions, vocab_size=cfg.vocab_size)
+
     @app.post("/v1/completions", dependencies=[Depends(authorized)], response_model=CompletionResponse,
               responses={200: {"content": {"text/event-stream": {}},
                                "description": "the completion, or with stream: true server-sent events"}})
@@ -219,15 +240,17 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
                                     f"the model's context of n_positions {n_pos}; shorten the prompt or lower max_tokens",
                                "max_tokens" if before + len(x) < n_pos else "prompt")
         seqs = engine.sequences(ids, options, prefix=prefix)
-        stream = bool(body.stream)
+        stream, echo = bool(body.stream), bool(body.echo)
+        prompts = body.prompts()
+        echoed = [p if isinstance(p, str) else engine.tokenizer.decode(ids[k]) for k, p in enumerate(prompts)]
         rid = f"cmpl-{secrets.token_hex(12)}"
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Step] = asyncio.Queue()
-        texts = ["" for _ in seqs]
+        done: list[list[Step]] = [[] for _ in seqs]  # each sequence's steps (non-streaming)
 
         def on_step(step: Step) -> None:  # runs in the core's thread
             if not stream:
-                texts[step.row] += step.text
+                done[step.row].append(step)
             if stream or step.finish_reason:
                 loop.call_soon_threadsafe(events.put_nowait, step)
 
@@ -259,6 +282,34 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         def response(choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
             return CompletionResponse(id=rid, created=int(time.time()), model=model_id, choices=choices, usage=usage)
 
+        def head(s: Sequence) -> str:  # the text before the completion: the prompt with echo
+            return echoed[s.row // options.n] if echo else ""
+
+        def logprobs(s: Sequence, steps: list[Step], at: int, with_prompt: bool) -> LogProbs | None:
+            """OpenAI's logprobs of the prompt (with_prompt: echo's first part) and of these steps' tokens,
+            text offsets counted from `at` characters into the choice's text."""
+            if options.logprobs is None:
+                return None
+            tok, toks, lps, tops, offsets = engine.tokenizer, [], [], [], []
+            if with_prompt:
+                real = s.context[s.virtual:]
+                toks += real
+                lps += s.prompt_logprobs[s.virtual:] or [None] * len(real)
+                tops += s.prompt_top_logprobs[s.virtual:] or [None] * len(real)
+                offsets += tok.offsets(real)
+                at = len(head(s))
+            for st in steps:
+                if st.token_id >= 0:
+                    toks.append(st.token_id)
+                    lps.append(st.logprob)
+                    tops.append(st.top_logprobs)
+                    offsets.append(at)
+                at += len(st.text)
+            top = None if not options.logprobs else [
+                None if t is None else {tok.token_text(i): lp for i, lp in t} for t in tops]
+            return LogProbs(tokens=[tok.token_text(t) for t in toks], token_logprobs=lps, top_logprobs=top,
+                            text_offset=offsets)
+
         def failure(step: Step) -> ApiError:
             if step.error is None:  # cancelled by the server itself: it is shutting down
                 return ApiError(503, "the server is shutting down; retry", kind="server_error",
@@ -268,6 +319,8 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         if stream:
             async def sse():
                 status = "499"  # unless it ends below: the client went away
+                sent = [0] * len(seqs)  # characters of each choice's text sent so far
+                started: set[int] = set()
                 try:
                     while pending:
                         step = await events.get()
@@ -278,8 +331,14 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
                             return
                         if step.finish_reason:
                             pending.discard(step.row)
-                        choice = CompletionChoice(text=step.text, index=step.row,
-                                                  finish_reason=FINISH.get(step.finish_reason))
+                        s, text = seqs[step.row], step.text
+                        first = echo and step.row not in started  # the prompt comes first, with its logprobs
+                        started.add(step.row)
+                        if first:
+                            text = head(s) + text
+                        choice = CompletionChoice(text=text, index=step.row, finish_reason=FINISH.get(step.finish_reason),
+                                                  logprobs=logprobs(s, [step], sent[step.row], first))
+                        sent[step.row] += len(text)
                         yield f"data: {response([choice]).model_dump_json()}\n\n"
                     yield f"data: {response([], usage()).model_dump_json()}\n\n"
                     yield "data: [DONE]\n\n"
@@ -318,8 +377,9 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
             finish(str(e.status))
             return e.response()
         finish("200")
-        return response([CompletionChoice(text=texts[s.row], index=s.row, finish_reason=reasons[s.row]) for s in seqs],
-                        usage())
+        return response([CompletionChoice(text=head(s) + "".join(st.text for st in done[s.row]), index=s.row,
+                                          logprobs=logprobs(s, done[s.row], 0, echo), finish_reason=reasons[s.row])
+                         for s in seqs], usage())
 
     return app
 

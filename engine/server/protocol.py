@@ -12,6 +12,14 @@ MAX_PROMPTS = 64
 MAX_STOPS = 4
 
 
+def _unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"prompt is not valid Unicode text ({e.reason} at character {e.start})") from None
+    return text
+
+
 def _unsupported(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported by this server")
@@ -37,8 +45,9 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: dict | None = None
     user: str | None = None
-    echo: bool | None = Field(False, description="only false is supported")
-    logprobs: int | None = Field(None, description="only null is supported")
+    echo: bool | None = Field(False, description="return the prompt before the completion (with logprobs: the "
+                                                 "prompt tokens' too, the first null); max_tokens 0 scores only")
+    logprobs: int | None = Field(None, ge=0, le=20, description="log p of each token, and the N most likely")
     presence_penalty: float | None = Field(0.0, description="only 0 is supported")
     frequency_penalty: float | None = Field(0.0, description="only 0 is supported")
     best_of: int | None = Field(None, description="only 1 is supported")
@@ -54,10 +63,7 @@ class CompletionRequest(BaseModel):
             if isinstance(v[0], (str, list)) and len(v) > MAX_PROMPTS:
                 raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
         for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"prompt is not valid Unicode text ({e.reason} at character {e.start})") from None
+            _unicode(text)
         return v
 
     @field_validator("stop")
@@ -65,18 +71,6 @@ class CompletionRequest(BaseModel):
     def _stop(cls, v):
         if isinstance(v, list) and len(v) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(v)}")
-        return v
-
-    @field_validator("echo")
-    @classmethod
-    def _echo(cls, v):
-        _unsupported("echo", v, (None, False))
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v):
-        _unsupported("logprobs", v, (None,))
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -110,16 +104,26 @@ class CompletionRequest(BaseModel):
         return GenerationOptions(max_new_tokens=pick(self.max_tokens, 16), temperature=pick(self.temperature, 1.0),
                                  top_p=pick(self.top_p, 1.0), top_k=pick(self.top_k, 0),
                                  repetition_penalty=pick(self.repetition_penalty, 1.0), n=pick(self.n, 1),
-                                 stop=self.stop, seed=self.seed)
+                                 stop=self.stop, seed=self.seed, logprobs=self.logprobs,
+                                 prompt_logprobs=self.logprobs if self.echo else None)
 
 
 FinishReason = Literal["stop", "length"]
 
 
+class LogProbs(BaseModel):
+    """OpenAI's completions logprobs: one entry per token (echoed prompt tokens first)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int = Field(description="prompt p, sample i: p * n + i")
-    logprobs: dict | None = None
+    logprobs: LogProbs | None = None
     finish_reason: FinishReason | None = Field(description="stop: a stop string or <|endoftext|>; length: max_tokens")
 
 
@@ -138,6 +142,47 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (the shape lm-evaluation-harness's remote tokenizer and vLLM use)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = Field(False, description="GPT-2 adds none either way")
+
+    @field_validator("prompt")
+    @classmethod
+    def _text(cls, v):
+        return _unicode(v)
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info: the special tokens (lm-evaluation-harness finds eos by tokenizing eos_token)."""
+
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None = None
+    chat_template: str | None = None
+    model_max_length: int
+    vocab_size: int
 
 
 class ModelCard(BaseModel):
