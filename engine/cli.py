@@ -250,6 +250,7 @@ def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_
           prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
           prefix_adapter: Optional[list[str]] = typer.Option(None, help="NAME=DIR: a peft prefix-tuning adapter "
                                                              "served as model NAME (repeatable)"),
+          grace_period: float = typer.Option(10.0, help="seconds in-flight requests may finish after SIGTERM"),
           provider: str = typer.Option("auto", help="auto | cpu | cuda"),
           threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)")):
     """Serve an OpenAI-compatible /v1/completions API with continuous batching."""
@@ -271,7 +272,7 @@ def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_
         _fail(ValueError(str(e).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
                          .replace("prefix_cache_mb", "--prefix-cache-mb").replace("api_key", "--api-key")))
     err.print(f"serving {escape(app_.state.model_id)} on http://{host}:{port}/v1")
-    run_server(app_, host=host, port=port)
+    run_server(app_, host=host, port=port, grace=grace_period)
 
 
 @cache_app.command("list")

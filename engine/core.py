@@ -393,13 +393,18 @@ class Core:
             for s in seqs:
                 s.cancelled = True
             gone = {id(s) for s in seqs}
-            if any(id(s) in gone for s in self.waiting):
+            ended = [s for s in self.waiting if id(s) in gone and not s.done]
+            if ended:
                 kept = [s for s in self.waiting if id(s) not in gone]
-                for s in self.waiting:
-                    if id(s) in gone and not s.done:
-                        s.end("cancelled")
                 self.waiting.clear()
                 self.waiting.extend(kept)
+        for s in ended:  # they never ran: tell their owners here, in the caller's thread
+            step = s.end("cancelled")
+            if s.on_step is not None:
+                try:
+                    s.on_step(step)
+                except Exception:
+                    pass
 
     def step(self) -> list[Step]:
         """Admit waiting sequences (prefill), decode one token for the others, release finished rows."""

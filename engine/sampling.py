@@ -31,8 +31,8 @@ class SamplingParams:
             (isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1,
              f"top_p must be in (0, 1], got {self.top_p!r}"),
             (isinstance(self.repetition_penalty, (int, float)) and not isinstance(self.repetition_penalty, bool)
-             and math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
-             f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}"),
+             and 0.01 <= self.repetition_penalty <= 100,
+             f"repetition_penalty must be in [0.01, 100] (1 = off), got {self.repetition_penalty!r}"),
             (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0),
              f"seed must be a non-negative integer, got {self.seed!r}"),
         ]
@@ -54,7 +54,7 @@ def penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray
     """HF/CTRL repetition penalty on the ids in `seen`: positive logits / p, negative * p."""
     if penalty == 1.0 or not len(seen):
         return logits
-    out = logits.copy()
+    out = logits.astype(np.float64)  # a copy, wide enough that dividing by the penalty cannot overflow
     ids = np.unique(seen)
     v = out[ids]
     out[ids] = np.where(v > 0, v / penalty, v * penalty)

@@ -87,7 +87,7 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
 
 @pytest.mark.parametrize("body, param, fragment", [
     (b'{"prompt": "x", "max_tokens": ', None, "not valid JSON"),
-    (b'{"prompt": "\xff\xfe"}', None, "not valid UTF-8"),
+    (b'{"prompt": "\xff\xfe"}', None, "could not be parsed as JSON (invalid UTF-8"),
     (b'[1, 2]', None, "JSON object"),
     ({"prompt": 5}, "prompt", "prompt must be"),
     ({"prompt": "x", "max_tokens": -1}, "max_tokens", "max_tokens: Input should be greater than or equal to 0"),

@@ -16,7 +16,7 @@ import time
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -28,6 +28,9 @@ from gpt2_onnx.server.protocol import (FINISH, CompletionChoice, CompletionReque
                                        ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo, Usage)
 
 MAX_BODY = 1 << 20  # 1 MiB
+ERRORS = {400: "invalid request (the field is named)", 401: "missing or wrong API key", 404: "unknown model",
+          413: "request body over 1 MiB", 429: "queue full (Retry-After)", 500: "generation failed",
+          503: "shutting down (Retry-After)"}
 
 
 class ApiError(Exception):
@@ -47,6 +50,10 @@ class QueueFull(Exception):
     """The waiting queue is at its limit; retry later."""
 
 
+class ShuttingDown(Exception):
+    """The server is draining before it stops; retry on another replica or later."""
+
+
 class Worker:
     """Steps one Core in a background thread while it has work; submit() and cancel() from any thread."""
 
@@ -58,10 +65,10 @@ class Worker:
         self.thread.start()
 
     def submit(self, seqs: list[Sequence]) -> None:
-        """Queue sequences; QueueFull when max_queue sequences already wait (or the server is stopping)."""
+        """Queue sequences; QueueFull when max_queue sequences already wait, ShuttingDown while draining."""
         with self.cond:
             if self.stopping:
-                raise QueueFull("server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if len(self.core.waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"{len(self.core.waiting)} sequences are already waiting")
             self.core.submit(seqs)
@@ -89,6 +96,16 @@ class Worker:
                     if not s.done:
                         self.core._fail(s, e, [])
                 self.core._release()
+
+    def drain(self, grace: float) -> None:
+        """Stop admitting now; sequences still in flight after `grace` seconds are cancelled (their
+        requests then end with an error: a JSON 503, or an error event on a stream)."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        timer = threading.Timer(grace, lambda: self.cancel([*self.core.running, *self.core.waiting]))
+        timer.daemon = True
+        timer.start()
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop admitting; let in-flight sequences finish for up to `timeout` seconds, then cancel the rest."""
@@ -160,7 +177,7 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         await asyncio.get_running_loop().run_in_executor(None, worker.shutdown, shutdown_timeout)
 
     app = FastAPI(title="gpt2-onnx", version=_version(), lifespan=lifespan, max_body_size=MAX_BODY,
-                  responses={400: {"model": ErrorResponse}})
+                  responses={code: {"model": ErrorResponse, "description": why} for code, why in ERRORS.items()})
     app.state.core, app.state.worker, app.state.metrics, app.state.model_id = core, worker, metrics, model_id
 
     def answer(e: ApiError) -> JSONResponse:
@@ -173,7 +190,10 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
     app.add_exception_handler(RequestValidationError, lambda request, e: answer(_validation_error(e)))
     app.add_exception_handler(HTTPException, lambda request, e: answer(ApiError(
         e.status_code, f"request body of more than {MAX_BODY} bytes" if e.status_code == 413 else
-        "request body is not valid UTF-8 JSON" if e.status_code == 400 else str(e.detail))))
+        "the request body could not be parsed as JSON (invalid UTF-8, nested too deeply, or a number too long)"
+        if e.status_code == 400 else str(e.detail))))
+    app.add_exception_handler(Exception, lambda request, e: answer(ApiError(  # never a text/plain 500
+        500, f"internal error: {type(e).__name__}: {str(e)[:300]}", kind="server_error")))
 
     async def authorized(request: Request) -> None:
         if api_key and not secrets.compare_digest(request.headers.get("authorization", "").encode(),
@@ -184,9 +204,10 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
     async def health():
         return {"status": "ok", "model": model_id, "active": len(core.running), "queue_depth": len(core.waiting)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus():
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        """Prometheus text exposition."""
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=[Depends(authorized)], response_model=ModelList)
     async def list_models():
@@ -226,12 +247,15 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         except ValueError as e:
             raise ApiError(400, str(e), str(e).split()[0] if str(e).split()[0] in CompletionRequest.model_fields
                            else None) from e
-        ids, before = [], len(prefix.token_ids) if prefix is not None else 0
-        for p in body.prompts():
-            try:
-                ids.append(engine.encode(p, empty_ok=prefix is not None and not prefix.virtual))
-            except ValueError as e:
-                raise ApiError(400, str(e), "prompt") from e
+        before, loop = len(prefix.token_ids) if prefix is not None else 0, asyncio.get_running_loop()
+
+        def encode() -> list[list[int]]:  # in a worker thread: a 1 MiB prompt takes a while to tokenize
+            return [engine.encode(p, empty_ok=prefix is not None and not prefix.virtual) for p in body.prompts()]
+
+        try:
+            ids = await loop.run_in_executor(None, encode)
+        except ValueError as e:
+            raise ApiError(400, str(e), "prompt") from e
         n_pos = engine.config.n_positions
         for x in ids:
             if before + len(x) + options.max_new_tokens > n_pos:
@@ -244,7 +268,6 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
         prompts = body.prompts()
         echoed = [p if isinstance(p, str) else engine.tokenizer.decode(ids[k]) for k, p in enumerate(prompts)]
         rid = f"cmpl-{secrets.token_hex(12)}"
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[Step] = asyncio.Queue()
         done: list[list[Step]] = [[] for _ in seqs]  # each sequence's steps (non-streaming)
 
@@ -264,6 +287,8 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
             worker.submit(seqs)
         except QueueFull as e:
             raise ApiError(429, f"server busy: {e}", kind="rate_limit_error", headers={"Retry-After": "1"}) from e
+        except ShuttingDown as e:
+            raise ApiError(503, f"{e}; retry", kind="server_error", headers={"Retry-After": "1"}) from e
         metrics.prompt_tokens.inc(sum(len(s.context) for s in seqs))
 
         def finish(status: str) -> None:
@@ -390,8 +415,20 @@ def _version() -> str:
     return __version__
 
 
-def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run an app from create_app until interrupted (graceful: in-flight requests finish or are cancelled)."""
+def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 10.0) -> None:
+    """Run an app from create_app until SIGINT/SIGTERM, then shut down gracefully: admit nothing new
+    (503 + Retry-After), let in-flight requests finish for `grace` seconds, then end each stream with
+    an error event and each other request with a JSON 503."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                           timeout_graceful_shutdown=grace + 5))
+    stop = server.handle_exit
+
+    def handle_exit(sig, frame) -> None:  # uvicorn's signal handler, with the drain first
+        if not app.state.worker.stopping:
+            app.state.worker.drain(grace)
+        stop(sig, frame)
+
+    server.handle_exit = handle_exit
+    server.run()

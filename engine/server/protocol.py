@@ -37,7 +37,7 @@ class CompletionRequest(BaseModel):
     temperature: float | None = Field(1.0, ge=0, le=2, description="0 (or < 1e-5) = greedy")
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(0, ge=0, description="0 = off")
-    repetition_penalty: float | None = Field(1.0, gt=0, le=100, description="1 = off")
+    repetition_penalty: float | None = Field(1.0, ge=0.01, le=100, description="1 = off")
     n: int | None = Field(1, ge=1, le=16, description="samples per prompt")
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings (not returned)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1,
