@@ -17,8 +17,8 @@ from gpt2_onnx import config as C
 from gpt2_onnx.export import EXPORTER_VERSION, checkpoint
 from gpt2_onnx.export.graph import build, build_kv_copy
 
-TWO_GB = 2**31 - 1
 DATA_NAME = "model.onnx.data"
+PAGE = 4096  # external data offsets are multiples of this, so that the file can be memory-mapped
 
 Progress = Callable[[str], None]
 
@@ -254,19 +254,13 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
         say("writing model.onnx")
         digest = weights_digest(proto)  # before saving: external data moves the bytes out of the proto
         onnx.helper.set_model_props(proto, C.ModelConfig(**{**cfg.__dict__, "weights_digest": digest}).graph_facts())
-        big = _over_2gb(proto)
         onnx_path = tmp / C.MODEL_NAME
-        if big:
-            onnx.save_model(proto, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=DATA_NAME, size_threshold=1024)
-        else:
-            onnx.save_model(proto, str(onnx_path))
+        save_with_external_data(proto, onnx_path, tmp / DATA_NAME)
         onnx.save_model(build_kv_copy(cfg), str(tmp / C.COPY_MODEL_NAME))
         write_tokenizer(ck.folder, tmp / C.TOKENIZER_NAME)
         final = C.ModelConfig(**{**cfg.__dict__, "onnx_bytes": onnx_path.stat().st_size, "weights_digest": digest,
                                  "kv_copy_bytes": (tmp / C.COPY_MODEL_NAME).stat().st_size,
-                                 "external_data": DATA_NAME if big else None,
-                                 "external_data_bytes": (tmp / DATA_NAME).stat().st_size if big else 0})
+                                 "external_data": DATA_NAME, "external_data_bytes": (tmp / DATA_NAME).stat().st_size})
         final.save(tmp)
         if out.exists():
             shutil.rmtree(out)
@@ -278,9 +272,22 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     return out
 
 
-def _over_2gb(proto) -> bool:
-    """Whether the model needs external data (sized once; protobuf refuses to size messages over 2 GB)."""
-    try:
-        return proto.ByteSize() > TWO_GB
-    except ValueError:
-        return True
+def save_with_external_data(proto, onnx_path: Path, data_path: Path) -> None:
+    """model.onnx holds the graph, model.onnx.data every weight of 1 KB or more, each at an offset that
+    is a multiple of the page size: onnxruntime then maps the file instead of copying it (no second
+    copy of the weights at load, and rows the model never reads are never resident)."""
+    import onnx
+
+    with open(data_path, "wb") as f:
+        for t in proto.graph.initializer:
+            if len(t.raw_data) < 1024:
+                continue
+            f.write(b"\0" * (-f.tell() % PAGE))
+            offset = f.tell()
+            f.write(t.raw_data)
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(f.tell() - offset))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+    onnx.save_model(proto, str(onnx_path))

@@ -14,6 +14,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from gpt2_onnx import config as C
+from gpt2_onnx.export.quantize import gather_block_params
 
 MS = "com.microsoft"
 OPSET = 17
@@ -24,10 +25,14 @@ class _Builder:
     def __init__(self) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
+        self._names: set[str] = set()
         self._n = 0
 
     def weight(self, name: str, arr: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        """An initializer; a name given twice (a shared constant) is stored once."""
+        if name not in self._names:
+            self._names.add(name)
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], n_out: int = 1, *, domain: str = "", name: str = "",
@@ -76,13 +81,40 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
     def W(name: str) -> str:
         return b.weight(name, w[name].astype(np_dtype))
 
+    blocks: dict[str, tuple[list[str], list[np.ndarray], dict]] = {}  # prefix -> (initializer names, arrays, attrs)
+
+    def quantized(prefix: str, weight: np.ndarray) -> tuple[list[str], list[np.ndarray], dict]:
+        """weight (K, N) block-quantized once per prefix: B, scales, zero_points initializers."""
+        if prefix not in blocks:
+            inits, attrs = quantize(weight)
+            blocks[prefix] = [b.weight(f"{prefix}.weight.{n}", a) for n, a in inits], [a for _, a in inits], attrs
+        return blocks[prefix]
+
     def nbits(x: str, prefix: str, weight: np.ndarray, *, bias: str | None = None) -> str:
         """x @ weight (K, N) as MatMulNBits: A, B, scales, zero_points[, g_idx, bias]."""
-        inits, attrs = quantize(weight)
-        inputs = [x] + [b.weight(f"{prefix}.weight.{n}", a) for n, a in inits]
-        if bias:
-            inputs += ["", W(bias)]
+        names, _, attrs = quantized(prefix, weight)
+        inputs = [x] + names + (["", W(bias)] if bias else [])
         return b.op("MatMulNBits", inputs, domain=MS, name=prefix, **attrs)[0]
+
+    def embedding(ids: str) -> str:
+        """wte rows for ids (B, S) -> (B, S, n_embd). Quantized models gather from the block-quantized
+        weight of the LM head (tied heads: the very same bytes), dequantized by GatherBlockQuantized."""
+        if not quantize:
+            return b.op("Gather", [W("wte.weight"), ids], name="wte")[0]
+        prefix = "wte" if "lm_head.weight" in w else "lm_head"
+        (data, *_), arrays, attrs = quantized(prefix, w["wte.weight"].T)
+        scales, zero_points = gather_block_params(arrays, attrs)  # (V, n_blocks, 1) each
+        rows = b.op("GatherBlockQuantized", [data, ids, b.weight(f"{prefix}.weight.gather_scales", scales),
+                                             b.weight(f"{prefix}.weight.gather_zero_points", zero_points)],
+                    domain=MS, name="wte", gather_axis=0, quantize_axis=2, block_size=attrs["block_size"],
+                    bits=attrs["bits"])[0]  # (B, S, n_blocks, block)
+        flat = b.op("Reshape", [rows, b.weight("shape_bs_flat", np.array([0, 0, -1], np.int64))],
+                    name="wte/flat")[0]  # (B, S, n_blocks * block)
+        if attrs["K"] % attrs["block_size"]:  # the last block is padded past n_embd
+            flat = b.op("Slice", [flat, b.weight("zero", np.array([0], np.int64)),
+                                  b.weight("n_embd", np.array([attrs["K"]], np.int64)),
+                                  b.weight("axis_last", np.array([-1], np.int64))], name="wte/cut")[0]
+        return flat
 
     def linear(x: str, prefix: str, *, bias: bool = True) -> str:
         """x @ weight (+ bias); weight is GPT-2 Conv1D layout (in, out)."""
@@ -93,8 +125,7 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
         return b.op("Add", [y, W(f"{prefix}.bias")], name=f"{prefix}/Add")[0] if bias else y
 
     # embeddings: (B, S) ids -> (B, S, n_embd)
-    wte = W("wte.weight")
-    tok = b.op("Gather", [wte, C.INPUT_IDS], name="wte")[0]
+    tok = embedding(C.INPUT_IDS)
     pos = b.op("Gather", [W("wpe.weight"), C.POSITION_IDS], name="wpe")[0]
     resid = b.op("Add", [tok, pos], name="embed")[0]
     x = b.op("LayerNormalization", [resid, W("h.0.ln_1.weight"), W("h.0.ln_1.bias")],
@@ -130,10 +161,10 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
     idx = b.op("Unsqueeze", [C.LOGITS_INDEX, b.weight("axis_last", np.array([-1], np.int64))], name="logits_index")[0]
     h = b.op("GatherND", [x, idx], name="gather_positions", batch_dims=1)[0]
     head_name = "lm_head.weight" if "lm_head.weight" in w else "wte.weight"
-    if quantize:  # the LM head is the largest GEMV: quantize it too (wte stays whole for the Gather)
+    if quantize:  # the LM head is the largest GEMV: quantized too, sharing its bytes with the embedding
         logits = nbits(h, "lm_head", w[head_name].T)
     else:
-        head = wte if head_name == "wte.weight" else W(head_name)
+        head = "wte.weight" if head_name == "wte.weight" else W(head_name)
         logits = b.op("FusedMatMul", [h, head], domain=MS, name="lm_head", transB=1)[0]
     b.op("ArgMax", [logits], name="argmax", outputs=[C.NEXT_TOKEN], axis=-1, keepdims=0)  # (B, K) over every row
     rows = b.op("Gather", [logits, C.LOGITS_ROWS], name="logits_rows", axis=0)[0]  # (R, K, V): rows that sample

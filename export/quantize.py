@@ -60,3 +60,17 @@ def matmul_nbits(w: np.ndarray, *, bits: int, dtype: str = "float32", block_size
     sdtype = np.float16 if dtype == "float16" else np.float32
     return ([("B", packed), ("scales", scale.reshape(-1).astype(sdtype)), ("zero_points", zp_packed)],
             dict(K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level))
+
+
+def gather_block_params(arrays: list[np.ndarray], attrs: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Scales and zero points (N, n_blocks, 1) for GatherBlockQuantized over a MatMulNBits weight.
+
+    GatherBlockQuantized reads rows of B (N, n_blocks, blob) directly, quantized along its last axis:
+    one scale and one zero point (unpacked, the low nibble for 4 bits) per block of each row.
+    """
+    packed, scales, zero_points = arrays
+    N, n_blocks = packed.shape[0], packed.shape[1]
+    if attrs["bits"] == 4:  # two zero points a byte, the first in the low nibble
+        zp = zero_points.reshape(N, -1)
+        zero_points = np.stack([zp & 0x0F, zp >> 4], axis=-1).reshape(N, -1)[:, :n_blocks]
+    return scales.reshape(N, n_blocks, 1), zero_points.reshape(N, n_blocks, 1).astype(np.uint8)
