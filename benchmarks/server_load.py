@@ -1,7 +1,7 @@
 """Server throughput at several concurrency levels, and time to first token with a shared prefix (loopback only).
 
     python -m benchmarks.server_load [--models bundled,124m] [--clients 1,4,16,64] [--requests 4]
-                                     [--max-tokens 64] [--baseline DIR] [--prefix] [--threads 2]
+                                     [--max-tokens 64] [--baseline DIR] [--prefix] [--llama-server] [--threads 2]
 
 Every server is `gpt2-onnx serve` in a process of its own on 127.0.0.1 (a free port), with the same
 --max-batch and --threads; the clients run here, one pooled HTTP client, each client sending its
@@ -11,6 +11,8 @@ started from DIR so that DIR's own code runs, in the same run: "before" and "aft
 with a check that every greedy answer is identical. --prefix measures, on the 124M shape
 (n_positions 1024), the time to first token of 16 streamed requests that share a 400-token few-shot
 prefix (20-token questions), one after another and all at once, with the prefix cache on and off.
+--llama-server adds llama.cpp's server (built from the source vendored in the llama-cpp-python sdist,
+`-np` = --max-batch) on the 124M model's f32 GGUF made by llama.cpp's own converter, same prompts.
 """
 
 from __future__ import annotations
@@ -92,12 +94,47 @@ def load(url: str, clients: int, jobs: list[list[int]], max_tokens: int) -> dict
             "answers": [a for _, a, _, _ in sorted(done)]}
 
 
+class LlamaServed:
+    """llama.cpp's llama-server (built from the vendored source) on a GGUF made by llama.cpp's converter."""
+
+    def __init__(self, ck: Path, *, threads: int, max_batch: int, qtype: str = "f32"):
+        from benchmarks.anchors import gguf, llama_server
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        ctx = json.loads((ck / "config.json").read_text()).get("n_positions", 1024)
+        cmd = [str(llama_server()), "-m", str(gguf(ck, qtype)), "--host", "127.0.0.1", "--port", str(self.port),
+               "-np", str(max_batch), "-c", str(max_batch * ctx), "-t", str(threads), "-tb", str(threads)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.time() + 300
+        while True:
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or self.proc.poll() is not None:
+                self.proc.kill()
+                raise SystemExit(f"llama-server did not start: {self.proc.stderr.read()[-2000:]}")
+            time.sleep(0.3)
+
+    stop = Served.stop
+
+
 def throughput(args, name: str, model: str | None, vocab: int) -> dict:
-    systems = [("after", HERE)] + ([("before", Path(args.baseline))] if args.baseline else [])
+    systems = [("after", lambda: Served(HERE, model, threads=args.threads, max_batch=args.max_batch))]
+    if args.baseline:
+        systems.append(("before", lambda: Served(Path(args.baseline), model, threads=args.threads,
+                                                  max_batch=args.max_batch)))
+    if args.llama_server and model is not None:
+        systems.append(("llama-server", lambda: LlamaServed(Path(model), threads=args.threads,
+                                                             max_batch=args.max_batch)))
     out = {}
-    for label, root in systems:
-        print(f"{name}: serving {label} from {root}", file=sys.stderr, flush=True)
-        srv = Served(root, model, threads=args.threads, max_batch=args.max_batch)
+    for label, start in systems:
+        print(f"{name}: serving {label}", file=sys.stderr, flush=True)
+        srv = start()
         try:
             rows = []
             for c in args.clients:
@@ -110,10 +147,10 @@ def throughput(args, name: str, model: str | None, vocab: int) -> dict:
         ref = rows[0]["answers"]
         for r in rows:
             r["same_answers_as_fewest_clients"] = r["answers"][: len(ref)] == ref
-    if "before" in out:
-        for a, b in zip(out["after"], out["before"]):
-            a["identical_to_before"] = a["answers"] == b["answers"]
-            a["speedup_vs_before"] = a["tok_s"] / b["tok_s"]
+    for other in ("before", "llama-server"):
+        for a, b in zip(out["after"], out.get(other, [])):
+            a[f"identical_to_{other}"] = a["answers"] == b["answers"]
+            a[f"speedup_vs_{other}"] = a["tok_s"] / b["tok_s"]
     for rows in out.values():
         for r in rows:
             r.pop("answers")
@@ -175,6 +212,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", default=None, help="checkout of another commit to serve 'before' from")
     ap.add_argument("--prefix", action="store_true", help="also the shared-prefix TTFT benchmark")
+    ap.add_argument("--llama-server", action="store_true",
+                    help="also llama.cpp's llama-server (-np = --max-batch) on the 124m model, f32 GGUF from its converter")
     ap.add_argument("--name", default="server_load")
     add_out(ap)
     args = ap.parse_args()
@@ -205,14 +244,14 @@ def markdown(res: dict) -> str:
              f"--threads {res['threads']}, --max-batch {res['max_batch']}, {res['max_tokens']} greedy tokens per request.",
              ""]
     for model, systems in res["throughput"].items():
+        others = [s for s in systems if s != "after"]
         lines += [f"### {model}: completion tokens/s by concurrent clients", "",
-                  "| clients | " + " | ".join(systems) + " | after / before | identical answers |",
-                  "|---|" + "---|" * (len(systems) + 2)]
+                  "| clients | " + " | ".join(systems) + "".join(f" | after / {o} | identical to {o}" for o in others)
+                  + " |", "|---|" + "---|" * (len(systems) + 2 * len(others))]
         for i, row in enumerate(systems["after"]):
             cells = [f"{systems[s][i]['tok_s']:.1f}" for s in systems]
-            ratio = f"{row['speedup_vs_before']:.2f}x" if "speedup_vs_before" in row else "-"
-            same = row.get("identical_to_before", "-")
-            lines.append(f"| {row['clients']} | " + " | ".join(cells) + f" | {ratio} | {same} |")
+            cells += [x for o in others for x in (f"{row[f'speedup_vs_{o}']:.2f}x", str(row[f"identical_to_{o}"]))]
+            lines.append(f"| {row['clients']} | " + " | ".join(cells) + " |")
         lines.append("")
     if "shared_prefix" in res:
         p = res["shared_prefix"]

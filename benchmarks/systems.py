@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.anchors import Unavailable
+
 
 def _time(fn, runs: int):
     fn()  # warm-up
@@ -104,14 +106,20 @@ def ct2(ck: Path, ids, new_tokens, runs, threads, options):
 def llama(ck: Path, ids, new_tokens, runs, threads, options):
     import llama_cpp
 
-    from benchmarks.gguf_convert import convert
+    from benchmarks.anchors import gguf
 
-    qtype = options["qtype"]
-    path = _work(ck, f"gguf-{qtype}.gguf")
-    if not path.is_file():
-        convert(Path(ck), path, qtype)
+    path = gguf(Path(ck), options["qtype"])  # llama.cpp's own converter and quantizer
     if len(ids) != 1:
-        raise ImportError("llama-cpp-python's Llama runs one sequence at a time; batch > 1 not measured")
+        raise Unavailable("llama-cpp-python's Llama runs one sequence at a time; batch > 1 not measured")
+    if not options.get("extra_bufts", True):  # the CPU "extra buffer types" (AMX/repacked weights) off
+        defaults = llama_cpp.llama_model_default_params
+
+        def no_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        llama_cpp.llama_model_default_params = no_extra_bufts
     llm = llama_cpp.Llama(str(path), n_ctx=len(ids[0]) + new_tokens + 8, n_threads=threads, n_batch=512,
                           verbose=False)
 
@@ -126,21 +134,22 @@ def llama(ck: Path, ids, new_tokens, runs, threads, options):
 
     res = measure(gen, ids, new_tokens, runs)
     res["model_bytes"] = path.stat().st_size
+    res["extra_bufts"] = options.get("extra_bufts", True)
     return res
 
 
 def optimum(ck: Path, ids, new_tokens, runs, threads, options):
+    """optimum's ORTModelForCausalLM on `optimum-cli export onnx`'s output (run in optimum's own environment)."""
     import onnxruntime as ort
     import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    out = _work(ck, "optimum")
+    from benchmarks.anchors import optimum_export
+
+    out = optimum_export(Path(ck))
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    model = ORTModelForCausalLM.from_pretrained(str(out if out.is_dir() else ck), export=not out.is_dir(),
-                                                session_options=so)
-    if not out.is_dir():
-        model.save_pretrained(out)
+    model = ORTModelForCausalLM.from_pretrained(str(out), session_options=so)
     model.generation_config.eos_token_id = None
 
     def gen(batch, n):
@@ -163,10 +172,11 @@ def main() -> None:
     name = spec["system"]
     opts = {"quantize": {"ours-int8": "int8", "ours-int4": "int4"}.get(name),
             "compute_type": name.removeprefix("ct2-"), "qtype": name.removeprefix("llama.cpp-")}
+    opts.update(spec.get("options", {}))
     try:
         res = SYSTEMS[name](Path(spec["checkpoint"]), spec["ids"], spec["new_tokens"], spec["runs"], spec["threads"], opts)
         res["status"] = "ok"
-    except ImportError as e:  # an optional anchor that is not installed: reported, not fatal
+    except (ImportError, Unavailable) as e:  # an anchor that cannot run here: reported with the reason, not fatal
         res = {"status": f"skipped ({e})"}
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(res))
