@@ -28,6 +28,9 @@ def make_checkpoint(folder: Path, *, seed: int = 0, tokenizer: str = "bpe", **co
     torch.manual_seed(seed)
     model = GPT2LMHeadModel(GPT2Config(**config)).eval()
     model.save_pretrained(folder)
+    saved = json.loads((folder / "config.json").read_text())  # as the Hub's GPT-2 configs have it (llama.cpp's
+    saved.setdefault("n_ctx", model.config.n_positions)  # converter reads it; transformers 5 no longer writes it)
+    (folder / "config.json").write_text(json.dumps(saved, indent=2) + "\n")
     if tokenizer == "bpe":
         write_bpe_tokenizer(folder)
     elif tokenizer == "ids":

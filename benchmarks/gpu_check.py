@@ -190,6 +190,7 @@ def memcpy_profile(engine, vocab: int, smoke: bool = False) -> dict:
     m = engine.model
     opts = m._opts
     opts.enable_profiling = True
+    opts.profile_file_prefix = str(Path(os.environ.get("GPU_CHECK_WORK", "/tmp/gpu_check")) / "ort_profile")
     sess = ort.InferenceSession(str(engine.folder / "model.onnx"), opts, providers=[PROVIDERS[m.provider]])
     opts.enable_profiling = False
     saved = m.session, m.step_session
@@ -200,7 +201,9 @@ def memcpy_profile(engine, vocab: int, smoke: bool = False) -> dict:
         engine.generate_batch(ids, max_new_tokens=33, ignore_eos=True, temperature=0.7, seed=0)
     finally:
         m.session, m.step_session = saved
-    events = json.loads(Path(sess.end_profiling()).read_text())
+    profile = Path(sess.end_profiling())
+    events = json.loads(profile.read_text())
+    profile.unlink()
     runs = [e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"]
     copies = [e for e in events if e.get("cat") == "Node" and "Memcpy" in e.get("name", "")]
     return {"model_runs": len(runs), "memcpy_node_events": len(copies),
