@@ -246,9 +246,14 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     proto = build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer)
     del ck.weights
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise ValueError(f"cannot write into {out.parent} ({e.strerror}); choose a writable folder") from e
+    old = None
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from other users of a shared cache
         import onnx
 
         say("writing model.onnx")
@@ -268,12 +273,19 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
                                  "external_data": DATA_NAME if big else None,
                                  "external_data_bytes": (tmp / DATA_NAME).stat().st_size if big else 0})
         final.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # a previous export: moved aside by one rename, so no reader sees half a folder
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            os.replace(out, old)
+        os.replace(tmp, out)  # publish: readers see no folder or the whole export, never a part of it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():  # the publish failed: the previous export goes back
+            os.replace(old, out)
+            old = None
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     say(f"exported to {out}")
     return out
 
