@@ -31,6 +31,7 @@ def resolve(model: str | Path | None = None, *, dtype: str = "float32", quantize
     exported once into cache_root() and reused."""
     spec = str(bundled() if model is None else model)
     path = Path(spec).expanduser()
+    C.check_readable(path)
     if (path / C.MANIFEST_NAME).is_file():
         if dtype != "float32" or quantize or adapter:
             raise ValueError(f"{path} is already exported; dtype, quantize and adapter apply to checkpoints "

@@ -115,9 +115,14 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise C.read_error(path, e) from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
 
 
 def _content(token) -> str:
@@ -172,6 +177,9 @@ def write_tokenizer(folder: Path, dest: Path) -> None:
     """Copy tokenizer.json, or build it from vocab.json + merges.txt (GPT-2 byte-level BPE) with the
     added and special tokens of added_tokens.json / tokenizer_config.json / special_tokens_map.json,
     as transformers' GPT2Tokenizer reads them."""
+    for name in (C.TOKENIZER_NAME, "vocab.json", "merges.txt"):
+        if (folder / name).is_file():
+            checkpoint.check_not_lfs_pointer(folder / name, "tokenizer")
     if (folder / C.TOKENIZER_NAME).is_file():
         shutil.copyfile(folder / C.TOKENIZER_NAME, dest)
         return

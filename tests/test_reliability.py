@@ -199,3 +199,51 @@ def test_a_read_only_cache_is_one_clear_error_and_its_exports_still_run(tmp_path
     ro.chmod(0o755)
     for p in [cache, *cache.rglob("*")]:
         p.chmod(0o755)
+
+
+# ---- files that cannot be read, Git LFS pointers, corrupt JSON ------------------------------
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 691784\n"
+
+
+@pytest.fixture
+def ck_copy(tiny, tmp_path):
+    import shutil
+
+    _, _, ck, onnx_dir = tiny
+    return shutil.copytree(ck, tmp_path / "hf"), shutil.copytree(onnx_dir, tmp_path / "onnx")
+
+
+@pytest.mark.parametrize("kind, name", [("hf", "model.safetensors"), ("hf", "pytorch_model.bin"),
+                                        ("hf", "tokenizer.json"), ("onnx", "tokenizer.json")])
+def test_a_git_lfs_pointer_is_named_with_git_lfs_pull(ck_copy, tmp_path, kind, name):
+    hf, onnx_dir = ck_copy
+    folder = hf if kind == "hf" else onnx_dir
+    if name == "pytorch_model.bin":
+        (hf / "model.safetensors").unlink()
+    (folder / name).write_text(LFS_POINTER)
+    r = cli("generate", "-m", folder, "x", "-n", "2", cache=tmp_path / "cache", text=True)
+    fails_cleanly(r, f"{folder / name} is a Git LFS pointer", "git lfs pull")
+
+
+def test_corrupt_config_json_is_named(ck_copy, tmp_path):
+    hf, _ = ck_copy
+    for text, message in (("{bad", "is not valid JSON"), ("[1, 2]", "does not hold a JSON object"),
+                          (b"\xff\xfe", "is not valid JSON")):
+        (hf / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+        fails_cleanly(cli("generate", "-m", hf, "x", cache=tmp_path / "cache", text=True),
+                      f"{hf / 'config.json'} {message}")
+
+
+@pytest.mark.parametrize("what", ["export folder", "manifest.json", "model.onnx", "tokenizer.json", "hf folder",
+                                  "config.json"])
+def test_unreadable_files_say_they_cannot_be_read(ck_copy, tmp_path, as_user, what):
+    hf, onnx_dir = ck_copy
+    target = {"export folder": onnx_dir, "hf folder": hf, "config.json": hf / "config.json"}.get(what, onnx_dir / what)
+    target.chmod(0)
+    try:
+        r = cli("generate", "-m", hf if "hf" in what or what == "config.json" else onnx_dir, "x",
+                cache=tmp_path / "cache", text=True, **as_user)
+    finally:
+        target.chmod(0o755)
+    fails_cleanly(r, f"{target} cannot be read (PermissionError")
+    assert "not valid JSON" not in r.stderr
