@@ -247,3 +247,30 @@ def test_unreadable_files_say_they_cannot_be_read(ck_copy, tmp_path, as_user, wh
         target.chmod(0o755)
     fails_cleanly(r, f"{target} cannot be read (PermissionError")
     assert "not valid JSON" not in r.stderr
+
+
+# ---- the command line ------------------------------------------------------------------------
+def test_bytes_that_are_not_utf8_in_argv_or_stdin(tiny):
+    _, _, _, onnx_dir = tiny
+    bad = os.fsdecode(b"\xff\xfe abc")  # what Python makes of them: lone surrogates (surrogateescape)
+    fails_cleanly(cli("generate", "-m", onnx_dir, bad, "-n", "2"), "PROMPT is not valid UTF-8 text")
+    fails_cleanly(cli("generate", "-m", onnx_dir, "x", "--stop", bad), "--stop is not valid UTF-8 text")
+    for env in ({}, {"LC_ALL": "C.UTF-8", "PYTHONIOENCODING": "utf-8:strict"}):
+        fails_cleanly(cli("generate", "-m", onnx_dir, "-", "-n", "2", input=b"ok \xff\xfe", env=env),
+                      "the prompt on stdin is not valid UTF-8 text (invalid start byte at byte 3)")
+    r = cli("generate", "-m", onnx_dir, "-", "-n", "2", input="the lazy\r\n".encode())
+    assert r.returncode == 0 and r.stdout.decode().startswith("the lazy\n"), r.stderr
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "-1"])
+def test_serve_refuses_a_port_outside_1_to_65535_before_loading(tmp_path, port):
+    fails_cleanly(cli("serve", "-m", tmp_path / "no-such-model", "--port", port, text=True, timeout=60),
+                  f"--port must be a TCP port 1..65535, got {port}")
+
+
+def test_serve_refuses_an_empty_api_key_from_the_environment(tiny):
+    _, _, _, onnx_dir = tiny
+    # (without the fix the server would start: these would time out rather than wait for ever)
+    fails_cleanly(cli("serve", "-m", onnx_dir, env={"GPT2_ONNX_API_KEY": ""}, text=True, timeout=60),
+                  "GPT2_ONNX_API_KEY is set but empty")
+    fails_cleanly(cli("serve", "-m", onnx_dir, "--api-key", "", text=True, timeout=60), "--api-key is empty")
