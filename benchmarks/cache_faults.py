@@ -1,6 +1,6 @@
 """Export cache faults injected with real processes, counted over trials (benchmarks/results/reliability.md).
 
-    python -m benchmarks.cache_faults [--trials 10] [--procs 4] [--delay 2]
+    python -m benchmarks.cache_faults [--trials 10] [--procs 4] [--delay 2] [--checkpoint DIR|bundled]
 
 concurrent: --procs `gpt2-onnx generate -m CHECKPOINT` first runs at once on an empty cache, each
 export held --delay seconds just before it publishes (SLOW_EXPORT); counts the runs that exit 0, the
@@ -82,8 +82,8 @@ def killed(ck: Path, cache: Path) -> dict:
     r = subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "generate", "-m", str(ck), "x", "-n", "2"],
                        env={**os.environ, "GPT2_ONNX_CACHE": str(cache)}, capture_output=True, text=True,
                        timeout=TIMEOUT)
-    return {"orphans_after_kill": orphans, "rerun_ok": r.returncode == 0, "temp_dirs_after_rerun": len(temp_dirs(cache)),
-            "exports": len(exports(cache))}
+    return {"orphans_after_kill": orphans, "rerun_ok": r.returncode == 0,
+            "temp_dirs_after_rerun": len(temp_dirs(cache)), "exports": len(exports(cache))}
 
 
 def main() -> None:
@@ -91,20 +91,24 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=10)
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--delay", type=float, default=2.0)
+    ap.add_argument("--checkpoint", default=None, help="HF folder, or bundled [default: a tiny random-init GPT-2]")
     ap.add_argument("--name", default="cache_faults")
     add_out(ap)
     args = ap.parse_args()
     from benchmarks.common import make_checkpoint
+    from gpt2_onnx.models import BUNDLED
 
     with tempfile.TemporaryDirectory() as tmp:
-        ck = Path(tmp) / "hf"
-        make_checkpoint(ck, seed=1, vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4,
-                        initializer_range=0.3, bos_token_id=0, eos_token_id=0)
+        ck = BUNDLED if args.checkpoint == "bundled" else Path(args.checkpoint or Path(tmp) / "hf")
+        if args.checkpoint is None:
+            make_checkpoint(ck, seed=1, vocab_size=1000, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                            initializer_range=0.3, bos_token_id=0, eos_token_id=0)
         conc = [concurrent(ck, Path(tmp) / f"c{i}", args.procs, args.delay) for i in range(args.trials)]
         kill = [killed(ck, Path(tmp) / f"k{i}") for i in range(args.trials)]
     ok = [t for t in conc if t["ok"] == args.procs and t["same_output"] and t["exported"] == t["exports"] == 1
           and not t["temp_dirs"]]
-    summary = {"procs": args.procs, "delay_s": args.delay, "trials": args.trials,
+    summary = {"checkpoint": args.checkpoint or "tiny", "procs": args.procs, "delay_s": args.delay,
+               "trials": args.trials,
                "concurrent_runs_ok": sum(t["ok"] for t in conc), "concurrent_runs": args.procs * args.trials,
                "concurrent_trials_all_ok_one_export": len(ok),  # all exit 0, same output, one export made
                "exports_made_per_trial": sorted({t["exported"] for t in conc}),
