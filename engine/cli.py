@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
@@ -73,6 +74,14 @@ def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...)
     err.print(f"exported {escape(model)} -> {escape(str(out))}")
 
 
+def _check_utf8(what: str, text: str) -> None:
+    """Bytes in argv that are not UTF-8 reach Python as lone surrogates (surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        _fail(ValueError(f"{what} is not valid UTF-8 text (at character {e.start}); pass UTF-8 text"))
+
+
 def _print_sample(i: int, samples: int, head: str) -> None:
     if samples > 1:
         sys.stdout.write(f"{'' if i == 0 else chr(10)}--- sample {i} ---\n")
@@ -105,7 +114,14 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
     from gpt2_onnx import GenerationResult
 
     if prompt == "-":
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as e:
+            _fail(ValueError(f"the prompt on stdin is not valid UTF-8 text ({e.reason} at byte {e.start})"))
+        prompt = prompt.replace("\r\n", "\n").replace("\r", "\n")  # newlines as text-mode stdin reads them
+    _check_utf8("PROMPT", prompt)
+    for s in stop or []:
+        _check_utf8("--stop", s)
     head = prompt if echo else ""
     steps: dict[int, list] = {i: [] for i in range(samples)}
     printed = [-1] * samples  # steps of each sample printed so far (-1: not even its header)
@@ -254,6 +270,11 @@ def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_
           provider: str = typer.Option("auto", help="auto | cpu | cuda"),
           threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)")):
     """Serve an OpenAI-compatible /v1/completions API with continuous batching."""
+    if not 1 <= port <= 65535:
+        _fail(ValueError(f"--port must be a TCP port 1..65535, got {port}"))
+    if api_key is None and os.environ.get("GPT2_ONNX_API_KEY") == "":  # click reads an empty variable as unset
+        _fail(ValueError("GPT2_ONNX_API_KEY is set but empty; set it to the key clients must send, or unset it "
+                         "to serve without authentication"))
     try:
         from gpt2_onnx.server import create_app, serve as run_server
     except ImportError as e:

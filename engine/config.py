@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 from dataclasses import dataclass
@@ -44,6 +45,30 @@ def cache_root() -> Path:
     if os.environ.get("GPT2_ONNX_CACHE"):
         return Path(os.environ["GPT2_ONNX_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-onnx"
+
+
+LFS_MAGIC = b"version https://git-lfs"  # the first bytes of a Git LFS pointer file
+
+
+def read_error(path: str | Path, e: OSError) -> ValueError:
+    """A file or folder that exists but cannot be read (permissions): named, never mistaken for a bad one."""
+    return ValueError(f"{path} cannot be read ({type(e).__name__}: {e.strerror}); make it readable "
+                      "(check its permissions and owner) or copy it somewhere you can read")
+
+
+def check_readable(folder: Path) -> None:
+    """A folder whose files cannot be listed or opened is named, not taken for one without them."""
+    if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+        raise read_error(folder, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+
+
+def is_lfs_pointer(path: Path) -> bool:
+    """Whether a file is a Git LFS pointer (a clone without `git lfs pull`); an unreadable file is a ValueError."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(LFS_MAGIC)) == LFS_MAGIC
+    except OSError as e:
+        raise read_error(path, e) from e
 
 
 @dataclass(frozen=True)
@@ -112,7 +137,9 @@ class ModelConfig:
             )
         try:
             raw = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except OSError as e:
+            raise read_error(path, e) from e
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} is not valid JSON ({e}); re-export the model with gpt2-onnx export") from e
         if not isinstance(raw, dict):
             raise ValueError(f"{path} does not hold a JSON object; re-export the model with gpt2-onnx export")

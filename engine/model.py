@@ -11,7 +11,6 @@ import onnxruntime as ort
 from gpt2_onnx import config as C
 from gpt2_onnx.kv_cache import KVCache
 
-LFS_MAGIC = b"version https://git-lfs"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -34,9 +33,7 @@ def resolve_provider(provider: str) -> str:
 def _check_file(path: Path, expected: int, what: str) -> None:
     if not path.is_file():
         raise ValueError(f"{path} not found: the exported folder is incomplete; re-export with gpt2-onnx export")
-    with open(path, "rb") as f:
-        head = f.read(len(LFS_MAGIC))
-    if head == LFS_MAGIC:
+    if C.is_lfs_pointer(path):
         raise ValueError(f"{path} is a Git LFS pointer, not the {what}: run `git lfs pull` or re-export")
     size = path.stat().st_size
     if expected and size != expected:

@@ -31,6 +31,7 @@ def resolve(model: str | Path | None = None, *, dtype: str = "float32", quantize
     exported once into cache_root() and reused."""
     spec = str(bundled() if model is None else model)
     path = Path(spec).expanduser()
+    C.check_readable(path)
     if (path / C.MANIFEST_NAME).is_file():
         if dtype != "float32" or quantize or adapter:
             raise ValueError(f"{path} is already exported; dtype, quantize and adapter apply to checkpoints "
@@ -76,12 +77,20 @@ def cache_entries() -> list[dict]:
 
 
 def clear_cache(name: str | None = None) -> list[str]:
-    """Delete every export in the cache, or the one called `name`; returns the names deleted."""
+    """Delete every export in the cache, or the one called `name`, and the temp folders that killed
+    exports left (an export under way keeps its own); returns the names deleted."""
+    from gpt2_onnx.export.cache import clear_orphans  # no onnx: the cache's locks only
+
     entries = cache_entries()
     if name is not None:
         entries = [e for e in entries if e["name"] == name]
         if not entries:
             raise ValueError(f"no export named {name!r} in {C.cache_root()}; see gpt2-onnx cache list")
     for e in entries:
-        shutil.rmtree(e["folder"])
+        try:
+            shutil.rmtree(e["folder"])
+        except OSError as err:
+            raise ValueError(f"cannot delete {e['folder']} ({err.strerror}); the export cache "
+                             f"{C.cache_root()} must be writable to clear it") from err
+    clear_orphans(C.cache_root(), name)
     return [e["name"] for e in entries]

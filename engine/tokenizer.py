@@ -6,6 +6,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from gpt2_onnx.config import is_lfs_pointer
+
 
 class Tokenizer:
     """Encode text to ids and decode ids to text (special tokens dropped).
@@ -18,6 +20,8 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"{path} not found: the exported folder is incomplete; re-export with gpt2-onnx export")
+        if is_lfs_pointer(path):
+            raise ValueError(f"{path} is a Git LFS pointer, not the tokenizer: run `git lfs pull` or re-export")
         try:
             self._tok = _HFTokenizer.from_file(str(path))
         except Exception as e:

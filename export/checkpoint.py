@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2_onnx import config as C
+
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
              "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
              "special_tokens_map.json"]
@@ -28,6 +30,7 @@ class Checkpoint:
 def resolve(model: str) -> tuple[Path, str]:
     """Return (local folder, source label) for a local HF folder or a Hub id (downloads it)."""
     path = Path(model).expanduser()
+    C.check_readable(path)
     if path.is_dir():
         return path.resolve(), str(path.resolve())
     if path.exists():
@@ -67,8 +70,12 @@ def read_config(folder: Path) -> dict:
         raise ValueError(f"{path} not found: {folder} is not a Hugging Face checkpoint folder")
     try:
         cfg = json.loads(path.read_text())
+    except OSError as e:
+        raise C.read_error(path, e) from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from e
+        raise ValueError(f"{path} is not valid JSON ({e}); download the checkpoint's config.json again") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path} does not hold a JSON object; download the checkpoint's config.json again")
     model_type = cfg.get("model_type")
     if model_type is None and any(a in GPT2_ARCHITECTURES for a in cfg.get("architectures") or []):
         model_type = "gpt2"  # older configs name only the class
@@ -91,6 +98,13 @@ ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i
              "I8": "i1", "U8": "u1", "BOOL": "?"}
 
 
+def check_not_lfs_pointer(path: Path, what: str) -> None:
+    """A Git LFS pointer in place of a checkpoint file (a clone without git lfs) is named as such."""
+    if C.is_lfs_pointer(path):
+        raise ValueError(f"{path} is a Git LFS pointer, not the {what}: run `git lfs pull` in the checkpoint's "
+                         "repository (or download the checkpoint again)")
+
+
 def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 is the top half of a float32: shifting its bits up is exact (no ml_dtypes needed)."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
@@ -102,6 +116,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     The format is an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
     data_offsets}}, then the data; reading it here keeps bf16 working without any numpy bfloat16 type.
     """
+    check_not_lfs_pointer(path, "weights")
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -128,6 +143,7 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
 def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
     """A PyTorch pickle (state dict) as numpy, floats as float32; needs torch, imported here only."""
+    check_not_lfs_pointer(path, "weights")
     try:
         import torch
     except ImportError as e:

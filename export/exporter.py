@@ -115,9 +115,14 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise C.read_error(path, e) from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
 
 
 def _content(token) -> str:
@@ -172,6 +177,9 @@ def write_tokenizer(folder: Path, dest: Path) -> None:
     """Copy tokenizer.json, or build it from vocab.json + merges.txt (GPT-2 byte-level BPE) with the
     added and special tokens of added_tokens.json / tokenizer_config.json / special_tokens_map.json,
     as transformers' GPT2Tokenizer reads them."""
+    for name in (C.TOKENIZER_NAME, "vocab.json", "merges.txt"):
+        if (folder / name).is_file():
+            checkpoint.check_not_lfs_pointer(folder / name, "tokenizer")
     if (folder / C.TOKENIZER_NAME).is_file():
         shutil.copyfile(folder / C.TOKENIZER_NAME, dest)
         return
@@ -246,9 +254,14 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     proto = build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer)
     del ck.weights
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise ValueError(f"cannot write into {out.parent} ({e.strerror}); choose a writable folder") from e
+    old = None
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from other users of a shared cache
         import onnx
 
         say("writing model.onnx")
@@ -262,12 +275,19 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
                                  "kv_copy_bytes": (tmp / C.COPY_MODEL_NAME).stat().st_size,
                                  "external_data": DATA_NAME, "external_data_bytes": (tmp / DATA_NAME).stat().st_size})
         final.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists():  # a previous export: moved aside by one rename, so no reader sees half a folder
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+            os.replace(out, old)
+        os.replace(tmp, out)  # publish: readers see no folder or the whole export, never a part of it
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():  # the publish failed: the previous export goes back
+            os.replace(old, out)
+            old = None
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     say(f"exported to {out}")
     return out
 
