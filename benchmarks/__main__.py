@@ -70,16 +70,24 @@ def run_case(systems: list[str], ck: Path, batch: int, prompt: int, new: int, ru
     return rows
 
 
-def table(rows: dict, title: str) -> str:
+def table(reps: list[dict], title: str, bandwidth: float | None) -> str:
+    """One row per system: each repetition's decode tok/s, and (first repetition) the rest."""
+    rows = reps[0]
     base = rows.get("hf-torch", {}).get("decode_tok_s")
-    lines = [title, "", "| system | decode tok/s | x HF torch | time to first token ms | peak RSS MB | model MB | ids agree |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [title, "", "| system | decode tok/s" + " / ".join([""] + [f"rep {i + 1}" for i in range(len(reps))])
+             + " | x HF torch | x bandwidth limit | time to first token ms | peak RSS MB | model MB | ids agree |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if r.get("status") != "ok":
-            lines.append(f"| {name} | {r.get('status')} | | | | | |")
+            lines.append(f"| {name} | {r.get('status')} | | | | | | |")
             continue
+        rates = " / ".join(f"{rep[name]['decode_tok_s']:.1f}" if rep[name].get("status") == "ok" else "-"
+                           for rep in reps)
         ratio = f"{r['decode_tok_s'] / base:.2f}" if base else "-"
-        lines.append(f"| {name} | {r['decode_tok_s']:.1f} | {ratio} | {r['ttft_s'] * 1e3:.1f} | "
+        limit = f"{r['decode_tok_s'] * r['model_bytes'] / (bandwidth * 1e9):.2f}" if bandwidth and r.get("model_bytes") \
+            else "-"
+        note = f" ({r['note']})" if r.get("note") else ""
+        lines.append(f"| {name}{note} | {rates} | {ratio} | {limit} | {r['ttft_s'] * 1e3:.1f} | "
                      f"{r['peak_rss_mb']:.0f} | {r.get('model_bytes', 0) / 1e6:.0f} | {r['ids_agree_with_ours']} |")
     return "\n".join(lines) + "\n"
 
@@ -127,6 +135,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true",
                     help="also batch 1 at prompt 512 + 256 new, and batches 2, 4, 8 (systems that batch); plot")
     ap.add_argument("--name", default=None, help="results file stem")
+    ap.add_argument("--repeat", type=int, default=1, help="repetitions of every case in this run (order reversed "
+                                                           "each time), each the median of --runs")
     add_out(ap)
     args = ap.parse_args()
     unknown = [s for s in args.systems.split(",") if s not in SYSTEMS]
@@ -141,21 +151,31 @@ def main() -> None:
     for name in systems:  # exports and conversions first, so a timed process's peak RSS is the runtime's alone
         print(f"preparing {name} ...", file=sys.stderr, flush=True)
         run_system(name, ck, [[0]], 1, 0, args.threads)
+    bw = subprocess.run([sys.executable, "-c", "from benchmarks.bandwidth import read_gb_s; import json; "
+                         f"print(json.dumps(read_gb_s(512, {args.threads}, 7)))"], capture_output=True, text=True,
+                        cwd=Path(__file__).resolve().parents[1])
+    bandwidth = json.loads(bw.stdout)["limit_gb_s"] if bw.returncode == 0 else None
     cases, md = [], []
     for batch, prompt, new in grid:
         names = systems if batch == 1 else [s for s in systems if not s.startswith("llama.cpp")]
-        rows = run_case(names, ck, batch, prompt, new, args.runs, args.threads)
-        cases.append({"batch": batch, "prompt": prompt, "new": new, "systems": rows})
-        md.append(table(rows, f"### batch {batch}, prompt {prompt}, {new} new greedy tokens"))
+        reps = [run_case(names if k % 2 == 0 else names[::-1], ck, batch, prompt, new, args.runs, args.threads)
+                for k in range(args.repeat)]
+        reps = [{n: rep[n] for n in names} for rep in reps]  # the same row order in every repetition
+        cases.append({"batch": batch, "prompt": prompt, "new": new, "systems": reps[0], "repetitions": reps})
+        md.append(table(reps, f"### batch {batch}, prompt {prompt}, {new} new greedy tokens", bandwidth))
     m = machine()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": m["cpu"], "cpu_flags": m["flags"],
             "cpus": m["cpus"], "checkpoint": str(ck), "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
-            **{k: v for k, v in vars(args).items() if k != "checkpoint"}}
+            "bandwidth": json.loads(bw.stdout) if bw.returncode == 0 else bw.stderr[-500:],
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "checkpoint"}}
     stem = args.name or ("cpu-sweep" if args.sweep else f"cpu-b{args.batch}-p{args.prompt}-n{args.new}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "cases": cases}, indent=2) + "\n")
+    limit = (f" Memory bandwidth {bandwidth:.1f} GB/s (benchmarks.bandwidth: the faster of a {args.threads}-thread read "
+             "and a GEMV over 512 MB); x bandwidth limit = decode tok/s x model bytes / bandwidth.") if bandwidth else ""
     head = (f"`{meta['command']}` on {meta['machine']} ({meta['cpus']} CPUs; {' '.join(m['flags'])}), {args.threads} threads, "
-            f"median of {args.runs} runs, {meta['date']}. Decode tok/s counts all rows of a batch.\n\n")
+            f"median of {args.runs} runs per repetition, {meta['date']}. Decode tok/s counts all rows of a batch."
+            f"{limit}\n\n")
     (args.out / f"{stem}.md").write_text(head + "\n".join(md))
     if args.sweep:
         plot(cases, args.out / f"{stem}.png")

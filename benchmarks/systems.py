@@ -35,8 +35,10 @@ def measure(gen, ids, new_tokens: int, runs: int) -> dict:
     ttft, _ = _time(lambda: gen(ids, 1), runs)
     total, out = _time(lambda: gen(ids, new_tokens), runs)
     batch = len(ids)
-    return {"ttft_s": ttft, "total_s": total,
-            "decode_tok_s": batch * (new_tokens - 1) / max(total - ttft, 1e-9), "ids": out}
+    if total <= ttft:  # the machine was too busy for the difference to mean anything
+        raise Unavailable(f"generating {new_tokens} tokens took no longer than 1 ({total:.3f} s vs {ttft:.3f} s): "
+                          "the machine is too busy to time this; rerun with more --runs on a quiet machine")
+    return {"ttft_s": ttft, "total_s": total, "decode_tok_s": batch * (new_tokens - 1) / (total - ttft), "ids": out}
 
 
 def ours(ck: Path, ids, new_tokens, runs, threads, options):
@@ -112,14 +114,15 @@ def llama(ck: Path, ids, new_tokens, runs, threads, options):
     if len(ids) != 1:
         raise Unavailable("llama-cpp-python's Llama runs one sequence at a time; batch > 1 not measured")
     if not options.get("extra_bufts", True):  # the CPU "extra buffer types" (AMX/repacked weights) off
-        defaults = llama_cpp.llama_model_default_params
+        bindings = llama_cpp.llama_cpp  # Llama() reads its default model params from the ctypes bindings
+        defaults = bindings.llama_model_default_params
 
         def no_extra_bufts():
             params = defaults()
             params.use_extra_bufts = False
             return params
 
-        llama_cpp.llama_model_default_params = no_extra_bufts
+        bindings.llama_model_default_params = no_extra_bufts
     llm = llama_cpp.Llama(str(path), n_ctx=len(ids[0]) + new_tokens + 8, n_threads=threads, n_batch=512,
                           verbose=False)
 
