@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "onnx", "safetensors", "huggingface_hub", "peft")
+HEAVY = ("torch", "transformers", "onnx", "safetensors", "huggingface_hub", "peft", "ray")
 
 
 def _imports_after(code: str) -> list[str]:
