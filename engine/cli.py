@@ -289,7 +289,7 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
     run_server(app_, host=host, port=port, grace=grace_period)
 
 
-# ---- Ray: serve --replicas -----------------------------------------------------------------------
+# ---- Ray: serve --replicas and batch --------------------------------------------------------------
 RAY_FLAGS = {"model": "-m/--model", "provider": "--provider", "threads": "--threads",
              "served_model_name": "--served-model-name", "api_key": "--api-key", "max_batch": "--max-batch",
              "max_queue": "--max-queue", "prefix_cache_mb": "--prefix-cache-mb", "prefix_adapters": "--prefix-adapter",
@@ -345,6 +345,53 @@ def _serve_on_ray(ctx: typer.Context, config: Optional[Path]) -> None:
         serve_forever(options, address=address, host=host, port=port, on_ready=lambda m: err.print(escape(m)))
     except ValueError as e:
         _ray_fail(e)
+
+
+@app.command()
+def batch(input: Path = typer.Argument(..., help="JSONL: one {\"id\": ..., \"prompt\": ..., ...} (completion fields) "
+                                                 "or {\"id\": ..., \"context\": ..., \"continuation\": ...} per line"),
+          output: Path = typer.Option(..., "-o", "--output", help="JSONL to append {\"id\", \"status\", \"body\"} rows to; "
+                                                                 "a rerun skips the ids already there"),
+          model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
+          replicas: Optional[int] = typer.Option(None, help="run on Ray Data with N actors, one engine each (the ray "
+                                                            "extra); default: in this process, without Ray"),
+          ray_address: Optional[str] = typer.Option(None, help="Ray cluster for --replicas (default: start a local "
+                                                               "Ray instance)"),
+          batch_size: int = typer.Option(64, help="rows per batch (written and flushed together)"),
+          max_batch: int = typer.Option(16, help="sequences decoded together per engine (KV rows)"),
+          prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
+          provider: str = typer.Option("auto", help="auto | cpu | cuda"),
+          threads: Optional[int] = typer.Option(None, help="CPU threads per engine (default: onnxruntime's; with "
+                                                           "--replicas: 1)")):
+    """Generate (and score) every row of INPUT into OUTPUT, resumably: every row appears exactly once."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    try:
+        from gpt2_onnx import batch as job
+    except ImportError as e:
+        _fail(ValueError(f"batch needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
+    if replicas is not None:
+        _need_ray("batch --replicas")
+    options = dict(batch_size=batch_size, max_batch=max_batch, replicas=replicas, ray_address=ray_address)
+    try:
+        todo = job.prepare(input, output, **options)
+    except ValueError as e:
+        _ray_fail(e)
+    note = ", cut a torn last line" if todo.dropped_torn_line else ""
+    err.print(f"{todo.total} rows in {escape(str(input))}: {len(todo.done)} already in {escape(str(output))}{note}, "
+              f"{len(todo.pending)} to do")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=err) as bar:
+            task = bar.add_task("answering", total=len(todo.pending))
+            out = job.execute(todo, output, model=model, provider=provider, threads=threads,
+                              prefix_cache_mb=prefix_cache_mb, progress=lambda k, n: bar.update(task, completed=k),
+                              **options)
+    except ValueError as e:
+        _ray_fail(e)
+    err.print(f"wrote {out.written} rows ({out.errors} with an error status) to {escape(str(output))}")
 
 
 @cache_app.command("list")

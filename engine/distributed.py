@@ -1,7 +1,7 @@
-"""Beyond one machine: the OpenAI-compatible server as Ray Serve replicas.
+"""Beyond one machine: the OpenAI-compatible server as Ray Serve replicas, batch jobs on Ray Data.
 
-Imported only when Ray is asked for (`gpt2-onnx serve --replicas N`, a Serve config naming
-`gpt2_onnx.distributed:app_builder`): the runtime itself never imports ray.
+Imported only when Ray is asked for (`gpt2-onnx serve --replicas N`, `gpt2-onnx batch --replicas N`,
+a KubeRay RayService naming `gpt2_onnx.distributed:app_builder`): the runtime itself never imports ray.
 
 Serving is two Ray Serve deployments:
 
@@ -476,7 +476,34 @@ def _http_address(host: str, port: int) -> tuple[str, int]:
         return host, port
 
 
-# ---- the --config file ---------------------------------------------------------------------------
+# ---- batch jobs on Ray Data ------------------------------------------------------------------------
+def run_batch(rows: list[str], on_rows: Callable[[list[str]], None], *, worker: dict, replicas: int,
+              address: str | None, batch_size: int, cpus: float | None = None) -> None:
+    """Ray Data map_batches over raw JSONL rows with a pool of `replicas` actors (gpt2_onnx.batch.BatchWorker,
+    one engine each); on_rows gets each finished batch's output rows, in the driver, as they come."""
+    import ray
+    import ray.data
+
+    from gpt2_onnx.batch import BatchWorker
+
+    local = connect(address)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.execution_options.preserve_order = False
+        ctx.print_on_execution_start = False
+        threads = worker.get("threads") or 1
+        ds = ray.data.from_items([{"row": r} for r in rows], override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
+        out = ds.map_batches(BatchWorker, fn_constructor_kwargs={**worker, "threads": threads}, batch_size=batch_size,
+                             compute=ray.data.ActorPoolStrategy(size=replicas), batch_format="numpy",
+                             num_cpus=cpus if cpus is not None else round(0.9 * threads, 3))
+        for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
+            on_rows([str(r) for r in batch["row"]])
+    finally:
+        if local:
+            ray.shutdown()
+
+
 def load_config(path: Path) -> dict:
     """A --config file: YAML or JSON with ServeOptions' fields."""
     try:

@@ -1,4 +1,4 @@
-"""Ray: `gpt2-onnx serve --replicas 2` on Ray Serve, on one
+"""Ray: `gpt2-onnx serve --replicas 2` on Ray Serve and `gpt2-onnx batch --replicas 2` on Ray Data, on one
 local Ray instance of 2 CPUs for the module (loopback only, shut down at the end), plus the ingress's
 failure handling against a scripted handle, and the options. Bounded in time."""
 
@@ -22,9 +22,10 @@ from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
 from gpt2_onnx import Engine
+from gpt2_onnx.batch import run
 from gpt2_onnx.distributed import ACCEPTED, REPLICA_HEADER, RETRIES, Forwarder, ServeOptions, connect
 from gpt2_onnx.server import create_app
-from helpers import Server
+from helpers import Server, read_rows, write_rows
 
 KEY = "sk-test-ray"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -212,6 +213,35 @@ def cluster():
 
 def cli_env() -> dict:
     return dict(os.environ, **LOOPBACK_ENV, HF_HUB_OFFLINE="1")
+
+
+@pytest.mark.slow
+def test_batch_on_ray_data_killed_mid_job_and_rerun_gives_every_row_once(cluster, bundled_onnx, tmp_path):
+    rows = [{"id": f"g{i}", "prompt": f"KING {i}:", "max_tokens": 24, "temperature": 0} for i in range(72)]
+    rows += [{"id": i, "context": f"ROMEO {i}:", "continuation": " my good lord"} for i in range(24)]
+    inp, out = write_rows(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
+    args = [sys.executable, "-m", "gpt2_onnx.cli", "batch", inp, "-o", out, "-m", bundled_onnx, "--replicas", "2",
+            "--ray-address", cluster, "--batch-size", "8", "--provider", "cpu"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(list(map(str, args)), stdout=log, stderr=log, env=cli_env())
+    deadline = time.time() + 180
+    while not (out.exists() and out.read_text().count("\n") >= 8):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # the driver: Ray ends its job's actors
+    proc.wait(30)
+    partial = out.read_text().count("\n")
+    assert 8 <= partial < len(rows), partial
+    r = subprocess.run(list(map(str, args)), capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{partial} already in" in r.stderr and f"wrote {len(rows) - partial} rows" in r.stderr, r.stderr[-2000:]
+    got = read_rows(out)
+    assert set(got) == {json.dumps(x["id"]) for x in rows} and all(v["status"] == 200 for v in got.values())
+    here = tmp_path / "here.jsonl"  # the same job in this process, without Ray
+    run(inp, here, model=str(bundled_onnx), provider="cpu", threads=1)
+    want = read_rows(here)
+    pick = lambda v: v["body"].get("choices") or v["body"]["token_logprobs"]  # noqa: E731
+    assert {k: pick(v) for k, v in got.items()} == {k: pick(v) for k, v in want.items()}
 
 
 class Served:
