@@ -1,10 +1,11 @@
 """Ray: `gpt2-onnx serve --replicas 2` on Ray Serve and `gpt2-onnx batch --replicas 2` on Ray Data, on one
 local Ray instance of 2 CPUs for the module (loopback only, shut down at the end), plus the ingress's
-failure handling against a scripted handle, and the options. Bounded in time."""
+failure handling against a scripted handle, the options, and the KubeRay manifest. Bounded in time."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import signal
@@ -18,15 +19,17 @@ from pathlib import Path
 import httpx
 import pytest
 import ray
+import yaml
 from ray.exceptions import ActorDiedError
 from ray.serve.exceptions import BackPressureError
 
 from gpt2_onnx import Engine
 from gpt2_onnx.batch import run
-from gpt2_onnx.distributed import ACCEPTED, REPLICA_HEADER, RETRIES, Forwarder, ServeOptions, connect
+from gpt2_onnx.distributed import ACCEPTED, REPLICA_HEADER, RETRIES, Forwarder, ServeOptions, app_builder, connect
 from gpt2_onnx.server import create_app
 from helpers import Server, read_rows, write_rows
 
+ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-ray"
 AUTH = {"authorization": f"Bearer {KEY}"}
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -129,7 +132,7 @@ def test_backpressure_is_an_openai_429():
     assert json.loads(body)["error"]["type"] == "rate_limit_error" and "7 requests" in json.loads(body)["error"]["message"]
 
 
-# ---- options and CLI flags (no Ray instance) ---------------------------------------
+# ---- options, CLI flags, and the KubeRay manifest (no Ray instance) ---------------------------------------
 def test_two_replicas_and_the_ingress_fit_two_cpus():
     o = ServeOptions(replicas=2, threads=1)
     r, i = o.replica_deployment(), o.ingress_deployment()
@@ -184,6 +187,33 @@ def test_serve_options_come_from_defaults_then_the_config_file_then_the_flags(tm
     (tmp_path / "ray.json").write_text('{"replicas": 2}')
     r = CliRunner().invoke(gpt2_onnx.cli.app, ["serve", "--config", str(tmp_path / "ray.json"), "--port", "9001"])
     assert r.exit_code == 0 and (got["options"].replicas, got["port"], got["address"]) == (2, 9001, None)
+
+
+def test_the_kuberay_manifest_builds_its_application():
+    """docs/kuberay-rayservice.yaml: a RayService whose import_path and args build (as Serve builds them)
+    an Ingress + Replica application, with Ray's version and enough worker CPUs for max_replicas."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.build_app import build_app
+
+    manifest = yaml.safe_load((ROOT / "docs" / "kuberay-rayservice.yaml").read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__
+    (spec,) = yaml.safe_load(manifest["spec"]["serveConfigV2"])["applications"]
+    module, _, attr = spec["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), attr)
+    assert builder is app_builder
+    built = build_app(call_user_app_builder_with_args_if_necessary(builder, spec["args"]), name=spec["name"])
+    deployments = {d.name: d for d in built.deployments}
+    assert set(deployments) == {"Ingress", "Replica"} and built.ingress_deployment_name == "Ingress"
+    options = ServeOptions.from_args(spec["args"])
+    replica = deployments["Replica"]
+    assert replica.ray_actor_options["num_cpus"] == pytest.approx(0.9 * options.threads)
+    auto = replica._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas) == (options.min_replicas, options.max_replicas)
+    (workers,) = cluster["workerGroupSpecs"]
+    cpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+    assert options.max_replicas * 0.9 * options.threads + options.ingress_cpus <= workers["maxReplicas"] * cpus
 
 
 # ---- on a local Ray instance ---------------------------------------------------------------------------
