@@ -284,7 +284,7 @@ class Forwarder:
         """Send one request to a replica and relay its answer; what Ray reports about a lost replica
         becomes a resend (not started yet), a JSON 503 or a stream's error event."""
         from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError
+        from ray.serve.exceptions import BackPressureError, RayServeException
 
         inner = _inner_scope(scope, body)
         for attempt in range(RETRIES + 1):
@@ -310,12 +310,14 @@ class Forwarder:
             except BackPressureError:
                 return await self.error(scope, send, 429, f"server busy: more than {self.max_queue} requests "
                                         "are waiting for a replica", "rate_limit_error")
-            except RayActorError as e:
-                if replica is None and attempt < RETRIES:  # it never started: send it again, to another replica
+            except (RayActorError, RayServeException) as e:  # the replica died, or none is available
+                lost = isinstance(e, RayActorError)
+                if lost and replica is None and attempt < RETRIES:  # it never started: send it again, elsewhere
                     self.resent.inc()
                     continue
                 message = (f"the replica serving this request was lost ({type(e).__name__}); it is being restarted: "
-                           "retry")
+                           "retry" if lost or started else
+                           f"no replica can take this request now ({type(e).__name__}); retry")
                 if not started:
                     return await self.error(scope, send, 503, message, "server_error", replica)
                 self.requests.labels("503").inc()

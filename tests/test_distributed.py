@@ -125,6 +125,15 @@ def test_a_stream_on_a_lost_replica_ends_with_an_error_event():
     assert "[DONE]" not in body.decode() and sent[-1]["more_body"] is False
 
 
+def test_no_replica_available_is_an_openai_503():
+    from ray.serve.exceptions import RayServeException
+
+    sent, n, _ = relay(Script(RayServeException("Deployment(name='Replica') is unavailable")))
+    status, headers, body = status_and_body(sent)
+    assert (status, n) == (503, 1) and headers[b"retry-after"] == b"1"
+    assert "no replica can take this request" in json.loads(body)["error"]["message"]
+
+
 def test_backpressure_is_an_openai_429():
     sent, _, _ = relay(Script(BackPressureError(num_queued_requests=7, max_queued_requests=7)))
     status, headers, body = status_and_body(sent)
