@@ -303,6 +303,8 @@ class Forwarder:
                                             for k, v in headers)
                             m = {**m, "headers": [*headers, (REPLICA_HEADER, replica.encode())]}
                         await send(m)
+                        if m["type"] == "http.response.body" and not m.get("more_body", False):
+                            return  # answered in full: the replica's end (or its loss) changes nothing now
                 return
             except asyncio.CancelledError:  # the client hung up: so does the replica's app (it frees the rows)
                 calls.cancel()

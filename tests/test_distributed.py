@@ -112,6 +112,12 @@ def test_a_request_running_on_a_lost_replica_gets_an_openai_503():
     assert fwd.requests.labels("503")._value.get() == 1
 
 
+def test_a_replica_lost_after_its_answer_was_complete_changes_nothing():
+    sent, n, fwd = relay(Script(accepted(), response(), ActorDiedError()))
+    assert status_and_body(sent)[:3:2] == (200, b'{"ok": 1}') and len(sent) == 2 and n == 1
+    assert fwd.requests.labels("503")._value.get() == 0
+
+
 def test_a_stream_on_a_lost_replica_ends_with_an_error_event():
     chunk = b'data: {"choices": [{"text": "a"}]}\n\n'
     sent, n, _ = relay(Script(accepted(), [{"type": "http.response.start", "status": 200,
