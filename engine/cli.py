@@ -254,7 +254,7 @@ def bench(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_
 
 
 @app.command()
-def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
+def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
           host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
           port: int = typer.Option(8000, help="TCP port"),
           api_key: Optional[str] = typer.Option(None, envvar="GPT2_ONNX_API_KEY",
@@ -268,13 +268,27 @@ def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_
                                                              "served as model NAME (repeatable)"),
           grace_period: float = typer.Option(10.0, help="seconds in-flight requests may finish after SIGTERM"),
           provider: str = typer.Option("auto", help="auto | cpu | cuda"),
-          threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)")):
+          threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's; on Ray: 1 per "
+                                                           "replica)"),
+          # ---- scale out on Ray Serve (the ray extra): see _serve_on_ray ----
+          replicas: Optional[int] = typer.Option(None, help="serve on Ray Serve with N replicas, one engine each"),
+          ray_address: Optional[str] = typer.Option(None, help="Ray cluster to deploy on (default: start a local "
+                                                               "Ray instance)"),
+          min_replicas: Optional[int] = typer.Option(None, help="autoscaling: fewest replicas"),
+          max_replicas: Optional[int] = typer.Option(None, help="autoscaling: most replicas"),
+          target_ongoing_requests: Optional[float] = typer.Option(None, help="autoscaling: requests per replica "
+                                                                             "to aim for (default: max-batch / 2)"),
+          config: Optional[Path] = typer.Option(None, help="YAML/JSON file of Ray serving options (the names of "
+                                                           "these flags with underscores); flags override it")):
     """Serve an OpenAI-compatible /v1/completions API with continuous batching."""
     if not 1 <= port <= 65535:
         _fail(ValueError(f"--port must be a TCP port 1..65535, got {port}"))
     if api_key is None and os.environ.get("GPT2_ONNX_API_KEY") == "":  # click reads an empty variable as unset
         _fail(ValueError("GPT2_ONNX_API_KEY is set but empty; set it to the key clients must send, or unset it "
                          "to serve without authentication"))
+    if replicas is not None or config is not None or any(
+            v is not None for v in (ray_address, min_replicas, max_replicas, target_ongoing_requests)):
+        return _serve_on_ray(ctx, config)
     try:
         from gpt2_onnx.server import create_app, serve as run_server
     except ImportError as e:
@@ -294,6 +308,111 @@ def serve(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_
                          .replace("prefix_cache_mb", "--prefix-cache-mb").replace("api_key", "--api-key")))
     err.print(f"serving {escape(app_.state.model_id)} on http://{host}:{port}/v1")
     run_server(app_, host=host, port=port, grace=grace_period)
+
+
+# ---- Ray: serve --replicas and batch --------------------------------------------------------------
+RAY_FLAGS = {"model": "-m/--model", "provider": "--provider", "threads": "--threads",
+             "served_model_name": "--served-model-name", "api_key": "--api-key", "max_batch": "--max-batch",
+             "max_queue": "--max-queue", "prefix_cache_mb": "--prefix-cache-mb", "prefix_adapters": "--prefix-adapter",
+             "grace_period": "--grace-period", "replicas": "--replicas", "min_replicas": "--min-replicas",
+             "max_replicas": "--max-replicas", "target_ongoing_requests": "--target-ongoing-requests",
+             "ray_address": "--ray-address", "batch_size": "--batch-size"}
+
+
+def _ray_fail(e: Exception) -> None:
+    """_fail with the options' names as their flags."""
+    _fail(ValueError(re.sub(r"\b(" + "|".join(RAY_FLAGS) + r")\b", lambda m: RAY_FLAGS[m.group(1)], str(e))))
+
+
+def _need_ray(what: str) -> None:
+    try:
+        import ray  # noqa: F401
+        import ray.serve  # noqa: F401
+    except ImportError:
+        _fail(ValueError(f"{what} needs Ray: pip install 'gpt2-onnx[ray]'"))
+
+
+def _serve_on_ray(ctx: typer.Context, config: Optional[Path]) -> None:
+    """serve --replicas N: the same app on Ray Serve. Options: defaults < --config file < flags given."""
+    _need_ray("serve --replicas")
+    from gpt2_onnx.distributed import ServeOptions, load_config, serve_forever
+
+    p = ctx.params
+    try:
+        args = load_config(config) if config is not None else {}
+        address = args.pop("ray_address", None)
+        host, port = args.pop("host", p["host"]), args.pop("port", p["port"])
+        given = {k for k in p if getattr(ctx.get_parameter_source(k), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
+        for name in ("model", "provider", "threads", "served_model_name", "api_key", "max_batch", "max_queue",
+                     "prefix_cache_mb", "grace_period", "replicas", "min_replicas", "max_replicas",
+                     "target_ongoing_requests"):
+            if name in given:
+                args[name] = p[name]
+        if "prefix_adapter" in given:
+            args["prefix_adapters"] = {}
+            for spec in p["prefix_adapter"]:
+                name, sep, folder = spec.partition("=")
+                if not (sep and name and folder):
+                    raise ValueError(f"--prefix-adapter takes NAME=DIR, got {spec!r}")
+                args["prefix_adapters"][name] = folder
+        if "ray_address" in given:
+            address = p["ray_address"]
+        if "host" in given or "port" in given:
+            host, port = p["host"], p["port"]
+        options = ServeOptions.from_args(args)
+    except ValueError as e:
+        _ray_fail(e)
+    try:
+        serve_forever(options, address=address, host=host, port=port, on_ready=lambda m: err.print(escape(m)))
+    except ValueError as e:
+        _ray_fail(e)
+
+
+@app.command()
+def batch(input: Path = typer.Argument(..., help="JSONL: one {\"id\": ..., \"prompt\": ..., ...} (completion fields) "
+                                                 "or {\"id\": ..., \"context\": ..., \"continuation\": ...} per line"),
+          output: Path = typer.Option(..., "-o", "--output", help="JSONL to append {\"id\", \"status\", \"body\"} rows to; "
+                                                                 "a rerun skips the ids already there"),
+          model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
+          replicas: Optional[int] = typer.Option(None, help="run on Ray Data with N actors, one engine each (the ray "
+                                                            "extra); default: in this process, without Ray"),
+          ray_address: Optional[str] = typer.Option(None, help="Ray cluster for --replicas (default: start a local "
+                                                               "Ray instance)"),
+          batch_size: int = typer.Option(64, help="rows per batch (written and flushed together)"),
+          max_batch: int = typer.Option(16, help="sequences decoded together per engine (KV rows)"),
+          prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
+          provider: str = typer.Option("auto", help="auto | cpu | cuda"),
+          threads: Optional[int] = typer.Option(None, help="CPU threads per engine (default: onnxruntime's; with "
+                                                           "--replicas: 1)")):
+    """Generate (and score) every row of INPUT into OUTPUT, resumably: every row appears exactly once."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    try:
+        from gpt2_onnx import batch as job
+    except ImportError as e:
+        _fail(ValueError(f"batch needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
+    if replicas is not None:
+        _need_ray("batch --replicas")
+    options = dict(batch_size=batch_size, max_batch=max_batch, replicas=replicas, ray_address=ray_address)
+    try:
+        todo = job.prepare(input, output, **options)
+    except ValueError as e:
+        _ray_fail(e)
+    note = ", cut a torn last line" if todo.dropped_torn_line else ""
+    err.print(f"{todo.total} rows in {escape(str(input))}: {len(todo.done)} already in {escape(str(output))}{note}, "
+              f"{len(todo.pending)} to do")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=err) as bar:
+            task = bar.add_task("answering", total=len(todo.pending))
+            out = job.execute(todo, output, model=model, provider=provider, threads=threads,
+                              prefix_cache_mb=prefix_cache_mb, progress=lambda k, n: bar.update(task, completed=k),
+                              **options)
+    except ValueError as e:
+        _ray_fail(e)
+    err.print(f"wrote {out.written} rows ({out.errors} with an error status) to {escape(str(output))}")
 
 
 @cache_app.command("list")

@@ -19,6 +19,14 @@ def exported(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bundled_onnx(tmp_path_factory):
+    """The bundled Tiny Shakespeare model exported into a temporary folder (not the user's cache)."""
+    from gpt2_onnx.models import BUNDLED
+
+    return export_model(str(BUNDLED), tmp_path_factory.mktemp("bundled-onnx") / "onnx")
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """(torch model, Engine, checkpoint folder, export folder) of the tiny shape."""
     root = tmp_path_factory.mktemp("tiny_shared")

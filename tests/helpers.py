@@ -59,3 +59,17 @@ def post(url, body, *, timeout=60, **kw):
     """POST /v1/completions with a JSON (or raw bytes) body."""
     return httpx.post(url + "/v1/completions", content=body if isinstance(body, bytes) else json.dumps(body),
                       headers={"content-type": "application/json", **kw.pop("headers", {})}, timeout=timeout, **kw)
+
+
+# ---- JSONL files of gpt2-onnx batch ------------------------------------------------------------------
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_rows(path: Path) -> dict:
+    """OUTPUT rows by id (json.dumps of it); fails if an id appears twice."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    by_id = {json.dumps(r["id"]): r for r in rows}
+    assert len(by_id) == len(rows), "an id appears twice"
+    return by_id

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("torch", "transformers", "onnx", "safetensors", "huggingface_hub", "peft")
+HEAVY = ("torch", "transformers", "onnx", "safetensors", "huggingface_hub", "peft", "ray")
 
 
 def _imports_after(code: str) -> list[str]:
@@ -34,6 +34,15 @@ def test_loading_an_exported_or_cached_model_imports_only_the_runtime(tiny, tmp_
         code = (f"import os; os.environ['GPT2_ONNX_CACHE'] = {str(cache)!r}\n"
                 f"from gpt2_onnx import Engine; Engine.load({str(model)!r}).generate([1, 2], max_new_tokens=2)")
         assert _imports_after(code) == [], model
+
+
+def test_a_batch_job_without_replicas_runs_without_ray(tiny, tmp_path):
+    _, _, _, onnx_dir = tiny
+    (tmp_path / "in.jsonl").write_text('{"id": 1, "prompt": [1, 2], "max_tokens": 2}\n')
+    code = (f"from gpt2_onnx.batch import run; run({str(tmp_path / 'in.jsonl')!r}, {str(tmp_path / 'out.jsonl')!r}, "
+            f"model={str(onnx_dir)!r}, provider='cpu')")
+    assert _imports_after(code) == []
+    assert (tmp_path / "out.jsonl").read_text().count("\n") == 1
 
 
 def test_the_runtime_reaches_the_exporter_only_through_the_resolver():

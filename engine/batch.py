@@ -1,0 +1,312 @@
+"""Offline generation and scoring over JSONL files: `gpt2-onnx batch INPUT.jsonl -o OUTPUT.jsonl`.
+
+Each input line is one JSON object with an "id" (a string or an integer, unique in the file) and either
+the fields of an OpenAI completion request (`prompt`, `max_tokens`, `temperature`, ... as
+POST /v1/completions takes them, validated with the server's CompletionRequest) or a scoring row
+(`context`, `continuation`: Engine.score). Each output line is `{"id": ..., "status": ..., "body": ...}`:
+the HTTP status and JSON body the server would answer (a completion, or its OpenAI-shaped error), or
+for a scoring row the continuation's log-probabilities. Rows come out as they finish, keyed by id.
+
+Completion rows go through create_app's routes in this process (gpt2_onnx.server.asgi), so answers
+are the server's and its continuous batching runs across the rows of a batch. Without --replicas the
+job runs here without Ray; with it, gpt2_onnx.distributed runs it on Ray Data (one engine per actor).
+
+The output is append-only and flushed (fsync) after every batch; a rerun reads the ids already there
+and skips them, after cutting a torn last line left by a kill. Every input row appears exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_QUEUE = 1 << 20  # a batch's sequences all wait in the core's queue: no 429 inside a job
+
+
+@dataclass(frozen=True)
+class Job:
+    """What is left to do: the input's rows not yet in the output."""
+
+    total: int  # rows in the input
+    done: set[str]  # ids (json.dumps of each) already in the output
+    pending: list[str]  # raw JSON lines still to answer
+    dropped_torn_line: bool  # a torn last line (a kill mid-write) was cut from the output
+
+
+class ScoreRequest(BaseModel):
+    """A scoring row (without its id): log p(continuation | context), as Engine.score computes it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = Field(None, description="the served model id; omitted = the one loaded")
+    context: str | list[int] = Field(description="text or token ids; empty = <|endoftext|>")
+    continuation: str | list[int] = Field(description="text or token ids, not empty")
+
+
+def _key(row_id) -> str:
+    return json.dumps(row_id)  # 1 and "1" are different ids
+
+
+def _check_row(row, where: str):
+    """Validate one input row; returns its id."""
+    from pydantic import ValidationError
+
+    from gpt2_onnx.server.app import _validation_error
+    from gpt2_onnx.server.protocol import CompletionRequest
+
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: each line must be a JSON object, got {type(row).__name__}")
+    if "id" not in row:
+        raise ValueError(f'{where}: the row has no "id"; give every row a unique string or integer id')
+    row_id = row["id"]
+    if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+        raise ValueError(f'{where}: "id" must be a string or an integer, got {row_id!r}')
+    fields = {k: v for k, v in row.items() if k != "id"}
+    is_score = "context" in fields or "continuation" in fields
+    if is_score and "prompt" in fields:
+        raise ValueError(f'{where}: a row has either "prompt" (generation) or "context" + "continuation" (scoring), '
+                         "not both")
+    if not is_score and "prompt" not in fields:
+        raise ValueError(f'{where}: the row has neither "prompt" (generation) nor "context" + "continuation" '
+                         "(scoring)")
+    if fields.get("stream"):
+        raise ValueError(f"{where}: stream is not supported in batch rows; remove it")
+    try:
+        (ScoreRequest if is_score else CompletionRequest).model_validate_json(json.dumps(fields))
+    except ValidationError as e:
+        raise ValueError(f"{where}: {_validation_error(e).message}") from None
+    return row_id
+
+
+def read_input(path: Path) -> list[tuple[str, str]]:
+    """(id key, raw line) of every row of INPUT, validated: JSON objects, unique ids, known fields."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"cannot read INPUT {path}: {e.strerror}") from None
+    rows, seen = [], {}
+    with f:
+        try:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                where = f"{path} line {n}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where} is not JSON ({e.msg} at column {e.colno}); fix or remove it") from None
+                key = _key(_check_row(row, where))
+                if key in seen:
+                    raise ValueError(f"{where}: id {row['id']!r} is already used on line {seen[key]}; ids must be unique")
+                seen[key] = n
+                rows.append((key, line.strip()))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"INPUT {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not rows:
+        raise ValueError(f"INPUT {path} has no rows")
+    return rows
+
+
+def resume(path: Path, ids: set[str]) -> tuple[set[str], bool]:
+    """Ids already in OUTPUT, after cutting whatever follows its last newline (a torn write)."""
+    if not path.exists():
+        return set(), False
+    data = path.read_bytes()
+    keep = data.rfind(b"\n") + 1
+    torn = keep < len(data)
+    if torn:
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+    done: set[str] = set()
+    for n, line in enumerate(data[:keep].split(b"\n")[:-1], 1):
+        where = f"OUTPUT {path} line {n}"
+        try:
+            row = json.loads(line)
+            key = _key(row["id"])
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{where} is not a row of gpt2-onnx batch; write to another file (-o)") from None
+        if key not in ids:
+            raise ValueError(f"{where} has id {row['id']!r}, which INPUT does not have: OUTPUT belongs to another "
+                             "job; write to another file (-o)")
+        if key in done:
+            raise ValueError(f"{where} repeats id {row['id']!r}: OUTPUT was not written by one gpt2-onnx batch job; "
+                             "write to another file (-o)")
+        done.add(key)
+    return done, torn
+
+
+def plan(input_path: Path, output_path: Path) -> Job:
+    rows = read_input(input_path)
+    done, torn = resume(output_path, {k for k, _ in rows})
+    return Job(total=len(rows), done=done, pending=[line for k, line in rows if k not in done],
+               dropped_torn_line=torn)
+
+
+class Output:
+    """OUTPUT, appended to: each batch's rows written at once, flushed and fsynced; an id is written once."""
+
+    def __init__(self, path: Path, done: set[str]):
+        self.path, self.seen = path, set(done)
+        self.file = open(path, "ab")
+        self.written = self.errors = 0
+
+    def write(self, lines: list[str]) -> int:
+        fresh = []
+        for line in lines:
+            row = json.loads(line)
+            key = _key(row["id"])
+            if key not in self.seen:  # a batch Ray ran twice (a lost actor) is written once
+                self.seen.add(key)
+                fresh.append(line)
+                self.errors += row["status"] != 200
+        if fresh:
+            self.file.write("".join(line + "\n" for line in fresh).encode())
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        self.written += len(fresh)
+        return len(fresh)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class BatchWorker:
+    """One engine and one scheduler (create_app's) answering batches of rows: Ray Data's callable class,
+    and the in-process runner's. A batch is {"row": array of raw JSON lines}; so is what it returns."""
+
+    def __init__(self, model: str | None = None, *, provider: str = "auto", threads: int | None = None,
+                 max_batch: int = 16, prefix_cache_mb: float = 512):
+        from gpt2_onnx import Engine
+        from gpt2_onnx.server import create_app
+
+        self.engine = Engine.load(model, provider=provider, threads=threads)
+        self.app = create_app(self.engine, max_batch=max_batch, max_queue=MAX_QUEUE, prefix_cache_mb=prefix_cache_mb)
+        self.loop = asyncio.new_event_loop()
+
+    def __call__(self, batch: dict) -> dict:
+        rows = [json.loads(str(r)) for r in batch["row"]]
+        out = self.loop.run_until_complete(self.answer(rows))
+        return {"row": np.array([json.dumps(o) for o in out], dtype=object)}
+
+    async def answer(self, rows: list[dict]) -> list[dict]:
+        from gpt2_onnx.server.asgi import request
+
+        out: list[dict | None] = [None] * len(rows)
+        gens = [i for i, r in enumerate(rows) if "prompt" in r]
+        answers = await asyncio.gather(*[request(self.app, "POST", "/v1/completions",
+                                                 {k: v for k, v in rows[i].items() if k != "id"}) for i in gens])
+        for i, (status, body) in zip(gens, answers):
+            out[i] = {"id": rows[i]["id"], "status": status, "body": body}
+        scores = [i for i, r in enumerate(rows) if "prompt" not in r]
+        for i, answer in zip(scores, self.score([rows[i] for i in scores])):
+            out[i] = {"id": rows[i]["id"], **answer}
+        return out
+
+    def score(self, rows: list[dict]) -> list[dict]:
+        """Engine.score of the rows together (one forward per length group); a bad row fails alone."""
+        from gpt2_onnx.server.app import ApiError
+
+        if not rows:
+            return []
+        model = self.app.state.model_id
+        known = {model, None}
+
+        def body(s) -> dict:
+            return {"object": "score", "model": model, "logprob": s.logprob, "is_greedy": s.is_greedy,
+                    "tokens": s.token_ids, "token_logprobs": s.logprobs, "greedy": s.greedy}
+
+        def fail(e: ApiError) -> dict:
+            return {"status": e.status, "body": json.loads(e.response().body)}
+
+        ok = [r for r in rows if r.get("model") in known]
+        try:
+            scored = iter(self.engine.score([(r["context"], r["continuation"]) for r in ok]))
+            return [{"status": 200, "body": body(next(scored))} if r.get("model") in known else
+                    fail(ApiError(404, f"model {r['model']!r} is not served here; this job serves {model!r}",
+                                  "model", "model_not_found")) for r in rows]
+        except ValueError:  # some row is bad: score them one by one to say which
+            out = []
+            for r in rows:
+                if r.get("model") not in known:
+                    out.append(fail(ApiError(404, f"model {r['model']!r} is not served here; this job serves "
+                                                  f"{model!r}", "model", "model_not_found")))
+                    continue
+                try:
+                    out.append({"status": 200, "body": body(self.engine.score([(r["context"], r["continuation"])])[0])})
+                except ValueError as e:
+                    out.append(fail(ApiError(400, str(e))))
+            return out
+
+    def close(self) -> None:
+        self.app.state.worker.shutdown(timeout=1.0)
+        self.loop.close()
+
+
+def prepare(input_path: Path, output_path: Path, *, batch_size: int = 64, max_batch: int = 16,
+            replicas: int | None = None, ray_address: str | None = None) -> Job:
+    """Check the options and INPUT, cut a torn last line off OUTPUT: what is left to do. ValueError if bad."""
+    for name, value in (("batch_size", batch_size), ("max_batch", max_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
+        raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
+    if ray_address is not None and replicas is None:
+        raise ValueError("ray_address needs replicas: pass the number of Ray Data actors")
+    if Path(output_path).resolve() == Path(input_path).resolve():
+        raise ValueError("OUTPUT is INPUT: write to another file (-o)")
+    return plan(Path(input_path), Path(output_path))
+
+
+def execute(job: Job, output_path: Path, *, model: str | None = None, provider: str = "auto",
+            threads: int | None = None, max_batch: int = 16, prefix_cache_mb: float = 512, batch_size: int = 64,
+            replicas: int | None = None, ray_address: str | None = None,
+            progress: Callable[[int, int], None] | None = None) -> Output:
+    """Answer the job's pending rows into OUTPUT: here (replicas None) or on Ray Data with `replicas` actors.
+    progress(rows written, rows to do) after each batch."""
+    out = Output(Path(output_path), job.done)
+    finished = 0
+
+    def on_rows(lines: list[str]) -> None:
+        nonlocal finished
+        finished += out.write(lines)
+        if progress is not None:
+            progress(finished, len(job.pending))
+
+    worker = dict(model=model, provider=provider, threads=threads, max_batch=max_batch, prefix_cache_mb=prefix_cache_mb)
+    try:
+        if not job.pending:
+            pass  # everything is there already
+        elif replicas is None:
+            w = BatchWorker(**worker)
+            try:
+                for start in range(0, len(job.pending), batch_size):
+                    chunk = job.pending[start : start + batch_size]
+                    on_rows([str(r) for r in w({"row": np.array(chunk, dtype=object)})["row"]])
+            finally:
+                w.close()
+        else:
+            from gpt2_onnx.distributed import run_batch
+
+            run_batch(job.pending, on_rows, worker=worker, replicas=replicas, address=ray_address,
+                      batch_size=batch_size)
+    finally:
+        out.close()
+    return out
+
+
+def run(input_path: Path, output_path: Path, *, model: str | None = None, provider: str = "auto",
+        threads: int | None = None, max_batch: int = 16, prefix_cache_mb: float = 512, batch_size: int = 64,
+        replicas: int | None = None, ray_address: str | None = None,
+        progress: Callable[[int, int], None] | None = None) -> Output:
+    """Answer every row of INPUT not yet in OUTPUT (prepare, then execute)."""
+    job = prepare(input_path, output_path, batch_size=batch_size, max_batch=max_batch, replicas=replicas,
+                  ray_address=ray_address)
+    return execute(job, output_path, model=model, provider=provider, threads=threads, max_batch=max_batch,
+                   prefix_cache_mb=prefix_cache_mb, batch_size=batch_size, replicas=replicas,
+                   ray_address=ray_address, progress=progress)
