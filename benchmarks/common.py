@@ -95,6 +95,31 @@ def load_engine(args: argparse.Namespace):
     return Engine.load(str(checkpoint(args.checkpoint)), provider="cpu", threads=args.threads)
 
 
+def decode_tok_s(eng, ids: list[list[int]], new: int, runs: int = 5) -> float:
+    """Greedy decode tokens/s of eng on a batch of prompts: batch * (new - 1) / (time(new) - time(1)), medians."""
+    import statistics
+    import time
+
+    def timed(n: int) -> float:
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            eng.generate_batch(ids, max_new_tokens=n, ignore_eos=True)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    timed(2)  # warm-up
+    return len(ids) * (new - 1) / (timed(new) - timed(1))
+
+
+def write_results(out: Path, stem: str, result: dict, markdown) -> None:
+    """<out>/<stem>.json and <stem>.md (markdown(result)); the markdown is printed too."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
 def add_out(ap: argparse.ArgumentParser) -> None:
     """--out: the folder results are written to."""
     ap.add_argument("--out", type=Path, default=RESULTS, help=f"folder for the results [default: {RESULTS}]")

@@ -20,30 +20,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-from benchmarks.common import add_out, checkpoint, machine
+from benchmarks.common import add_out, checkpoint, machine, write_results
+from benchmarks.server_load import free_port, load
 
 HERE = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name: (replicas, threads per replica, KV rows per replica)
     "ray 1 replica x 2 threads": (1, 2, 32),
     "ray 2 replicas x 1 thread": (2, 1, 16),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_health(url: str, replicas: int, proc: subprocess.Popen | None = None, timeout: float = 600) -> None:
@@ -58,29 +51,6 @@ def wait_health(url: str, replicas: int, proc: subprocess.Popen | None = None, t
         if time.time() > deadline or (proc is not None and proc.poll() is not None):
             raise SystemExit(f"{url} did not become healthy")
         time.sleep(0.3)
-
-
-def load(url: str, jobs: list[list[int]], clients: int, max_tokens: int) -> dict:
-    client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients))
-
-    def one(i: int) -> tuple[int, str, int, float]:
-        t = time.perf_counter()
-        r = client.post(url + "/v1/completions", json={"prompt": jobs[i], "max_tokens": max_tokens, "temperature": 0})
-        r.raise_for_status()
-        body = r.json()
-        return i, body["choices"][0]["text"], body["usage"]["completion_tokens"], time.perf_counter() - t
-
-    def worker(c: int) -> list:
-        return [one(i) for i in range(c, len(jobs), clients)]
-
-    t = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        done = [x for rows in pool.map(worker, range(clients)) for x in rows]
-    wall = time.perf_counter() - t
-    client.close()
-    tokens = sum(d[2] for d in done)
-    return {"completion_tokens": tokens, "wall_s": wall, "tok_s": tokens / wall,
-            "median_latency_s": statistics.median(d[3] for d in done), "answers": [a for _, a, _, _ in sorted(done)]}
 
 
 def latency(url: str, vocab: int) -> float:
@@ -133,8 +103,8 @@ def single(model: str, jobs, args, vocab: int) -> dict:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_health(url, 0, proc)
-        load(url, jobs[:8], 8, args.max_tokens)  # warm-up
-        out = load(url, jobs, args.clients, args.max_tokens)
+        load(url, 8, jobs[:8], args.max_tokens)  # warm-up
+        out = load(url, args.clients, jobs, args.max_tokens)
         out["latency_1_token_ms"] = latency(url, vocab)
         return out
     finally:
@@ -153,13 +123,13 @@ def on_ray(name: str, model: str, jobs, args, vocab: int, http_port: int) -> dic
     url = f"http://127.0.0.1:{http_port}"
     try:
         wait_health(url, replicas)
-        load(url, jobs[:8], 8, args.max_tokens)  # warm-up
+        load(url, 8, jobs[:8], args.max_tokens)  # warm-up
         procs = ray_processes()
         idle = {k: cpu_seconds(v) for k, v in procs.items()}
         time.sleep(3)  # what the proxy and the ingress use doing nothing (health checks, metrics, long polls)
         before = {k: cpu_seconds(v) for k, v in procs.items()}
         idle = {k: (before[k] - idle[k]) / 3 for k in procs}
-        out = load(url, jobs, args.clients, args.max_tokens)
+        out = load(url, args.clients, jobs, args.max_tokens)
         for k, v in procs.items():
             busy = cpu_seconds(v) - before[k] - idle[k] * out["wall_s"]
             out[f"{k}_idle_cpu_percent"] = 100 * idle[k]
@@ -232,10 +202,7 @@ def main() -> None:
 
         ray.shutdown()
     result["load_average_after"] = os.getloadavg()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, args.name, result, markdown)
 
 
 def markdown(res: dict) -> str:

@@ -1,7 +1,7 @@
 """Server throughput at several concurrency levels, and time to first token with a shared prefix (loopback only).
 
     python -m benchmarks.server_load [--models bundled,124m] [--clients 1,4,16,64] [--requests 4]
-                                     [--max-tokens 64] [--baseline DIR] [--prefix] [--llama-server] [--threads 2]
+                                     [--max-tokens 64] [--baseline DIR] [--prefix] [--llama-server] [--threads 2] [--repeat 2]
 
 Every server is `gpt2-onnx serve` in a process of its own on 127.0.0.1 (a free port), with the same
 --max-batch and --threads; the clients run here, one pooled HTTP client, each client sending its
@@ -23,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,24 +31,33 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from benchmarks.common import add_out, checkpoint, machine
+from benchmarks.common import add_out, checkpoint, machine, write_results
 
 HERE = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Served:
     """`gpt2-onnx serve` from the code in `root`, in its own process."""
 
     def __init__(self, root: Path, model: str | None, *, threads: int, max_batch: int, extra: list[str] = ()):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         cli = "gpt2_onnx.cli" if root == HERE else "engine.cli"  # a baseline from before the package was renamed
         cmd = [sys.executable, "-m", cli, "serve", "--port", str(self.port), "--max-batch", str(max_batch),
                "--threads", str(threads), *extra] + (["-m", model] if model else [])
-        self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log = tempfile.TemporaryFile("w+")  # not a PIPE: nobody reads it while serving, and a full pipe
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=self.log, text=True)  # blocks
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 900  # the first start exports the model
+        self.wait(900, f"server from {root}")  # the first start exports the model
+
+    def wait(self, timeout: float, what: str) -> None:
+        """Until /health answers 200; the process's last log lines if it exits or times out first."""
+        deadline = time.time() + timeout
         while True:
             try:
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
@@ -56,12 +66,17 @@ class Served:
                 pass
             if time.time() > deadline or self.proc.poll() is not None:
                 self.proc.kill()
-                raise SystemExit(f"server from {root} did not start: {self.proc.stderr.read()[-2000:]}")
+                raise SystemExit(f"{what} did not start: {self.tail()}")
             time.sleep(0.3)
+
+    def tail(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-2000:]
 
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(60)
+        self.log.close()
 
 
 def prompts(vocab: int, n: int, length: int = 32) -> list[list[int]]:
@@ -100,27 +115,16 @@ class LlamaServed:
     def __init__(self, ck: Path, *, threads: int, max_batch: int, qtype: str = "f32"):
         from benchmarks.anchors import gguf, llama_server
 
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         ctx = json.loads((ck / "config.json").read_text()).get("n_positions", 1024)
         cmd = [str(llama_server()), "-m", str(gguf(ck, qtype)), "--host", "127.0.0.1", "--port", str(self.port),
                "-np", str(max_batch), "-c", str(max_batch * ctx), "-t", str(threads), "-tb", str(threads)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.log = tempfile.TemporaryFile("w+")  # llama-server logs every request: a PIPE would fill and block it
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or self.proc.poll() is not None:
-                self.proc.kill()
-                raise SystemExit(f"llama-server did not start: {self.proc.stderr.read()[-2000:]}")
-            time.sleep(0.3)
+        self.wait(300, "llama-server")
 
-    stop = Served.stop
+    wait, tail, stop = Served.wait, Served.tail, Served.stop
 
 
 def throughput(args, name: str, model: str | None, vocab: int) -> dict:
@@ -131,18 +135,28 @@ def throughput(args, name: str, model: str | None, vocab: int) -> dict:
     if args.llama_server and model is not None:
         systems.append(("llama-server", lambda: LlamaServed(Path(model), threads=args.threads,
                                                              max_batch=args.max_batch)))
+    runs: dict[str, list[list[dict]]] = {label: [] for label, _ in systems}
+    for rep in range(args.repeat):  # the order is reversed every other repetition
+        for label, start in (systems if rep % 2 == 0 else systems[::-1]):
+            print(f"{name}: serving {label} (repetition {rep + 1})", file=sys.stderr, flush=True)
+            srv = start()
+            try:
+                rows = []
+                for c in args.clients:
+                    rows.append(load(srv.url, c, prompts(vocab, c * args.requests), args.max_tokens))
+                    print(f"  {c:3d} clients: {rows[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
+                runs[label].append(rows)
+            finally:
+                srv.stop()
     out = {}
-    for label, start in systems:
-        print(f"{name}: serving {label}", file=sys.stderr, flush=True)
-        srv = start()
-        try:
-            rows = []
-            for c in args.clients:
-                rows.append(load(srv.url, c, prompts(vocab, c * args.requests), args.max_tokens))
-                print(f"  {c:3d} clients: {rows[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
-            out[label] = rows
-        finally:
-            srv.stop()
+    for label, reps in runs.items():  # per concurrency: the median of the repetitions, each one kept
+        out[label] = []
+        for level in zip(*reps):
+            row = dict(level[0])
+            row["tok_s_runs"] = [r["tok_s"] for r in level]
+            row["tok_s"] = statistics.median(row["tok_s_runs"])
+            row["same_answers_every_repetition"] = all(r["answers"] == level[0]["answers"] for r in level)
+            out[label].append(row)
     for rows in out.values():  # greedy answers at every concurrency equal the first level's (same prompts first)
         ref = rows[0]["answers"]
         for r in rows:
@@ -150,10 +164,13 @@ def throughput(args, name: str, model: str | None, vocab: int) -> dict:
     for other in ("before", "llama-server"):
         for a, b in zip(out["after"], out.get(other, [])):
             a[f"identical_to_{other}"] = a["answers"] == b["answers"]
+            a[f"requests_differing_from_{other}"] = [i for i, (x, y) in enumerate(zip(a["answers"], b["answers"]))
+                                                     if x != y]
             a[f"speedup_vs_{other}"] = a["tok_s"] / b["tok_s"]
     for rows in out.values():
         for r in rows:
-            r.pop("answers")
+            if not args.keep_answers:
+                r.pop("answers")
     return out
 
 
@@ -214,13 +231,17 @@ def main() -> None:
     ap.add_argument("--prefix", action="store_true", help="also the shared-prefix TTFT benchmark")
     ap.add_argument("--llama-server", action="store_true",
                     help="also llama.cpp's llama-server (-np = --max-batch) on the 124m model, f32 GGUF from its converter")
+    ap.add_argument("--repeat", type=int, default=1, help="repetitions of every server (order reversed each "
+                                                          "time); tok/s is their median")
+    ap.add_argument("--keep-answers", action="store_true", help="write every answer into the JSON")
     ap.add_argument("--name", default="server_load")
     add_out(ap)
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
     result = {"command": "python -m benchmarks.server_load " + " ".join(sys.argv[1:]), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "max_batch": args.max_batch, "threads": args.threads,
-              "max_tokens": args.max_tokens, "throughput": {}}
+              "max_tokens": args.max_tokens, "repeat": args.repeat,
+              "throughput": {}}
     for name in args.models.split(","):
         if name == "bundled":
             result["throughput"]["bundled"] = throughput(args, name, None, 4096)
@@ -232,24 +253,22 @@ def main() -> None:
             raise SystemExit(f"--models: unknown model {name!r} (bundled, 124m)")
     if args.prefix:
         result["shared_prefix"] = shared_prefix(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, args.name, result, markdown)
 
 
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"`{res['command']}`", "", f"{res['date']}, {m['cpu']} ({m['cpus']} CPUs; {' '.join(m['flags'])}), "
              f"--threads {res['threads']}, --max-batch {res['max_batch']}, {res['max_tokens']} greedy tokens per request.",
-             ""]
+             f"Each cell: tok/s of each repetition ({res.get('repeat', 1)}, order reversed every other one); "
+             "ratios use their medians.", ""]
     for model, systems in res["throughput"].items():
         others = [s for s in systems if s != "after"]
         lines += [f"### {model}: completion tokens/s by concurrent clients", "",
                   "| clients | " + " | ".join(systems) + "".join(f" | after / {o} | identical to {o}" for o in others)
                   + " |", "|---|" + "---|" * (len(systems) + 2 * len(others))]
         for i, row in enumerate(systems["after"]):
-            cells = [f"{systems[s][i]['tok_s']:.1f}" for s in systems]
+            cells = [" / ".join(f"{t:.1f}" for t in systems[s][i]["tok_s_runs"]) for s in systems]
             cells += [x for o in others for x in (f"{row[f'speedup_vs_{o}']:.2f}x", str(row[f"identical_to_{o}"]))]
             lines.append(f"| {row['clients']} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -90,7 +90,7 @@ class ModelConfig:
     format_version: int = FORMAT_VERSION
     onnx_bytes: int = 0  # size of model.onnx, to detect truncated copies
     kv_copy_bytes: int = 0  # size of kv_copy.onnx
-    external_data: str | None = None  # file holding the weights when the model is over 2 GB
+    external_data: str | None = None  # file holding the weights (page-aligned: onnxruntime maps it)
     external_data_bytes: int = 0
     kv_head_size_padded: int = 0  # 0: heads not padded; else each head zero-padded to this size (a multiple of 8)
     adapter: str | None = None  # PEFT adapter folder merged into the weights (LoRA, IA3), if any

@@ -63,19 +63,25 @@ WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile, DataParallel/DDP
 BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")  # causal-mask buffers of old checkpoints, not weights
 
 
+def read_json_object(path: Path, hint: str = "") -> dict:
+    """The JSON object in path; a ValueError naming the file (and hint) if it cannot be read or is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise C.read_error(path, e) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}){hint}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object{hint}")
+    return data
+
+
 def read_config(folder: Path) -> dict:
     """config.json of a GPT-2 checkpoint, aliases resolved to GPT-2 names; other model types are refused."""
     path = folder / "config.json"
     if not path.is_file():
         raise ValueError(f"{path} not found: {folder} is not a Hugging Face checkpoint folder")
-    try:
-        cfg = json.loads(path.read_text())
-    except OSError as e:
-        raise C.read_error(path, e) from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download the checkpoint's config.json again") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} does not hold a JSON object; download the checkpoint's config.json again")
+    cfg = read_json_object(path, "; download the checkpoint's config.json again")
     model_type = cfg.get("model_type")
     if model_type is None and any(a in GPT2_ARCHITECTURES for a in cfg.get("architectures") or []):
         model_type = "gpt2"  # older configs name only the class
