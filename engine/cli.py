@@ -25,9 +25,9 @@ FLAGS = {"max_new_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--t
          "provider": "--provider", "quantize": "--quantize", "dtype": "--dtype", "window": "--window"}
 
 
-def _fail(e: Exception) -> None:
-    """One clear line on stderr and exit code 2, with the API's names turned into flags."""
-    msg = re.sub(r"\b(" + "|".join(FLAGS) + r")\b", lambda m: FLAGS[m.group(1)], str(e))
+def _fail(e: Exception, flags: dict[str, str] = FLAGS) -> None:
+    """One clear line on stderr and exit code 2, with the API's names turned into flags (one pass)."""
+    msg = re.sub(r"\b(" + "|".join(flags) + r")\b", lambda m: flags[m.group(1)], str(e))
     msg = re.sub(r"^n must be", "--samples must be", msg)
     err.print(f"[bold red]error:[/] {escape(msg)}")
     raise typer.Exit(2)
@@ -295,22 +295,29 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
         _fail(ValueError(f"the server needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
     try:
         engine = _load(model, provider, threads)
-        prefixes = {}
-        for spec in prefix_adapter or []:
-            name, sep, folder = spec.partition("=")
-            if not (sep and name and folder):
-                raise ValueError(f"--prefix-adapter takes NAME=DIR, got {spec!r}")
-            prefixes[name] = engine.load_prefix(folder)
+        prefixes = {name: engine.load_prefix(folder) for name, folder in _adapter_specs(prefix_adapter).items()}
         app_ = create_app(engine, model_id=served_model_name, api_key=api_key, max_batch=max_batch,
                           max_queue=max_queue, prefix_cache_mb=prefix_cache_mb, prefixes=prefixes)
     except ValueError as e:
-        _fail(ValueError(str(e).replace("max_batch", "--max-batch").replace("max_queue", "--max-queue")
-                         .replace("prefix_cache_mb", "--prefix-cache-mb").replace("api_key", "--api-key")))
+        _fail(e, {**FLAGS, **SERVE_FLAGS})
     err.print(f"serving {escape(app_.state.model_id)} on http://{host}:{port}/v1")
     run_server(app_, host=host, port=port, grace=grace_period)
 
 
+def _adapter_specs(specs: list[str] | None) -> dict[str, str]:
+    """--prefix-adapter NAME=DIR values as {NAME: DIR}."""
+    out = {}
+    for spec in specs or []:
+        name, sep, folder = spec.partition("=")
+        if not (sep and name and folder):
+            raise ValueError(f"--prefix-adapter takes NAME=DIR, got {spec!r}")
+        out[name] = folder
+    return out
+
+
 # ---- Ray: serve --replicas and batch --------------------------------------------------------------
+SERVE_FLAGS = {"max_batch": "--max-batch", "max_queue": "--max-queue", "prefix_cache_mb": "--prefix-cache-mb",
+               "api_key": "--api-key"}
 RAY_FLAGS = {"model": "-m/--model", "provider": "--provider", "threads": "--threads",
              "served_model_name": "--served-model-name", "api_key": "--api-key", "max_batch": "--max-batch",
              "max_queue": "--max-queue", "prefix_cache_mb": "--prefix-cache-mb", "prefix_adapters": "--prefix-adapter",
@@ -320,8 +327,8 @@ RAY_FLAGS = {"model": "-m/--model", "provider": "--provider", "threads": "--thre
 
 
 def _ray_fail(e: Exception) -> None:
-    """_fail with the options' names as their flags."""
-    _fail(ValueError(re.sub(r"\b(" + "|".join(RAY_FLAGS) + r")\b", lambda m: RAY_FLAGS[m.group(1)], str(e))))
+    """_fail with the Ray serving options' names as their flags too."""
+    _fail(e, {**FLAGS, **RAY_FLAGS})
 
 
 def _need_ray(what: str) -> None:
@@ -349,12 +356,7 @@ def _serve_on_ray(ctx: typer.Context, config: Optional[Path]) -> None:
             if name in given:
                 args[name] = p[name]
         if "prefix_adapter" in given:
-            args["prefix_adapters"] = {}
-            for spec in p["prefix_adapter"]:
-                name, sep, folder = spec.partition("=")
-                if not (sep and name and folder):
-                    raise ValueError(f"--prefix-adapter takes NAME=DIR, got {spec!r}")
-                args["prefix_adapters"][name] = folder
+            args["prefix_adapters"] = _adapter_specs(p["prefix_adapter"])
         if "ray_address" in given:
             address = p["ray_address"]
         if "host" in given or "port" in given:

@@ -168,6 +168,7 @@ def cli(*args, **kw):
     (["--replicas", "2", "--min-replicas", "3"], "--replicas (2) must lie between --min-replicas (3)"),
     (["--replicas", "2", "--target-ongoing-requests", "4"], "--target-ongoing-requests applies to autoscaling"),
     (["--replicas", "2", "--max-batch", "0"], "--max-batch must be an integer >= 1"),
+    (["--replicas", "2", "--threads", "0"], "error: --threads must be an integer >= 1"),  # one rename, not two
     (["--config", "{missing}"], "cannot read --config"),
     (["--config", "{bad_key}"], "unknown option 'replica'"),
     (["--config", "{not_mapping}"], "must hold a mapping of options"),
