@@ -14,7 +14,7 @@ from gpt2_onnx.core import GenerationOptions, Prefix, Sequence as Seq, Step, vir
 from gpt2_onnx.generator import Generator
 from gpt2_onnx.model import Model
 from gpt2_onnx.resolve import read_prefix_adapter, resolve
-from gpt2_onnx.tokenizer import Tokenizer
+from gpt2_onnx.tokenizer import Tokenizer, check_text
 
 if TYPE_CHECKING:
     from gpt2_onnx.evaluate import Score
@@ -94,11 +94,7 @@ class Engine:
         """Prompt text or ids -> validated ids; an empty prompt starts from <|endoftext|> (as HF does),
         unless empty_ok (after a prefix)."""
         if isinstance(prompt, str):
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise ValueError(f"prompt is not valid Unicode text ({e.reason} at character {e.start})") from None
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(check_text(prompt))
         elif isinstance(prompt, (bytes, dict)) or not isinstance(prompt, (Sequence, np.ndarray)):
             raise ValueError(f"prompt must be a string or a sequence of token ids, got {type(prompt).__name__}")
         else:

@@ -9,6 +9,15 @@ from tokenizers import Tokenizer as _HFTokenizer
 from gpt2_onnx.config import is_lfs_pointer
 
 
+def check_text(text: str) -> str:
+    """text, or a ValueError where it holds lone surrogates (not encodable as UTF-8, so not tokenizable)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"prompt is not valid Unicode text ({e.reason} at character {e.start})") from None
+    return text
+
+
 class Tokenizer:
     """Encode text to ids and decode ids to text (special tokens dropped).
 
@@ -26,6 +35,7 @@ class Tokenizer:
             self._tok = _HFTokenizer.from_file(str(path))
         except Exception as e:
             raise ValueError(f"could not read tokenizer {path}: {e}") from e
+        self._texts: dict[int, str] = {}  # token_text's answers: logprobs ask for the same ids again and again
 
     @property
     def vocab_size(self) -> int:
@@ -42,7 +52,10 @@ class Tokenizer:
 
     def token_text(self, token_id: int) -> str:
         """One token's own text, special tokens included (a piece of a UTF-8 character shows as U+FFFD)."""
-        return self._tok.decode([token_id], skip_special_tokens=False)
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self._tok.decode([token_id], skip_special_tokens=False)
+        return text
 
     def token_name(self, token_id: int) -> str | None:
         """The vocabulary's name of a token (`<|endoftext|>`), or None outside the vocabulary."""

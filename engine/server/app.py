@@ -249,8 +249,10 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
                            else None) from e
         before, loop = len(prefix.token_ids) if prefix is not None else 0, asyncio.get_running_loop()
 
+        prompts = body.prompts()
+
         def encode() -> list[list[int]]:  # in a worker thread: a 1 MiB prompt takes a while to tokenize
-            return [engine.encode(p, empty_ok=prefix is not None and not prefix.virtual) for p in body.prompts()]
+            return [engine.encode(p, empty_ok=prefix is not None and not prefix.virtual) for p in prompts]
 
         try:
             ids = await loop.run_in_executor(None, encode)
@@ -265,8 +267,8 @@ def create_app(engine: Engine, *, model_id: str | None = None, api_key: str | No
                                "max_tokens" if before + len(x) < n_pos else "prompt")
         seqs = engine.sequences(ids, options, prefix=prefix)
         stream, echo = bool(body.stream), bool(body.echo)
-        prompts = body.prompts()
-        echoed = [p if isinstance(p, str) else engine.tokenizer.decode(ids[k]) for k, p in enumerate(prompts)]
+        echoed = ([p if isinstance(p, str) else engine.tokenizer.decode(ids[k]) for k, p in enumerate(prompts)]
+                  if echo else [])  # each prompt's text, for echo
         rid = f"cmpl-{secrets.token_hex(12)}"
         events: asyncio.Queue[Step] = asyncio.Queue()
         done: list[list[Step]] = [[] for _ in seqs]  # each sequence's steps (non-streaming)

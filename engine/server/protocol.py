@@ -7,17 +7,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpt2_onnx.core import GenerationOptions
+from gpt2_onnx.tokenizer import check_text
 
 MAX_PROMPTS = 64
 MAX_STOPS = 4
-
-
-def _unicode(text: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"prompt is not valid Unicode text ({e.reason} at character {e.start})") from None
-    return text
 
 
 def _unsupported(name: str, value, allowed) -> None:
@@ -63,7 +56,7 @@ class CompletionRequest(BaseModel):
             if isinstance(v[0], (str, list)) and len(v) > MAX_PROMPTS:
                 raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
         for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
-            _unicode(text)
+            check_text(text)
         return v
 
     @field_validator("stop")
@@ -155,7 +148,7 @@ class TokenizeRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _text(cls, v):
-        return _unicode(v)
+        return check_text(v)
 
 
 class TokenizeResponse(BaseModel):
