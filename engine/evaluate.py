@@ -69,15 +69,15 @@ def score(engine: Engine, requests: Sequence[tuple[Prompt, Prompt]]) -> list[Sco
         cache = engine.model.new_cache(len(rows), int(lens.max()))
         logits = engine.model.forward(ids, lens, cache, index)  # (B, K, V)
         for b, (c, t) in enumerate(rows):
-            lp = log_softmax(logits[b, : len(t)])
-            out[batch[b]] = Score(list(t), [float(lp[k, tok]) for k, tok in enumerate(t)],
-                                  [bool(logits[b, k].argmax() == tok) for k, tok in enumerate(t)])
+            lg, tok = logits[b, : len(t)], np.asarray(t)  # (len(t), V), (len(t),)
+            out[batch[b]] = Score(list(t), log_softmax(lg)[np.arange(len(t)), tok].tolist(),
+                                  (lg.argmax(-1) == tok).tolist())
         batch.clear()
 
     for i in order:
         c, t = pairs[i]
-        longest = max([len(c) + len(t)] + [sum(map(len, pairs[j])) for j in batch])
-        if batch and (len(batch) + 1) * max(longest, len(t)) * V > MAX_SCORE_LOGITS:
+        # ascending total length: this pair is the batch's longest
+        if batch and (len(batch) + 1) * (len(c) + len(t)) * V > MAX_SCORE_LOGITS:
             flush()
         batch.append(i)
     if batch:
