@@ -168,14 +168,15 @@ class Sequence:
             self.top_logprobs.append(top_n(lp, self.options.logprobs))
         return tok
 
-    def score_prompt(self, logits: np.ndarray) -> None:
-        """Prompt logprobs from the logits (S, V) of every context position."""
+    def score_prompt(self, logits: np.ndarray, skip: int = 0) -> None:
+        """Prompt logprobs from the logits (S - skip, V) of the context positions after the first skip; those
+        first skip tokens (and the one after them, which no run here predicts) get none."""
         n, ids = self.options.prompt_logprobs, self.context
-        self.prompt_logprobs, self.prompt_top_logprobs = [None], [None]
-        for start in range(0, len(ids) - 1, 64):  # (64, V) at a time: float64 log_softmax of long prompts is big
-            lp = log_softmax(logits[start : min(start + 64, len(ids) - 1)])
+        self.prompt_logprobs, self.prompt_top_logprobs = [None] * (skip + 1), [None] * (skip + 1)
+        for at in range(0, len(ids) - skip - 1, 64):  # (64, V) at a time: float64 log_softmax of long prompts is big
+            lp = log_softmax(logits[at : min(at + 64, len(ids) - skip - 1)])
             for k, row in enumerate(lp):
-                self.prompt_logprobs.append(float(row[ids[start + k + 1]]))
+                self.prompt_logprobs.append(float(row[ids[skip + at + k + 1]]))
                 self.prompt_top_logprobs.append(top_n(row, n))
 
     def push(self, tok: int) -> Step:
@@ -488,12 +489,8 @@ class Core:
         every = s.options.prompt_logprobs is not None
         nxt, lg = self.model.run(self.pool, rest, np.array([S]), np.arange(S)[None] if every else np.array([[S - 1]]),
                                  start=row, logits_rows=[0] if wants or every else [])
-        if every:
-            s.score_prompt(np.concatenate([np.full((start, lg.shape[2]), np.nan, np.float32), lg[0]]) if start
-                           else lg[0])
-            if start:  # after a prefix-tuning adapter: its virtual tokens have no logprobs, nor the first real one
-                s.prompt_logprobs[: start + 1] = [None] * (start + 1)
-                s.prompt_top_logprobs[: start + 1] = [None] * (start + 1)
+        if every:  # after a prefix-tuning adapter: its virtual tokens have no logprobs, nor the first real one
+            s.score_prompt(lg[0], skip=start)
         return int(nxt[0, -1]), lg[0, -1] if wants or every else None
 
     def _admit(self, events: list[Step]) -> bool:

@@ -146,3 +146,22 @@ def test_tokenizer_endpoints_as_lm_eval_uses_them(served):
     assert d["prompt"] == "the quick fox"
     assert httpx.post(s.url + "/detokenize", json={"tokens": [10**6]}).status_code == 400
     assert httpx.post(s.url + "/tokenize", json={"text": "x"}).status_code == 400
+
+
+def test_prompt_logprobs_after_skipped_tokens_are_those_of_the_whole_context():
+    """score_prompt(skip=k) (the tokens after a prefix adapter's virtual ones): None for the first k + 1, then
+    exactly what scoring the whole context gives."""
+    from types import SimpleNamespace
+
+    from gpt2_onnx.core import Sequence as Seq
+
+    rng = np.random.default_rng(0)
+    ids, logits = rng.integers(0, 50, 100).tolist(), rng.standard_normal((100, 50)).astype(np.float32)
+    whole, part = (SimpleNamespace(options=SimpleNamespace(prompt_logprobs=2), context=ids) for _ in range(2))
+    Seq.score_prompt(whole, logits)
+    for skip in (1, 3, 70):
+        Seq.score_prompt(part, logits[skip:], skip=skip)
+        assert part.prompt_logprobs[: skip + 1] == [None] * (skip + 1) == part.prompt_top_logprobs[: skip + 1]
+        assert part.prompt_logprobs[skip + 1:] == whole.prompt_logprobs[skip + 1:]
+        assert part.prompt_top_logprobs[skip + 1:] == whole.prompt_top_logprobs[skip + 1:]
+        assert len(part.prompt_logprobs) == len(ids)
