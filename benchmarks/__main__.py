@@ -18,6 +18,9 @@ import numpy as np
 from benchmarks.common import add_out, checkpoint, machine
 from benchmarks.systems import SYSTEMS
 
+HERE = Path(__file__).resolve().parents[1]  # the repository root
+
+
 def python_for(name: str) -> str:
     """The interpreter a system runs in: optimum has an environment of its own (its pins)."""
     if name != "optimum":
@@ -43,7 +46,7 @@ def run_system(name: str, ck: Path, ids, new_tokens: int, runs: int, threads: in
                            "runs": runs, "threads": threads, "options": options})
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         p = subprocess.run([python_for(name), "-m", "benchmarks.systems", spec], capture_output=True, text=True,
-                           env=env, cwd=Path(__file__).resolve().parents[1])
+                           env=env, cwd=HERE)
         for line in p.stdout.splitlines():
             if line.startswith("RESULT "):
                 res = json.loads(line[7:])
@@ -153,8 +156,9 @@ def main() -> None:
         run_system(name, ck, [[0]], 1, 0, args.threads)
     bw = subprocess.run([sys.executable, "-c", "from benchmarks.bandwidth import read_gb_s; import json; "
                          f"print(json.dumps(read_gb_s(512, {args.threads}, 7)))"], capture_output=True, text=True,
-                        cwd=Path(__file__).resolve().parents[1])
-    bandwidth = json.loads(bw.stdout)["limit_gb_s"] if bw.returncode == 0 else None
+                        cwd=HERE)
+    measured = json.loads(bw.stdout) if bw.returncode == 0 else None
+    bandwidth = measured["limit_gb_s"] if measured else None
     cases, md = [], []
     for batch, prompt, new in grid:
         names = systems if batch == 1 else [s for s in systems if not s.startswith("llama.cpp")]
@@ -166,7 +170,7 @@ def main() -> None:
     m = machine()
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": m["cpu"], "cpu_flags": m["flags"],
             "cpus": m["cpus"], "checkpoint": str(ck), "command": "python -m benchmarks " + " ".join(sys.argv[1:]),
-            "bandwidth": json.loads(bw.stdout) if bw.returncode == 0 else bw.stderr[-500:],
+            "bandwidth": measured or bw.stderr[-500:],
             **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "checkpoint"}}
     stem = args.name or ("cpu-sweep" if args.sweep else f"cpu-b{args.batch}-p{args.prompt}-n{args.new}")
     args.out.mkdir(parents=True, exist_ok=True)

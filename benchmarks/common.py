@@ -95,6 +95,11 @@ def load_engine(args: argparse.Namespace):
     return Engine.load(str(checkpoint(args.checkpoint)), provider="cpu", threads=args.threads)
 
 
+def exported_bytes(folder: Path) -> int:
+    """Bytes of an exported model: model.onnx and its weights file."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith("model.onnx"))
+
+
 def decode_tok_s(eng, ids: list[list[int]], new: int, runs: int = 5) -> float:
     """Greedy decode tokens/s of eng on a batch of prompts: batch * (new - 1) / (time(new) - time(1)), medians."""
     import statistics

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import add_out, machine
+from benchmarks.common import add_out, exported_bytes, machine
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
             res = evaluate(Engine.load(out, provider="cpu", threads=args.threads), held)
             rows[name] = {"nats_per_token": res.nats_per_token, "nats_per_char": res.nats_per_char,
                           "perplexity": res.perplexity, "tokens": res.tokens, "chars": res.chars,
-                          "model_bytes": sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))}
+                          "model_bytes": exported_bytes(out)}
             top1[name] = res.top1
     ref = rows["fp32"]
     for name, r in rows.items():

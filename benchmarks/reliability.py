@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from benchmarks.common import add_out, save_json
+from benchmarks.server_load import free_port, wait_healthy
 
 BAD = [b"{", b"[]", b'{"prompt": 5}', b'{"prompt": "x", "max_tokens": -1}', b'{"prompt": "x", "temperature": "hot"}',
        b'{"prompt": "x", "stop": 5}', b'{"prompt": "x", "bogus": 1}', b"[" * 5000, '{"prompt": "a\\ud800"}'.encode(),
@@ -33,23 +33,13 @@ BAD = [b"{", b"[]", b'{"prompt": 5}', b'{"prompt": "x", "max_tokens": -1}', b'{"
 
 
 def start(model: str | None, grace: float) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "gpt2_onnx.cli", "serve", "--port", str(port), "--grace-period", str(grace),
            "--max-queue", "128"] + (["-m", model] if model else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 600
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if time.time() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise SystemExit("server did not start")
-        time.sleep(0.2)
+    url = f"http://127.0.0.1:{port}"
+    wait_healthy(url, proc, timeout=600, what="server")
+    return proc, url
 
 
 def stream(client: httpx.Client, url: str, body: dict) -> str:

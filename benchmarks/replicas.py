@@ -18,7 +18,6 @@ process's. Each round measures every configuration (the order reversed every oth
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ import httpx
 import numpy as np
 
 from benchmarks.common import add_out, checkpoint, machine, write_results
-from benchmarks.server_load import free_port, load
+from benchmarks.server_load import Served, free_port, load
 
 HERE = Path(__file__).resolve().parents[1]
 CONFIGS = {  # name: (replicas, threads per replica, KV rows per replica)
@@ -96,20 +95,14 @@ def cpu_seconds(procs: list) -> float:
 
 
 def single(model: str, jobs, args, vocab: int) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "gpt2_onnx.cli", "serve", "--port", str(port), "-m", model,
-                             "--threads", "2", "--max-batch", "32", "--provider", "cpu"], cwd=HERE,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    srv = Served(HERE, model, threads=2, max_batch=32, extra=["--provider", "cpu"])
     try:
-        wait_health(url, 0, proc)
-        load(url, 8, jobs[:8], args.max_tokens)  # warm-up
-        out = load(url, args.clients, jobs, args.max_tokens)
-        out["latency_1_token_ms"] = latency(url, vocab)
+        load(srv.url, 8, jobs[:8], args.max_tokens)  # warm-up
+        out = load(srv.url, args.clients, jobs, args.max_tokens)
+        out["latency_1_token_ms"] = latency(srv.url, vocab)
         return out
     finally:
-        proc.terminate()
-        proc.wait(60)
+        srv.stop()
 
 
 def on_ray(name: str, model: str, jobs, args, vocab: int, http_port: int) -> dict:
@@ -170,12 +163,13 @@ def main() -> None:
         for model_name in args.models.split(","):
             if model_name == "124m":
                 model, n = str(checkpoint(args.checkpoint)), args.requests
-                vocab = json.loads((Path(model) / "config.json").read_text())["vocab_size"]
             elif model_name == "bundled":
-                model, vocab, n = None, 4096, args.requests_bundled
+                model, n = None, args.requests_bundled
             else:
                 raise SystemExit(f"--models: unknown model {model_name!r} (124m, bundled)")
-            folder = str(Engine.load(model, provider="cpu").folder)  # export once, before any timing
+            eng = Engine.load(model, provider="cpu")  # export once, before any timing
+            folder, vocab = str(eng.folder), eng.config.vocab_size
+            del eng
             rng = np.random.default_rng(0)
             jobs = [rng.integers(0, vocab - 1, 32).tolist() for _ in range(n)]
             rounds = []

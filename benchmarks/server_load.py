@@ -42,6 +42,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, *, timeout: float, what: str, tail=None) -> None:
+    """Until url's /health answers 200; kills proc and exits (with tail(), its last log) if proc ends or time runs out."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise SystemExit(f"{what} did not start" + (f": {tail()}" if tail else ""))
+        time.sleep(0.3)
+
+
 class Served:
     """`gpt2-onnx serve` from the code in `root`, in its own process."""
 
@@ -50,24 +65,15 @@ class Served:
         cli = "gpt2_onnx.cli" if root == HERE else "engine.cli"  # a baseline from before the package was renamed
         cmd = [sys.executable, "-m", cli, "serve", "--port", str(self.port), "--max-batch", str(max_batch),
                "--threads", str(threads), *extra] + (["-m", model] if model else [])
-        self.log = tempfile.TemporaryFile("w+")  # not a PIPE: nobody reads it while serving, and a full pipe
-        self.proc = subprocess.Popen(cmd, cwd=root, stdout=subprocess.DEVNULL, stderr=self.log, text=True)  # blocks
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.wait(900, f"server from {root}")  # the first start exports the model
+        self._start(cmd, root, 900, f"server from {root}")  # the first start exports the model
 
-    def wait(self, timeout: float, what: str) -> None:
-        """Until /health answers 200; the process's last log lines if it exits or times out first."""
-        deadline = time.time() + timeout
-        while True:
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or self.proc.poll() is not None:
-                self.proc.kill()
-                raise SystemExit(f"{what} did not start: {self.tail()}")
-            time.sleep(0.3)
+    def _start(self, cmd: list[str], cwd: Path | None, timeout: float, what: str) -> None:
+        # the log goes to a file, not a PIPE: nobody reads it while serving, and a full pipe blocks the server
+        # (llama-server logs every request)
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_healthy(self.url, self.proc, timeout=timeout, what=what, tail=self.tail)
 
     def tail(self) -> str:
         self.log.seek(0)
@@ -109,7 +115,7 @@ def load(url: str, clients: int, jobs: list[list[int]], max_tokens: int) -> dict
             "answers": [a for _, a, _, _ in sorted(done)]}
 
 
-class LlamaServed:
+class LlamaServed(Served):
     """llama.cpp's llama-server (built from the vendored source) on a GGUF made by llama.cpp's converter."""
 
     def __init__(self, ck: Path, *, threads: int, max_batch: int, qtype: str = "f32"):
@@ -119,12 +125,7 @@ class LlamaServed:
         ctx = json.loads((ck / "config.json").read_text()).get("n_positions", 1024)
         cmd = [str(llama_server()), "-m", str(gguf(ck, qtype)), "--host", "127.0.0.1", "--port", str(self.port),
                "-np", str(max_batch), "-c", str(max_batch * ctx), "-t", str(threads), "-tb", str(threads)]
-        self.log = tempfile.TemporaryFile("w+")  # llama-server logs every request: a PIPE would fill and block it
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.wait(300, "llama-server")
-
-    wait, tail, stop = Served.wait, Served.tail, Served.stop
+        self._start(cmd, None, 300, "llama-server")
 
 
 def throughput(args, name: str, model: str | None, vocab: int) -> dict:

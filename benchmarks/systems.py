@@ -42,6 +42,7 @@ def measure(gen, ids, new_tokens: int, runs: int) -> dict:
 
 
 def ours(ck: Path, ids, new_tokens, runs, threads, options):
+    from benchmarks.common import exported_bytes
     from gpt2_onnx import Engine
 
     eng = Engine.load(str(ck), provider="cpu", threads=threads, quantize=options.get("quantize"))
@@ -51,7 +52,7 @@ def ours(ck: Path, ids, new_tokens, runs, threads, options):
         return [r.token_ids for r in eng.generate_batch(batch, max_new_tokens=n, ignore_eos=True)]
 
     res = measure(gen, ids, new_tokens, runs)
-    res["model_bytes"] = sum(f.stat().st_size for f in folder.iterdir() if f.name.startswith("model.onnx"))
+    res["model_bytes"] = exported_bytes(folder)
     return res
 
 
