@@ -165,14 +165,16 @@ class Replica:
         async for batch in call(self.app, scope, body):
             yield batch
 
-    def stats(self) -> dict:
-        """This replica's state and Prometheus text, for the ingress's /health and /metrics."""
+    def stats(self, metrics: bool = False) -> dict:
+        """This replica's state for the ingress's /health, and with metrics its Prometheus text for /metrics."""
         import ray
 
         core = self.app.state.core
-        return {"replica": self.id, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
-                "model": self.app.state.model_id, "active": len(core.running), "queue_depth": len(core.waiting),
-                "metrics": self.app.state.metrics.render().decode()}
+        out = {"replica": self.id, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+               "model": self.app.state.model_id, "active": len(core.running), "queue_depth": len(core.waiting)}
+        if metrics:
+            out["metrics"] = self.app.state.metrics.render().decode()
+        return out
 
     def check_health(self) -> None:  # Ray Serve restarts a replica whose check fails
         if not self.app.state.worker.thread.is_alive():
@@ -232,10 +234,10 @@ class Ingress:
             return  # the client left before sending its body
         await self.forwarder.forward(scope, body, send)
 
-    async def _stats(self) -> list[dict]:
+    async def _stats(self, metrics: bool = False) -> list[dict]:
         """Every live replica's stats (a replica that does not answer in 5 s is left out)."""
         try:
-            results = await self.replicas.broadcast("stats").results_async(timeout_s=BROADCAST_TIMEOUT_S,
+            results = await self.replicas.broadcast("stats", metrics).results_async(timeout_s=BROADCAST_TIMEOUT_S,
                                                                            return_exceptions=True)
         except Exception:  # TimeoutError, DeploymentUnavailableError (none running yet): none answered
             return []
@@ -255,7 +257,7 @@ class Ingress:
         from ray import serve
         from starlette.responses import Response
 
-        stats = await self._stats()
+        stats = await self._stats(metrics=True)
         own = serve.get_deployment_handle(self.deployment, self.app_name).broadcast("ingress_metrics")
         try:
             ingress = [r for r in await own.results_async(timeout_s=BROADCAST_TIMEOUT_S, return_exceptions=True)
