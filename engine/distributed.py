@@ -40,6 +40,12 @@ BROADCAST_TIMEOUT_S = 5.0
 
 
 # ---- options: the CLI's flags, a --config file and a RayService's args are the same fields -----------
+def actor_cpus(threads: int, override: float | None = None) -> float:
+    """Ray CPUs of one engine's actor (a replica, a batch worker): 0.9 per thread, so that 2 fit 2 cores
+    beside the ingress's 0.1; override if given."""
+    return override if override is not None else round(0.9 * threads, 3)
+
+
 @dataclass
 class ServeOptions:
     """How to serve on Ray. `gpt2-onnx serve --config FILE` and app_builder(args) take these names."""
@@ -118,8 +124,7 @@ class ServeOptions:
 
     def replica_deployment(self) -> dict:
         """serve.deployment() options of the replicas."""
-        cpus = self.replica_cpus if self.replica_cpus is not None else round(0.9 * self.threads, 3)
-        kw = dict(ray_actor_options={"num_cpus": cpus}, max_ongoing_requests=self.max_batch,
+        kw = dict(ray_actor_options={"num_cpus": actor_cpus(self.threads, self.replica_cpus)}, max_ongoing_requests=self.max_batch,
                   max_queued_requests=self.max_queue, graceful_shutdown_timeout_s=self.grace_period,
                   graceful_shutdown_wait_loop_s=min(self.grace_period, 0.5) or 0.1)
         if self.autoscaling:
@@ -502,7 +507,7 @@ def run_batch(rows: list[str], on_rows: Callable[[list[str]], None], *, worker: 
         ds = ray.data.from_items([{"row": r} for r in rows], override_num_blocks=max(1, math.ceil(len(rows) / batch_size)))
         out = ds.map_batches(BatchWorker, fn_constructor_kwargs={**worker, "threads": threads}, batch_size=batch_size,
                              compute=ray.data.ActorPoolStrategy(size=replicas), batch_format="numpy",
-                             num_cpus=cpus if cpus is not None else round(0.9 * threads, 3))
+                             num_cpus=actor_cpus(threads, cpus))
         for batch in out.iter_batches(batch_size=None, batch_format="numpy"):
             on_rows([str(r) for r in batch["row"]])
     finally:
