@@ -224,18 +224,20 @@ class BatchWorker:
         def fail(e: ApiError) -> dict:
             return {"status": e.status, "body": json.loads(e.response().body)}
 
+        def unknown(r: dict) -> dict:
+            return fail(ApiError(404, f"model {r['model']!r} is not served here; this job serves {model!r}", "model",
+                                 "model_not_found"))
+
         ok = [r for r in rows if r.get("model") in known]
         try:
             scored = iter(self.engine.score([(r["context"], r["continuation"]) for r in ok]))
-            return [{"status": 200, "body": body(next(scored))} if r.get("model") in known else
-                    fail(ApiError(404, f"model {r['model']!r} is not served here; this job serves {model!r}",
-                                  "model", "model_not_found")) for r in rows]
+            return [{"status": 200, "body": body(next(scored))} if r.get("model") in known else unknown(r)
+                    for r in rows]
         except ValueError:  # some row is bad: score them one by one to say which
             out = []
             for r in rows:
                 if r.get("model") not in known:
-                    out.append(fail(ApiError(404, f"model {r['model']!r} is not served here; this job serves "
-                                                  f"{model!r}", "model", "model_not_found")))
+                    out.append(unknown(r))
                     continue
                 try:
                     out.append({"status": 200, "body": body(self.engine.score([(r["context"], r["continuation"])])[0])})
