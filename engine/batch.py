@@ -7,9 +7,10 @@ POST /v1/completions takes them, validated with the server's CompletionRequest) 
 the HTTP status and JSON body the server would answer (a completion, or its OpenAI-shaped error), or
 for a scoring row the continuation's log-probabilities. Rows come out as they finish, keyed by id.
 
-Completion rows go through create_app's routes in this process (gpt2_onnx.server.asgi), so answers
-are the server's and its continuous batching runs across the rows of a batch. Without --replicas the
-job runs here without Ray; with it, gpt2_onnx.distributed runs it on Ray Data (one engine per actor).
+Completion rows are answered by the server's completion service (gpt2_onnx.server.completions) over
+one AsyncEngine, so answers are the server's and continuous batching runs across the rows of a batch;
+no HTTP and no fastapi are involved. Without --replicas the job runs here without Ray; with it,
+gpt2_onnx.distributed.data runs it on Ray Data (one engine per actor).
 
 The output is append-only and flushed (fsync) after every batch; a rerun reads the ids already there
 and skips them, after cutting a torn last line left by a kill. Every input row appears exactly once.
@@ -57,7 +58,7 @@ def _check_row(row, where: str):
     """Validate one input row; returns its id."""
     from pydantic import ValidationError
 
-    from gpt2_onnx.server.app import _validation_error
+    from gpt2_onnx.server.errors import validation_error
     from gpt2_onnx.server.protocol import CompletionRequest
 
     if not isinstance(row, dict):
@@ -77,10 +78,11 @@ def _check_row(row, where: str):
                          "(scoring)")
     if fields.get("stream"):
         raise ValueError(f"{where}: stream is not supported in batch rows; remove it")
+    kind = ScoreRequest if is_score else CompletionRequest
     try:
-        (ScoreRequest if is_score else CompletionRequest).model_validate_json(json.dumps(fields))
+        kind.model_validate_json(json.dumps(fields))
     except ValidationError as e:
-        raise ValueError(f"{where}: {_validation_error(e).message}") from None
+        raise ValueError(f"{where}: {validation_error(e.errors(), list(kind.model_fields)).message}") from None
     return row_id
 
 
@@ -177,16 +179,17 @@ class Output:
 
 
 class BatchWorker:
-    """One engine and one scheduler (create_app's) answering batches of rows: Ray Data's callable class,
-    and the in-process runner's. A batch is {"row": array of raw JSON lines}; so is what it returns."""
+    """One AsyncEngine answering batches of rows with the server's completion service: Ray Data's callable
+    class, and the in-process runner's. A batch is {"row": array of raw JSON lines}; so is what it returns."""
 
     def __init__(self, model: str | None = None, *, provider: str = "auto", threads: int | None = None,
                  max_batch: int = 16, prefix_cache_mb: float = 512):
-        from gpt2_onnx import Engine
-        from gpt2_onnx.server import create_app
+        from gpt2_onnx import AsyncEngine, Engine
+        from gpt2_onnx.server.completions import Served
 
         self.engine = Engine.load(model, provider=provider, threads=threads)
-        self.app = create_app(self.engine, max_batch=max_batch, max_queue=MAX_QUEUE, prefix_cache_mb=prefix_cache_mb)
+        llm = AsyncEngine(self.engine, max_batch=max_batch, max_queue=MAX_QUEUE, prefix_cache_mb=prefix_cache_mb)
+        self.served = Served(llm, self.engine.config.name or self.engine.folder.name)
         self.loop = asyncio.new_event_loop()
 
     def __call__(self, batch: dict) -> dict:
@@ -195,12 +198,14 @@ class BatchWorker:
         return {"row": np.array([json.dumps(o) for o in out], dtype=object)}
 
     async def answer(self, rows: list[dict]) -> list[dict]:
-        from gpt2_onnx.server.asgi import request
+        from gpt2_onnx.server.completions import complete
+        from gpt2_onnx.server.protocol import CompletionRequest
 
         out: list[dict | None] = [None] * len(rows)
         gens = [i for i, r in enumerate(rows) if "prompt" in r]
-        answers = await asyncio.gather(*[request(self.app, "POST", "/v1/completions",
-                                                 {k: v for k, v in rows[i].items() if k != "id"}) for i in gens])
+        bodies = [CompletionRequest.model_validate_json(json.dumps({k: v for k, v in rows[i].items() if k != "id"}))
+                  for i in gens]  # validated when the job was planned
+        answers = await asyncio.gather(*[complete(self.served, b) for b in bodies])
         for i, (status, body) in zip(gens, answers):
             out[i] = {"id": rows[i]["id"], "status": status, "body": body}
         scores = [i for i, r in enumerate(rows) if "prompt" not in r]
@@ -210,11 +215,11 @@ class BatchWorker:
 
     def score(self, rows: list[dict]) -> list[dict]:
         """Engine.score of the rows together (one forward per length group); a bad row fails alone."""
-        from gpt2_onnx.server.app import ApiError
+        from gpt2_onnx.server.errors import ApiError
 
         if not rows:
             return []
-        model = self.app.state.model_id
+        model = self.served.model_id
         known = {model, None}
 
         def body(s) -> dict:
@@ -222,7 +227,7 @@ class BatchWorker:
                     "tokens": s.token_ids, "token_logprobs": s.logprobs, "greedy": s.greedy}
 
         def fail(e: ApiError) -> dict:
-            return {"status": e.status, "body": json.loads(e.response().body)}
+            return {"status": e.status, "body": e.body()}
 
         def unknown(r: dict) -> dict:
             return fail(ApiError(404, f"model {r['model']!r} is not served here; this job serves {model!r}", "model",
@@ -242,11 +247,11 @@ class BatchWorker:
                 try:
                     out.append({"status": 200, "body": body(self.engine.score([(r["context"], r["continuation"])])[0])})
                 except ValueError as e:
-                    out.append(fail(ApiError(400, str(e))))
+                    out.append(fail(ApiError.of(e)))
             return out
 
     def close(self) -> None:
-        self.app.state.worker.shutdown(timeout=1.0)
+        self.served.llm.shutdown(timeout=1.0)
         self.loop.close()
 
 
@@ -293,7 +298,7 @@ def execute(job: Job, output_path: Path, *, model: str | None = None, provider: 
             finally:
                 w.close()
         else:
-            from gpt2_onnx.distributed import run_batch
+            from gpt2_onnx.distributed.data import run_batch
 
             run_batch(job.pending, on_rows, worker=worker, replicas=replicas, address=ray_address,
                       batch_size=batch_size)

@@ -10,30 +10,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpt2_onnx.sampling import log_softmax
+from gpt2_onnx.types import Score
 
 if TYPE_CHECKING:
-    from gpt2_onnx.engine import Engine, Prompt
+    from gpt2_onnx.sync_engine import Engine, Prompt
 
 MAX_SCORE_LOGITS = 1 << 25  # logits (rows x positions x vocab) held at once while scoring: 128 MB of float32
-
-
-@dataclass(frozen=True)
-class Score:
-    """Log-probabilities of one continuation after its context."""
-
-    token_ids: list[int]  # the continuation's tokens
-    logprobs: list[float]  # log p of each of them, log_softmax of the fp32 logits
-    greedy: list[bool]  # whether each was the model's most likely token there
-
-    @property
-    def logprob(self) -> float:
-        """log p(continuation | context)."""
-        return float(sum(self.logprobs))
-
-    @property
-    def is_greedy(self) -> bool:
-        """Whether greedy decoding from the context produces the continuation."""
-        return all(self.greedy)
 
 
 def score(engine: Engine, requests: Sequence[tuple[Prompt, Prompt]]) -> list[Score]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from gpt2_onnx.core import Core, GenerationOptions, Prefix, Step
+from gpt2_onnx.core import Core
+from gpt2_onnx.types import GenerationOptions, Prefix, Step
 
 if TYPE_CHECKING:
-    from gpt2_onnx.engine import Engine, Prompt
+    from gpt2_onnx.sync_engine import Engine, Prompt
 
 
 class Generator:
@@ -19,8 +20,9 @@ class Generator:
             for step in gen.generate_next_token():
                 print(step.row, step.token_id, step.text)
 
-    Each call runs one step of the core (the same step the server runs): the first one prefills every
-    prompt, the next ones decode one token per unfinished sequence. A failing sequence raises its error.
+    Each call runs one step of the core (the same step AsyncEngine and the server run): the first one
+    prefills every prompt, the next ones decode one token per unfinished sequence. A failing sequence
+    raises its error.
     """
 
     def __init__(self, engine: Engine, prompts: Sequence[Prompt], options: GenerationOptions = GenerationOptions(),

@@ -258,10 +258,13 @@ class DecodeStep:
             opts.add_run_config_entry("gpu_graph_id", str(m._graph_ids))
         return io, opts, out
 
-    def __call__(self, tokens: np.ndarray, logits_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, tokens: np.ndarray, logits_rows: np.ndarray,
+                 hold: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Feed one token to each of rows 0..B-1; returns (greedy next ids (B,), logits (R, V) of logits_rows).
 
-        The logits array is reused by the next call.
+        Rows where `hold` (B,) is true do not advance: their token is written at the same position
+        again by the next step that feeds it, so holding a row changes none of its results. The logits
+        array is reused by the next call.
         """
         B, R = len(tokens), len(logits_rows)
         lengths = self.cache.lengths[:B]
@@ -282,7 +285,7 @@ class DecodeStep:
             for k in h:
                 self.dev[k].update_inplace(h[k])
         self.model.step_session.run_with_iobinding(io, opts)
-        self.cache.lengths[:B] += 1
+        self.cache.lengths[:B] += 1 if hold is None else ~hold
         if self.dev is None:
             next_ids, logits = self.next[:B, 0].copy(), self.logits[:R, 0]
         else:

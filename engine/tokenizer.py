@@ -7,6 +7,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 
 from gpt2_onnx.config import is_lfs_pointer
+from gpt2_onnx.errors import InvalidInput
 
 
 def check_text(text: str) -> str:
@@ -14,7 +15,7 @@ def check_text(text: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"prompt is not valid Unicode text ({e.reason} at character {e.start})") from None
+        raise InvalidInput(f"prompt is not valid Unicode text ({e.reason} at character {e.start})", "prompt") from None
     return text
 
 

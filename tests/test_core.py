@@ -18,8 +18,9 @@ import pytest
 pytest.importorskip("uvicorn")
 
 from gpt2_onnx import Engine, GenerationOptions, Generator  # noqa: E402
-from gpt2_onnx import core as core_module  # noqa: E402
-from gpt2_onnx.core import Core, PrefixCache  # noqa: E402
+from gpt2_onnx import prefix_cache as prefix_cache_module, sequence as sequence_module  # noqa: E402
+from gpt2_onnx.core import Core  # noqa: E402
+from gpt2_onnx.prefix_cache import PrefixCache  # noqa: E402
 from gpt2_onnx.server import create_app  # noqa: E402
 from helpers import Server, post  # noqa: E402
 
@@ -108,15 +109,13 @@ def test_eos_and_ids_and_logprobs_through_the_servers_core(tiny):
         opts = [GenerationOptions(max_new_tokens=8), GenerationOptions(max_new_tokens=9, logprobs=0),
                 GenerationOptions(max_new_tokens=7, temperature=0.8, seed=2, logprobs=0, n=2)]
         prompts = [[1, 2], [3, 4, 5], "the quick"]
-        seqs = [q for p, o in zip(prompts, opts) for q in eos_engine.sequences([p], o)]
         with ThreadPoolExecutor(4) as pool:  # other clients batch with these sequences
             others = [pool.submit(post, s.url, {"prompt": "to be", "max_tokens": 12, "temperature": 0}) for _ in range(4)]
-            app.state.worker.submit(seqs)
+            requests = [app.state.llm.submit([p], o) for p, o in zip(prompts, opts)]
             assert all(f.result().status_code == 200 for f in others)
-        deadline = time.time() + 30
-        while not all(q.done for q in seqs):
-            assert time.time() < deadline
-            time.sleep(0.01)
+        for r in requests:
+            r.result()
+        seqs = [q for r in requests for q in r.sequences]
         got = iter(seqs)
         for p, o in zip(prompts, opts):
             for w in eos_engine.generate_batch([p], **{f.name: getattr(o, f.name) for f in dataclasses.fields(o)}):
@@ -143,14 +142,14 @@ def test_tiny_temperatures_decode_greedily_everywhere(served):
 # ---- failures stay local ------------------------------------------------------------------------
 def test_a_poisoned_request_fails_alone(served, monkeypatch):
     s, engine = served
-    real = core_module.choose
+    real = sequence_module.choose
 
     def poisoned(logits, p, rng, seen=None):
         if p.temperature == 1.2345:
             raise FloatingPointError("injected failure")
         return real(logits, p, rng, seen)
 
-    monkeypatch.setattr(core_module, "choose", poisoned)
+    monkeypatch.setattr(sequence_module, "choose", poisoned)
     bodies = [{"prompt": f"to be {i}", "max_tokens": 15, "temperature": 0} for i in range(7)]
     bodies.insert(3, {"prompt": "poison", "max_tokens": 15, "temperature": 1.2345})
     want = [engine.generate(b["prompt"], max_new_tokens=15).text for b in bodies if b["temperature"] == 0]
@@ -237,7 +236,7 @@ def test_every_model_run_of_generation_comes_from_the_core_step(served):
         del session.run_with_iobinding
     assert len(callers) >= 5 * 3
     for stack in callers:
-        assert any(f.endswith("engine/core.py") and name in ("_admit", "_decode") for f, name in stack), stack[-4:]
+        assert any(f.endswith("engine/core.py") and name in ("_prefill", "_prefill_after", "_decode") for f, name in stack), stack[-4:]
 
 
 def test_rows_stay_packed_and_each_step_runs_only_live_rows(tiny):
@@ -249,9 +248,9 @@ def test_rows_stay_packed_and_each_step_runs_only_live_rows(tiny):
     batch_sizes = []
     real = core.decoder.__class__.__call__
 
-    def spy(step, tokens, rows):
+    def spy(step, tokens, rows, **kw):
         batch_sizes.append((len(tokens), sum(not q.done for q in core.running[: len(tokens)])))
-        return real(step, tokens, rows)
+        return real(step, tokens, rows, **kw)
 
     core.decoder.__class__.__call__ = spy
     try:
@@ -413,8 +412,8 @@ def test_prefix_cache_match_looks_at_one_entry_not_all(tiny, monkeypatch):
         cache.insert(preamble + [i + 1] * 8, pool, 0)
     assert len(cache.entries) == 300
     calls = []
-    real = core_module.common_prefix
-    monkeypatch.setattr(core_module, "common_prefix", lambda a, b: calls.append(1) or real(a, b))
+    real = prefix_cache_module.common_prefix
+    monkeypatch.setattr(prefix_cache_module, "common_prefix", lambda a, b: calls.append(1) or real(a, b))
     m, entry = cache.match(np.array(preamble + [299] * 8 + [5, 6]))  # a recent entry: all of it is reused
     assert m == 40 and entry.token_ids == tuple(preamble + [299] * 8) and len(calls) <= 8
     m, entry = cache.match(np.array(preamble + [7] * 8 + [5, 6]))  # an old one: the shared blocks are reused

@@ -36,6 +36,38 @@ def test_openai_client_completions_and_stream(server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
+def test_the_openai_clients_plain_streaming_loop(server):
+    """`for c in stream: print(c.choices[0].text)`, as the openai client's examples do: no chunk without choices
+    unless stream_options.include_usage asks for the usage chunk."""
+    s, engine = server
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+    text = ""
+    for c in client.completions.create(model="tiny", prompt="the quick", max_tokens=12, temperature=0, stream=True):
+        text += c.choices[0].text
+    assert text == engine.generate("the quick", max_new_tokens=12).text
+    chunks = list(client.completions.create(model="tiny", prompt="the quick", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert all(c.choices and c.usage is None for c in chunks[:-1])
+
+
+def test_ignore_eos_and_stop_token_ids(server):
+    """vLLM's fields: a stop token id ends the choice with finish_reason stop (its id counted, its text not
+    returned); ignore_eos generates past <|endoftext|>."""
+    s, engine = server
+    full = engine.generate([9, 8], max_new_tokens=12, ignore_eos=True)
+    stop_id = full.token_ids[4]
+    r = post(s.url, {"prompt": [9, 8], "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                     "stop_token_ids": [stop_id]}).json()
+    want = engine.generate([9, 8], max_new_tokens=12, ignore_eos=True, stop_token_ids=[stop_id])
+    k = full.token_ids.index(stop_id)
+    assert want.token_ids == full.token_ids[: k + 1] and want.finish_reason == "stop"
+    assert r["choices"][0]["text"] == want.text and r["choices"][0]["finish_reason"] == "stop"
+    assert r["usage"]["completion_tokens"] == k + 1
+    bad = post(s.url, {"prompt": "x", "stop_token_ids": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "stop_token_ids"
+
+
 def test_sampling_n_and_seed_match_the_engine(server):
     s, engine = server
     body = {"prompt": "to be", "max_tokens": 10, "temperature": 0.9, "top_k": 50, "seed": 4, "n": 3}

@@ -134,7 +134,7 @@ def test_draining_refuses_new_work_and_ends_the_rest_with_errors(tiny, monkeypat
         with ThreadPoolExecutor(2) as pool:
             long = pool.submit(post, s.url, {"prompt": "x", "max_tokens": 100, "temperature": 0})
             time.sleep(0.3)
-            app.state.worker.drain(0.3)
+            app.state.llm.drain(0.3)
             r = post(s.url, {"prompt": "x", "max_tokens": 2})
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
             cut = long.result()

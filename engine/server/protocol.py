@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gpt2_onnx.core import GenerationOptions
 from gpt2_onnx.tokenizer import check_text
+from gpt2_onnx.types import GenerationOptions
 
 MAX_PROMPTS = 64
 MAX_STOPS = 4
@@ -16,6 +16,13 @@ MAX_STOPS = 4
 def _unsupported(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported by this server")
+
+
+class StreamOptions(BaseModel):
+    """OpenAI's stream_options: include_usage adds a last chunk with empty choices and the usage."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool | None = False
 
 
 class CompletionRequest(BaseModel):
@@ -35,8 +42,11 @@ class CompletionRequest(BaseModel):
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings (not returned)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1,
                              description="choice k of a request draws from numpy's default_rng([seed, k])")
+    stop_token_ids: list[int] | None = Field(None, description="token ids that end a choice (vLLM's; the id's text "
+                                                               "is not returned)")
+    ignore_eos: bool | None = Field(False, description="keep generating past <|endoftext|> (vLLM's)")
     stream: bool | None = False
-    stream_options: dict | None = None
+    stream_options: StreamOptions | None = None
     user: str | None = None
     echo: bool | None = Field(False, description="return the prompt before the completion (with logprobs: the "
                                                  "prompt tokens' too, the first null); max_tokens 0 scores only")
@@ -89,8 +99,12 @@ class CompletionRequest(BaseModel):
         p = self.prompt
         return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
 
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
     def to_options(self) -> GenerationOptions:
-        """The engine's GenerationOptions for this request (None means the API default)."""
+        """The engine's GenerationOptions for this request (None means the API default); InvalidInput if bad."""
         def pick(v, default):
             return default if v is None else v
 
@@ -98,6 +112,7 @@ class CompletionRequest(BaseModel):
                                  top_p=pick(self.top_p, 1.0), top_k=pick(self.top_k, 0),
                                  repetition_penalty=pick(self.repetition_penalty, 1.0), n=pick(self.n, 1),
                                  stop=self.stop, seed=self.seed, logprobs=self.logprobs,
+                                 stop_token_ids=self.stop_token_ids or (), ignore_eos=bool(self.ignore_eos),
                                  prompt_logprobs=self.logprobs if self.echo else None)
 
 

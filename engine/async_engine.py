@@ -1,0 +1,279 @@
+"""AsyncEngine: one generation core shared by any number of threads and asyncio tasks in this process.
+
+    llm = AsyncEngine.load()                                   # or AsyncEngine(engine, max_batch=16)
+    request = llm.submit("ROMEO:", GenerationOptions(max_new_tokens=20))
+    for step in request: ...                                   # or: async for step in request
+    results = request.result()                                 # or: results = await request
+
+A background thread steps the core while it has work: requests join at step boundaries (continuous
+batching) and leave when they end. Each request buffers at most `buffer` unread Steps per sequence; a
+sequence whose consumer is further behind is held (it keeps its KV row, decodes nothing) until its
+consumer reads on, so a slow reader costs a row, never memory. The HTTP server, `gpt2-onnx batch`
+and the Ray replicas are clients of this class.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+from gpt2_onnx.core import Core
+from gpt2_onnx.errors import Cancelled, InvalidInput, QueueFull, ShuttingDown
+from gpt2_onnx.types import GenerationOptions, GenerationResult, Prefix, Step
+
+if TYPE_CHECKING:
+    from gpt2_onnx.sequence import Sequence as Seq
+    from gpt2_onnx.sync_engine import Engine, Prompt
+
+
+def as_prompts(prompt_or_prompts) -> list:
+    """A prompt (text, or a list of token ids) or a list of prompts, as a list of prompts."""
+    p = prompt_or_prompts
+    if isinstance(p, str) or (isinstance(p, Sequence) and len(p) and not isinstance(p[0], (str, Sequence))):
+        return [p]
+    return p
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Request:
+    """A submitted request: its sequences (row p * n + i) and their Steps, in the order they come.
+
+    Iterate it (blocking) or `async for` it for Steps; `result()` or `await request` for one
+    GenerationResult per row (raising the error of a failed row, Cancelled if cancelled). Stopping an
+    iteration early, or cancelling the task that awaits it, cancels the request.
+    """
+
+    def __init__(self, engine: "AsyncEngine", sequences: list[Seq], buffer: int):
+        self.engine, self.sequences, self.buffer = engine, sequences, buffer
+        self._events: deque[Step] = deque()
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._unread = [0] * len(sequences)
+        self._open = len(sequences)  # sequences whose last Step has not been read yet
+        for s in sequences:
+            s.on_step = self._on_step
+
+    @property
+    def done(self) -> bool:
+        """Every sequence's last Step has been read."""
+        return not self._open
+
+    def cancel(self) -> None:
+        """Stop the request's sequences; their rows are free within one step."""
+        self.engine._cancel(self.sequences)
+
+    def _on_step(self, step: Step) -> None:  # in the core's thread (or a cancelling caller's)
+        with self._cond:
+            self._events.append(step)
+            self._unread[step.row] += 1
+            if self._unread[step.row] >= self.buffer and not step.finish_reason:
+                self.sequences[step.row].held = True
+            self._cond.notify_all()
+            waiters, self._waiters = self._waiters, []
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_wake, future)
+
+    def _pop(self) -> Step | None:
+        """The next Step, if one is there; a sequence its consumer caught up with is released."""
+        with self._cond:
+            if not self._events:
+                return None
+            step = self._events.popleft()
+            self._unread[step.row] -= 1
+            seq = self.sequences[step.row]
+            release = seq.held and self._unread[step.row] < self.buffer
+            seq.held = seq.held and not release
+            self._open -= step.finish_reason is not None
+        if release:
+            self.engine._wake()
+        return step
+
+    def __iter__(self) -> Iterator[Step]:
+        try:
+            while self._open:
+                step = self._pop()
+                if step is None:
+                    with self._cond:
+                        while not self._events:
+                            self._cond.wait()
+                    continue
+                yield step
+        finally:
+            if self._open:
+                self.cancel()
+
+    async def _steps(self) -> AsyncIterator[Step]:
+        try:
+            while self._open:
+                step = self._pop()
+                if step is None:
+                    loop = asyncio.get_running_loop()
+                    future = loop.create_future()
+                    with self._cond:
+                        if self._events:
+                            continue
+                        self._waiters.append((loop, future))
+                    await future
+                    continue
+                yield step
+        finally:
+            if self._open:
+                self.cancel()
+
+    def __aiter__(self) -> AsyncIterator[Step]:
+        return self._steps()
+
+    @staticmethod
+    def _check(step: Step) -> None:
+        if step.error is not None:
+            raise step.error
+        if step.finish_reason == "cancelled":
+            raise Cancelled(f"sequence {step.row} was cancelled")
+
+    def _results(self) -> list[GenerationResult]:
+        for s in self.sequences:  # Steps another reader took
+            if s.finish_reason in ("error", "cancelled"):
+                self._check(Step(s.row, -1, -1, "", s.finish_reason, 0.0, error=s.error))
+        return [s.result() for s in self.sequences]
+
+    def result(self) -> list[GenerationResult]:
+        """Block until every row has ended; one GenerationResult per row."""
+        steps = iter(self)
+        try:
+            for step in steps:
+                self._check(step)
+        finally:
+            steps.close()
+        return self._results()
+
+    async def _result(self) -> list[GenerationResult]:
+        steps = self._steps()
+        try:
+            async for step in steps:
+                self._check(step)
+        finally:
+            await steps.aclose()
+        return self._results()
+
+    def __await__(self):
+        return self._result().__await__()
+
+
+class AsyncEngine:
+    """Continuous batching across callers: one Core (max_batch KV rows) stepped by one background thread.
+
+    submit() is a plain call, safe from any thread or event loop. prefixes: Prefix objects (prefill,
+    load_prefix) pinned in the core; a prefix passed to submit is pinned on first use.
+    """
+
+    def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 256, prefix_cache_mb: float = 512,
+                 buffer: int = 16, prefixes: Sequence[Prefix] = ()):
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
+                                 ("prefix_cache_mb", prefix_cache_mb, 0), ("buffer", buffer, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                raise InvalidInput(f"must be a number >= {low}, got {value!r}", name, lead=True)
+        self.engine, self.max_queue, self.buffer = engine, max_queue, int(buffer)
+        self.core = Core(engine.model, slots=int(max_batch), max_length=engine.config.n_positions,
+                         prefix_cache_bytes=int(prefix_cache_mb * 2**20), pinned=list(prefixes))
+        self.cond = threading.Condition()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="gpt2-onnx-core", daemon=True)
+        self.thread.start()
+
+    @classmethod
+    def load(cls, model: str | None = None, *, max_batch: int = 16, max_queue: int = 256,
+             prefix_cache_mb: float = 512, buffer: int = 16, **load_options) -> "AsyncEngine":
+        """Engine.load(model, **load_options) behind an AsyncEngine."""
+        from gpt2_onnx.sync_engine import Engine
+
+        return cls(Engine.load(model, **load_options), max_batch=max_batch, max_queue=max_queue,
+                   prefix_cache_mb=prefix_cache_mb, buffer=buffer)
+
+    def submit(self, prompt_or_prompts: Prompt | Sequence[Prompt], options: GenerationOptions = GenerationOptions(),
+               *, prefix: Prefix | None = None) -> Request:
+        """Queue a prompt (or several, n samples each); returns its Request at once. InvalidInput for bad
+        input, QueueFull when max_queue sequences already wait, ShuttingDown while draining."""
+        if not isinstance(options, GenerationOptions):
+            raise InvalidInput("options must be a GenerationOptions", "options")
+        seqs = self.engine.sequences(as_prompts(prompt_or_prompts), options, prefix=prefix)
+        if len(seqs) > self.max_queue:
+            raise InvalidInput(f"this request needs {len(seqs)} sequences (prompts x n) but the engine queues at most "
+                               f"{self.max_queue}; send fewer prompts or a smaller n", "n" if options.n > 1 else "prompt")
+        request = Request(self, seqs, self.buffer)
+        with self.cond:
+            if self.stopping:
+                raise ShuttingDown("the engine is shutting down")
+            if len(self.core.waiting) + len(seqs) > self.max_queue:
+                raise QueueFull(f"{len(self.core.waiting)} sequences are already waiting")
+            if prefix is not None:
+                self.pin(prefix)
+            self.core.submit(seqs)
+            self.cond.notify()
+        return request
+
+    def pin(self, prefix: Prefix) -> None:
+        """Keep a prefix's KV in the core, reused by every request after it (submit pins its prefix)."""
+        with self.core.lock:
+            if all(p is not prefix for p in self.core.prefixes.pinned):
+                self.core.prefixes.pinned.append(prefix)
+
+    def unpin(self, prefix: Prefix) -> None:
+        """Forget a pinned prefix (requests already submitted after it keep running)."""
+        with self.core.lock:
+            self.core.prefixes.pinned = [p for p in self.core.prefixes.pinned if p is not prefix]
+
+    def stats(self) -> dict:
+        """The core's state: sequences running and waiting, steps run, prefix cache use."""
+        c, p = self.core, self.core.prefixes
+        return {"active": len(c.running), "queue_depth": len(c.waiting), "steps": c.steps, "slots": c.slots,
+                "prefix_cache_hits": p.hits, "prefix_cache_hit_tokens": p.hit_tokens, "prefix_cache_bytes": p.nbytes,
+                "stopping": self.stopping, "alive": self.thread.is_alive()}
+
+    def drain(self, grace: float) -> None:
+        """Admit nothing new from now on (ShuttingDown); sequences still in flight after `grace` seconds
+        are cancelled."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        timer = threading.Timer(grace, lambda: self._cancel([*self.core.running, *self.core.waiting]))
+        timer.daemon = True
+        timer.start()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Admit nothing new; let in-flight sequences finish for up to `timeout` seconds, cancel the rest, stop."""
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        self.thread.join(timeout)
+        self._cancel([*self.core.running, *self.core.waiting])
+        self.thread.join(5)
+
+    # ---- the step thread -----------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self.cond:
+            self.cond.notify()
+
+    def _cancel(self, seqs: list[Seq]) -> None:
+        for s in seqs:
+            s.held = False  # a cancelled sequence must reach the step that ends it
+        self.core.cancel(seqs)
+        self._wake()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.core.runnable and not (self.stopping and not self.core.busy):
+                    self.cond.wait()
+                if self.stopping and not self.core.busy:
+                    return
+            try:
+                self.core.step()
+            except Exception as e:  # a bug in the step itself: fail what is in flight, keep serving
+                self.core.fail_all(e)

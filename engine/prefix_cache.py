@@ -1,0 +1,116 @@
+"""The automatic prefix cache: KV of recent contexts, matched on token ids, LRU within a byte budget."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence as Seq
+
+import numpy as np
+
+from gpt2_onnx.kv_cache import KVCache
+from gpt2_onnx.model import Model
+from gpt2_onnx.types import Prefix
+
+BLOCK = 16  # tokens per block of the prefix cache's index
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two id arrays."""
+    k = min(len(a), len(b))
+    eq = a[:k] == b[:k]
+    return k if eq.all() else int(eq.argmin())
+
+
+def block_hashes(ids: Seq[int]) -> list[int]:
+    """Chained hashes of the full BLOCK-token blocks of ids: h[k] stands for ids[: (k + 1) * BLOCK]."""
+    out, h = [], 0
+    for k in range(len(ids) // BLOCK):
+        h = hash((h, tuple(ids[k * BLOCK : (k + 1) * BLOCK])))
+        out.append(h)
+    return out
+
+
+class PrefixCache:
+    """KV of recent contexts, matched on token ids (longest common prefix), LRU within a byte budget.
+
+    Entries are indexed by the chained hashes of their BLOCK-token blocks, so matching walks the
+    query's blocks instead of every entry; of the entries sharing the deepest block, the 8 newest are
+    compared (any other there shares fewer than BLOCK more tokens). Contexts shorter than a block are
+    not kept.
+    Pinned prefixes (an explicit `prefix=` of a call) match at any length and are never evicted.
+    """
+
+    def __init__(self, model: Model, max_bytes: int = 0, pinned: Seq[Prefix] = ()):
+        self.model, self.max_bytes = model, max_bytes
+        cfg = model.cfg
+        self.token_bytes = 2 * cfg.n_layer * cfg.n_head * cfg.kv_head_size * np.dtype(cfg.np_dtype).itemsize
+        self.entries: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()  # least recently used first
+        self.index: dict[int, dict[tuple[int, ...], None]] = {}  # block hash -> entries starting with those blocks
+        self.ends: dict[int, set[tuple[int, ...]]] = {}  # last full block's hash -> entries ending in that block
+        self.pinned = list(pinned)
+        self.nbytes = 0  # kept up to date here, so another thread may read it at any time
+        self.hits = self.misses = 0
+        self.hit_tokens = 0
+
+    def match(self, ids: np.ndarray) -> tuple[int, Prefix | None]:
+        """(tokens reusable, entry) for a context. At most len(ids) - 1, so one token is left to run,
+        unless a pinned prefix is the whole context and knows its last logits."""
+        n, best, entry = len(ids), 0, None
+        for p in self.pinned:
+            m = common_prefix(p.ids, ids)
+            if m == len(p.ids) == n and p.last_logits is not None:
+                return n, p
+            if min(m, n - 1) > best:
+                best, entry = min(m, n - 1), p
+        for h in reversed(block_hashes(ids)):
+            bucket = self.index.get(h)
+            if bucket:
+                for key in list(bucket)[-8:]:  # the newest entries sharing the deepest block
+                    m = min(common_prefix(self.entries[key].ids, ids), n - 1)
+                    if m > best:
+                        best, entry = m, self.entries[key]
+                if entry is not None and entry.token_ids in self.entries:
+                    self.entries.move_to_end(entry.token_ids)
+                break
+        return best, entry
+
+    def insert(self, ids: list[int], pool: KVCache, row: int) -> None:
+        """Keep the KV of a context that was just computed in `row` of pool (a copy on the device)."""
+        key = tuple(ids)
+        if not self.max_bytes or len(ids) < BLOCK or len(ids) * self.token_bytes > self.max_bytes:
+            return
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return
+        arr, hashes = np.array(ids, np.int64), block_hashes(ids)
+        for other in list(self.index.get(hashes[-1], {}))[-8:]:  # a longer entry covers it already
+            if common_prefix(self.entries[other].ids, arr) == len(ids):
+                self.entries.move_to_end(other)
+                return
+        for h in hashes:  # entries that this context extends are replaced by it
+            for other in list(self.ends.get(h, ())):
+                if len(other) <= len(ids) and common_prefix(self.entries[other].ids, arr) == len(other):
+                    self._drop(other)
+        cache = self.model.new_cache(1, len(ids))
+        self.model.copy_kv(pool, row, cache, 0, len(ids))
+        entry = Prefix(key, cache)
+        self.entries[key] = entry
+        for h in hashes:
+            self.index.setdefault(h, {})[key] = None
+        self.ends.setdefault(hashes[-1], set()).add(key)
+        self.nbytes += cache.nbytes
+        while self.nbytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        entry = self.entries.pop(key)
+        hashes = block_hashes(key)
+        for h in hashes:
+            bucket = self.index[h]
+            del bucket[key]
+            if not bucket:
+                del self.index[h]
+        self.ends[hashes[-1]].discard(key)
+        if not self.ends[hashes[-1]]:
+            del self.ends[hashes[-1]]
+        self.nbytes -= entry.cache.nbytes

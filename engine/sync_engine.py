@@ -1,0 +1,179 @@
+"""Engine: an exported model loaded for generation and scoring, one caller at a time (blocking calls).
+
+Engine.generate / stream / generate_batch / stream_batch / prefill / score / load_prefix. Several
+callers that should share continuous batching use AsyncEngine (gpt2_onnx.async_engine) instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from typing_extensions import Unpack
+
+from gpt2_onnx import config as C
+from gpt2_onnx.errors import ContextTooLong, InvalidInput, option_error
+from gpt2_onnx.generator import Generator
+from gpt2_onnx.model import Model
+from gpt2_onnx.resolve import read_prefix_adapter, resolve
+from gpt2_onnx.sequence import Sequence as Seq
+from gpt2_onnx.tokenizer import Tokenizer, check_text
+from gpt2_onnx.types import GenerateKwargs, GenerationOptions, GenerationResult, Prefix, Score, Step, virtual_ids
+
+Prompt = str | Sequence[int]
+
+
+def _single(options: dict) -> GenerationOptions:
+    """GenerationOptions of a one-prompt call (n belongs to the batch calls)."""
+    if options.get("n", 1) != 1:
+        raise option_error("n", "is for generate_batch / stream_batch (n samples per prompt); generate and stream "
+                                "make one sequence")
+    return GenerationOptions(**options)
+
+
+class Engine:
+    """An exported GPT-2 folder loaded for generation. Create with `Engine.load(path)`."""
+
+    def __init__(self, folder: Path, cfg: C.ModelConfig, model: Model, tokenizer: Tokenizer):
+        self.folder, self.config, self.model, self.tokenizer = folder, cfg, model, tokenizer
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, *, provider: str = "auto", threads: int | None = None,
+             cuda_graph: bool = False, dtype: str = "float32", quantize: str | None = None,
+             progress: Callable[[str], None] | None = None) -> "Engine":
+        """Load a model: None (the bundled one), an exported folder, a Hugging Face folder or a Hub id.
+
+        Checkpoints are exported once (dtype float32 | float16, quantize None | int8 | int4) into the
+        export cache and reused. cuda_graph=True (CUDA only) replays decode steps as captured graphs.
+        """
+        folder = resolve(model, dtype=dtype, quantize=quantize, progress=progress)
+        cfg = C.ModelConfig.load(folder)
+        model = Model(folder, cfg, provider=provider, threads=threads, cuda_graph=cuda_graph)
+        tokenizer = Tokenizer(folder / C.TOKENIZER_NAME)
+        if tokenizer.vocab_size > cfg.vocab_size:
+            raise ValueError(f"{folder / C.TOKENIZER_NAME} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                             f"is {cfg.vocab_size}: it belongs to another model; re-export with gpt2-onnx export")
+        return cls(folder, cfg, model, tokenizer)
+
+    @property
+    def provider(self) -> str:
+        return self.model.provider
+
+    # ---- input validation (the library and the server share it) -------------------------------
+    def encode(self, prompt: Prompt, *, empty_ok: bool = False) -> list[int]:
+        """Prompt text or ids -> validated ids; an empty prompt starts from <|endoftext|> (as HF does),
+        unless empty_ok (after a prefix)."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(check_text(prompt))
+        elif isinstance(prompt, (bytes, dict)) or not isinstance(prompt, (Sequence, np.ndarray)):
+            raise InvalidInput(f"prompt must be a string or a sequence of token ids, got {type(prompt).__name__}",
+                               "prompt")
+        else:
+            ids = list(prompt)
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+                    raise InvalidInput(f"token ids must be integers, got {t!r} ({type(t).__name__})", "prompt")
+            bad = [int(t) for t in ids if not 0 <= t < self.config.vocab_size]
+            if bad:
+                raise InvalidInput(f"token ids {bad[:5]} are outside the vocabulary [0, {self.config.vocab_size})",
+                                   "prompt")
+            ids = [int(t) for t in ids]
+        return ids if ids or empty_ok else [self.config.bos_token_id]
+
+    def check_length(self, n_prompt: int, max_new_tokens: int, prefix: int = 0) -> None:
+        """ContextTooLong (a ValueError) if prefix + prompt tokens + max_new_tokens exceed n_positions."""
+        if prefix + n_prompt + max_new_tokens > self.config.n_positions:
+            raise ContextTooLong(n_prompt, max_new_tokens, self.config.n_positions, prefix)
+
+    def sequences(self, prompts: Sequence[Prompt], options: GenerationOptions, *,
+                  prefix: Prefix | None = None) -> list[Seq]:
+        """Validated Sequences for prompts x options.n (row p * n + i), ready for a Core."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not len(prompts):
+            raise InvalidInput("prompts must be a non-empty list of prompts (strings or token id lists)", "prompt")
+        if prefix is not None and not isinstance(prefix, Prefix):
+            raise InvalidInput("prefix must come from engine.prefill(...) or engine.load_prefix(...)", "prefix")
+        if prefix is not None and (prefix.model != self.config.weights_digest
+                                   or prefix.cache.shape[1:] != (self.config.n_head, len(prefix.token_ids),
+                                                                 self.config.kv_head_size)):
+            raise InvalidInput(f"this prefix was computed by another model (weights {prefix.model or '?'}, this "
+                             f"engine's {self.config.weights_digest or '?'}); compute it with this engine's prefill",
+                               "prefix")
+        bad = [t for t in options.stop_token_ids if t >= self.config.vocab_size]
+        if bad:
+            raise option_error("stop_token_ids", f"has ids {bad[:5]} outside the vocabulary [0, "
+                                                 f"{self.config.vocab_size})")
+        before = len(prefix.token_ids) if prefix is not None else 0
+        contexts = []
+        for p in prompts:
+            ids = self.encode(p, empty_ok=prefix is not None and not prefix.virtual)
+            self.check_length(len(ids), options.max_new_tokens, before)
+            contexts.append(list(prefix.token_ids) + ids if prefix is not None else ids)
+        n, eos, virtual = options.n, self.config.eos_token_id, prefix.virtual if prefix is not None else 0
+        return [Seq(c, options, row=p * n + i, eos_token_id=eos, tokenizer=self.tokenizer, virtual=virtual)
+                for p, c in enumerate(contexts) for i in range(n)]
+
+    # ---- generation -------------------------------------------------------------------------
+    def prefill(self, prefix: Prompt) -> Prefix:
+        """Compute a prompt prefix once (e.g. few-shot examples) for reuse via generate(..., prefix=)."""
+        ids = self.encode(prefix)
+        self.check_length(len(ids), 0)
+        cache = self.model.new_cache(1, len(ids))
+        _, logits = self.model.run(cache, np.array([ids]), np.array([len(ids)]), np.array([[len(ids) - 1]]))
+        return Prefix(tuple(ids), cache, logits[0, 0], model=self.config.weights_digest)
+
+    def score(self, requests: Sequence[tuple[Prompt, Prompt]]) -> list[Score]:
+        """Log-probabilities of continuations after contexts, and whether each token is the greedy one.
+
+        requests: (context, continuation) pairs of texts or token id lists, tokenized separately (as
+        lm-evaluation-harness does); ragged rows run in one forward, no generation.
+        """
+        from gpt2_onnx.evaluate import score
+
+        return score(self, requests)
+
+    def load_prefix(self, adapter: str | Path) -> Prefix:
+        """A peft prefix-tuning adapter (PrefixTuningConfig) as a Prefix for generate(..., prefix=).
+
+        Its virtual tokens' KV goes to the device once; prompts follow it from position
+        num_virtual_tokens on, as under peft, and count against n_positions. An empty prompt after it
+        starts from <|endoftext|>, as an empty prompt does without a prefix.
+        """
+        arrays = read_prefix_adapter(adapter, self.config)
+        T = arrays[0].shape[2]
+        cache = self.model.new_cache(1, T)
+        cache.write(arrays, T)
+        return Prefix(virtual_ids(T), cache, model=self.config.weights_digest, virtual=T, name=str(adapter))
+
+    def stream_batch(self, prompts: Sequence[Prompt], *, prefix: Prefix | None = None,
+                     **options: Unpack[GenerateKwargs]) -> Iterator[Step]:
+        """Decode several prompts (n samples each) together; yields Steps (each with its row) as tokens arrive.
+
+        Options as in GenerationOptions; prefix (from prefill or load_prefix) is reused without recomputation.
+        """
+        return self._drain(Generator(self, prompts, GenerationOptions(**options), prefix=prefix))
+
+    def stream(self, prompt: Prompt, *, prefix: Prefix | None = None,
+               **options: Unpack[GenerateKwargs]) -> Iterator[Step]:
+        """Generate for one prompt, yielding a Step per token (options as in GenerationOptions)."""
+        return self._drain(Generator(self, [prompt], _single(options), prefix=prefix))
+
+    def generate_batch(self, prompts: Sequence[Prompt], *, prefix: Prefix | None = None,
+                       **options: Unpack[GenerateKwargs]) -> list[GenerationResult]:
+        """Generate for several prompts (and n samples each), one result per sequence (row p * n + i)."""
+        return self._collect(Generator(self, prompts, GenerationOptions(**options), prefix=prefix))
+
+    def generate(self, prompt: Prompt, *, prefix: Prefix | None = None,
+                 **options: Unpack[GenerateKwargs]) -> GenerationResult:
+        """Generate for one prompt; returns text, ids and timings (options as in GenerationOptions)."""
+        return self._collect(Generator(self, [prompt], _single(options), prefix=prefix))[0]
+
+    @staticmethod
+    def _drain(gen: Generator) -> Iterator[Step]:
+        while not gen.is_done():
+            yield from gen.generate_next_token()
+
+    def _collect(self, gen: Generator) -> list[GenerationResult]:
+        for _ in self._drain(gen):
+            pass
+        return [s.result() for s in gen.sequences]

@@ -1,0 +1,205 @@
+"""The library's value types: GenerationOptions (and its keyword set), Step, GenerationResult, Prefix, Score."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
+
+import numpy as np
+from typing_extensions import TypedDict
+
+from gpt2_onnx.errors import option_error
+
+if TYPE_CHECKING:
+    from gpt2_onnx.kv_cache import KVCache
+
+GREEDY_BELOW = 1e-5  # temperatures under this decode greedily: logits / T would overflow float64
+
+
+def _int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationOptions:
+    """How to generate; the one options type of the library, the engines and the server.
+
+    max_new_tokens: tokens to generate at most. temperature 0 (or < 1e-5, or top_k 1) is greedy; > 0
+    samples with top_k (0 = off), top_p (1 = off) and seed; repetition_penalty (1 = off) applies to both.
+    stop: strings that end a sequence (the stop text is not returned); stop_token_ids: ids that end it
+    (the id is kept in token_ids, its text is not returned). ignore_eos: keep going past <|endoftext|>.
+    logprobs: None = off, 0 = log p of each new token, N = also the N most likely tokens there;
+    prompt_logprobs: the same for the prompt's tokens (the first has none). Log-probabilities are
+    log_softmax of the model's fp32 logits, before temperature and filters. n: samples per prompt
+    (one prefill).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        stop = self.stop
+        stops = () if stop is None else (stop,) if isinstance(stop, str) else \
+            tuple(stop) if isinstance(stop, (list, tuple)) else None
+        if stops is None or not all(isinstance(s, str) for s in stops):
+            raise option_error("stop", f"must be a string or a list of strings, got {stop!r}")
+        object.__setattr__(self, "stop", stops)
+        ids = self.stop_token_ids
+        ids = () if ids is None else tuple(ids) if isinstance(ids, (list, tuple)) else None
+        if ids is None or not all(_int(t) and t >= 0 for t in ids):
+            raise option_error("stop_token_ids", f"must be a list of token ids (integers >= 0), got "
+                                                 f"{self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in ids))
+        checks = [
+            ("max_new_tokens", _int(self.max_new_tokens) and self.max_new_tokens >= 0, "an integer >= 0"),
+            ("n", _int(self.n) and self.n >= 1, "an integer >= 1"),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false"),
+            ("temperature", _number(self.temperature) and 0 <= self.temperature <= 100, "in [0, 100] (0 = greedy)"),
+            ("top_k", _int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("top_p", _number(self.top_p) and 0 < self.top_p <= 1, "in (0, 1]"),
+            ("repetition_penalty", _number(self.repetition_penalty) and 0.01 <= self.repetition_penalty <= 100,
+             "in [0.01, 100] (1 = off)"),
+            ("seed", self.seed is None or (_int(self.seed) and self.seed >= 0), "a non-negative integer"),
+        ]
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            checks.append((name, v is None or (_int(v) and v >= 0),
+                           "None (off), 0 (the token's own) or N > 0 (also the N most likely tokens)"))
+        for name, ok, what in checks:
+            if not ok:
+                raise option_error(name, f"must be {what}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW or self.top_k == 1
+
+
+class GenerateKwargs(TypedDict, total=False):
+    """The keyword options of Engine.generate/stream/generate_batch/stream_batch: GenerationOptions' fields."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    seed: int | None
+    stop: str | Sequence[str] | None
+    stop_token_ids: Sequence[int]
+    ignore_eos: bool
+    logprobs: int | None
+    prompt_logprobs: int | None
+    n: int
+
+
+OPTION_NAMES = tuple(f.name for f in fields(GenerationOptions))
+assert set(GenerateKwargs.__annotations__) == set(OPTION_NAMES), "GenerateKwargs must list GenerationOptions' fields"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token of one sequence, with the text it completes (valid UTF-8, maybe '')."""
+
+    row: int  # the sequence's index in its call or request (prompt p, sample i: p * n + i)
+    index: int  # 0-based position among the sequence's new tokens (-1 for a failure before any token)
+    token_id: int
+    text: str
+    finish_reason: str | None  # set on the sequence's last step: "length" | "eos" | "stop" | "error" | "cancelled"
+    time: float  # seconds since the sequence was submitted
+    logprob: float | None = None  # log p(token) under the model, when logprobs is not None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None  # the `logprobs` most likely (id, log p), best first
+    error: Exception | None = None  # with finish_reason "error"
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """What generation returns for one sequence."""
+
+    text: str
+    token_ids: list[int]  # new tokens (an eos or stop token id that ended the row is included, its text is not)
+    prompt_tokens: int
+    finish_reason: str  # "length" | "eos" | "stop"
+    time_to_first_token: float  # seconds, prefill (and any wait for a KV row) included
+    decode_tokens_per_s: float  # tokens after the first / time after the first
+    logprobs: list[float] | None = None  # per new token, when logprobs is not None
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None  # per new token: the N most likely (id, log p)
+    prompt_logprobs: list[float | None] | None = None  # per context token (the first None), with prompt_logprobs
+    prompt_top_logprobs: list[tuple[tuple[int, float], ...] | None] | None = None
+
+    @classmethod
+    def from_steps(cls, steps: list[Step], prompt_tokens: int) -> "GenerationResult":
+        """The result of one sequence from its Steps (as a streaming caller sees them)."""
+        tokens = [s for s in steps if s.token_id >= 0]
+        ttft = tokens[0].time if tokens else 0.0
+        span = tokens[-1].time - tokens[0].time if tokens else 0.0
+        lps = bool(tokens and tokens[0].logprob is not None)
+        return cls(text="".join(s.text for s in steps), token_ids=[s.token_id for s in tokens],
+                   prompt_tokens=prompt_tokens, finish_reason=steps[-1].finish_reason if steps else "length",
+                   time_to_first_token=ttft, decode_tokens_per_s=(len(tokens) - 1) / span if span > 0 else 0.0,
+                   logprobs=[s.logprob for s in tokens] if lps else None,
+                   top_logprobs=[s.top_logprobs for s in tokens] if lps else None)
+
+
+@dataclass(eq=False)
+class Prefix:
+    """Token ids and their KV (a one-row cache), reusable by sequences whose context starts with them.
+
+    `model` is the weights digest of the model that computed it (another model refuses it). A
+    prefix-tuning adapter's prefix has `virtual` leading tokens with no real ids: they get ids below
+    zero, unique in the process, so they match only themselves.
+    """
+
+    token_ids: tuple[int, ...]
+    cache: KVCache
+    last_logits: np.ndarray | None = None  # (V,) logits after the last token, when computed by Engine.prefill
+    model: str = ""
+    virtual: int = 0
+    name: str = ""
+    ids: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ids = np.array(self.token_ids, np.int64)
+
+
+_virtual_next = [-1]
+
+
+def virtual_ids(n: int) -> tuple[int, ...]:
+    """n placeholder ids (< 0) for virtual tokens, never handed out twice in this process."""
+    start = _virtual_next[0]
+    _virtual_next[0] -= n
+    return tuple(range(start, start - n, -1))
+
+
+@dataclass(frozen=True)
+class Score:
+    """Log-probabilities of one continuation after its context."""
+
+    token_ids: list[int]  # the continuation's tokens
+    logprobs: list[float]  # log p of each of them, log_softmax of the fp32 logits
+    greedy: list[bool]  # whether each was the model's most likely token there
+
+    @property
+    def logprob(self) -> float:
+        """log p(continuation | context)."""
+        return float(sum(self.logprobs))
+
+    @property
+    def is_greedy(self) -> bool:
+        """Whether greedy decoding from the context produces the continuation."""
+        return all(self.greedy)
