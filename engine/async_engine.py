@@ -178,7 +178,7 @@ class AsyncEngine:
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                                  ("prefix_cache_mb", prefix_cache_mb, 0), ("buffer", buffer, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
-                raise InvalidInput(f"must be a number >= {low}, got {value!r}", name, lead=True)
+                raise InvalidInput(f"must be >= {low}, got {value!r}", name, lead=True)
         self.engine, self.max_queue, self.buffer = engine, max_queue, int(buffer)
         self.core = Core(engine.model, slots=int(max_batch), max_length=engine.config.n_positions,
                          prefix_cache_bytes=int(prefix_cache_mb * 2**20), pinned=list(prefixes))

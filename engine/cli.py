@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -22,15 +21,27 @@ MODEL_HELP = "exported folder, Hugging Face folder or Hub id (default: the bundl
 # the API's parameter names, as the flags that set them
 FLAGS = {"max_new_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--top-p", "temperature": "--temperature",
          "repetition_penalty": "--repetition-penalty", "seed": "--seed", "threads": "--threads",
-         "provider": "--provider", "quantize": "--quantize", "dtype": "--dtype", "window": "--window"}
+         "provider": "--provider", "quantize": "--quantize", "dtype": "--dtype", "window": "--window",
+         "n": "--samples", "stop": "--stop"}
 
 
 def _fail(e: Exception, flags: dict[str, str] = FLAGS) -> None:
-    """One clear line on stderr and exit code 2, with the API's names turned into flags (one pass)."""
-    msg = re.sub(r"\b(" + "|".join(flags) + r")\b", lambda m: flags[m.group(1)], str(e))
-    msg = re.sub(r"^n must be", "--samples must be", msg)
+    """One clear line on stderr and exit code 2; an InvalidInput names its option by the flag that sets it."""
+    named = getattr(e, "named", None)  # gpt2_onnx.errors.InvalidInput
+    msg = named(flags) if named is not None else str(e)
     err.print(f"[bold red]error:[/] {escape(msg)}")
     raise typer.Exit(2)
+
+
+def _check_model(model: Optional[str]) -> None:
+    """A mistyped local -m path is one line at once, before the server, Ray or the exporter is imported."""
+    from gpt2_onnx.config import check_model_spec
+
+    try:
+        if model is not None:
+            check_model_spec(model)
+    except ValueError as e:
+        _fail(e)
 
 
 def _version(value: bool) -> None:
@@ -51,9 +62,18 @@ def _load(model: Optional[str], provider: str, threads: Optional[int], *, dtype:
           quantize: Optional[str] = None):
     from gpt2_onnx import Engine
 
+    said: list[str] = []  # progress comes only from an export into the cache: its first message says so
+
+    def progress(message: str) -> None:
+        said.append(message)
+        status.update(escape(message))
+
     with err.status(f"preparing {escape(model or 'the bundled model')}") as status:
-        return Engine.load(model, provider=provider, threads=threads, dtype=dtype, quantize=quantize,
-                           progress=lambda m: status.update(escape(m)))
+        engine = Engine.load(model, provider=provider, threads=threads, dtype=dtype, quantize=quantize,
+                             progress=progress)
+    if said:
+        err.print(f"{escape(said[0])}: done")
+    return engine
 
 
 @app.command()
@@ -239,7 +259,7 @@ def bench(model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_
                 ttfts.append(rows[0].time_to_first_token)
                 rates.append(sum(r.decode_tokens_per_s for r in rows))
     except ValueError as e:
-        _fail(ValueError(str(e).replace("prompt of", "--prompt of").replace("max_new_tokens", "--new")))
+        _fail(e, {**FLAGS, "max_new_tokens": "--new"})
     res = {"model": model or "bundled", "provider": engine.provider, "batch": batch, "prompt_tokens": prompt_tokens,
            "new_tokens": new_tokens, "runs": runs, "ttft_ms": 1e3 * statistics.median(ttfts),
            "decode_tok_s": statistics.median(rates), "end_to_end_tok_s": batch * new_tokens / statistics.median(walls)}
@@ -286,6 +306,7 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
     if api_key is None and os.environ.get("GPT2_ONNX_API_KEY") == "":  # click reads an empty variable as unset
         _fail(ValueError("GPT2_ONNX_API_KEY is set but empty; set it to the key clients must send, or unset it "
                          "to serve without authentication"))
+    _check_model(model)
     if replicas is not None or config is not None or any(
             v is not None for v in (ray_address, min_replicas, max_replicas, target_ongoing_requests)):
         return _serve_on_ray(ctx, config)
@@ -390,6 +411,7 @@ def batch(input: Path = typer.Argument(..., help="JSONL: one {\"id\": ..., \"pro
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
+    _check_model(model)
     try:
         from gpt2_onnx import batch as job
     except ImportError as e:
@@ -442,8 +464,27 @@ def cache_clear(name: Optional[str] = typer.Argument(None, help="one export (see
     print(f"deleted {len(gone)} export(s)" + "".join(f"\n  {g}" for g in gone))
 
 
+def _closed_pipe() -> None:
+    """stdout's reader went away (`gpt2-onnx generate ... | head -2`): end quietly with exit code 0, as `yes | head`
+    does. stdout now writes to /dev/null, so the interpreter's last flush of what is still buffered is silent."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):
+        pass
+    raise SystemExit(0)
+
+
 def main() -> None:  # console-script entry point
-    app()
+    try:
+        app()
+    except BrokenPipeError:
+        _closed_pipe()
+    except SystemExit as e:  # click turns EPIPE into exit code 1, raised while handling the BrokenPipeError
+        if e.code == 1 and isinstance(e.__context__, BrokenPipeError):
+            _closed_pipe()
+        raise
 
 
 if __name__ == "__main__":

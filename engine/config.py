@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,29 @@ def check_readable(folder: Path) -> None:
     """A folder whose files cannot be listed or opened is named, not taken for one without them."""
     if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
         raise read_error(folder, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
+
+
+# A Hugging Face Hub repo id as huggingface_hub validates it: `name` or `owner/name`, word characters,
+# '-' and '.', starting and ending with a word character, no '--' or '..' (so never ./x, ../x, /x or ~/x)
+_HUB_PART = r"[A-Za-z0-9_](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+_HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}", re.ASCII)
+
+
+def is_hub_id(spec: str) -> bool:
+    """Whether `spec` can name a Hugging Face Hub repo (`gpt2`, `openai-community/gpt2`)."""
+    return bool(_HUB_ID.fullmatch(spec)) and "--" not in spec and ".." not in spec and not spec.endswith(".git")
+
+
+def check_model_spec(spec: str) -> None:
+    """A model spec that is neither an existing path nor a Hub id (`./nope`, `/x/y`, `~/m`, `a/b/c`, or
+    `dir/name` where `dir` is a local folder) is a missing local folder: a ValueError at once, before
+    anything is imported or downloaded for it."""
+    path = Path(spec).expanduser()
+    if path.exists() or is_hub_id(spec) and not ("/" in spec and Path(spec.split("/")[0]).is_dir()):
+        return  # an owner/name whose owner is a local folder is a path into that folder
+    where = "" if str(path.absolute()) == spec else f" ({path.absolute()})"
+    raise ValueError(f"{spec}: no such folder{where}; pass an exported folder, a Hugging Face checkpoint folder "
+                     "or a Hub id like 'gpt2'")
 
 
 def is_lfs_pointer(path: Path) -> bool:

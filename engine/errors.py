@@ -38,8 +38,8 @@ class ContextTooLong(InvalidInput):
         m = names.get("max_new_tokens", "max_new_tokens")
         head = f"{self.prefix} prefix tokens + " if self.prefix else ""
         total = self.prefix + self.prompt + self.max_new_tokens
-        return (f"{head}prompt of {self.prompt} tokens + {m} {self.max_new_tokens} exceeds the model's context of "
-                f"n_positions {self.n_positions} tokens ({total} > {self.n_positions}); shorten the prompt or lower {m}")
+        return (f"{head}prompt of {self.prompt} tokens + {m} {self.max_new_tokens} = {total} exceeds the model's "
+                f"context of n_positions {self.n_positions} tokens; shorten the prompt or lower {m}")
 
 
 class QueueFull(RuntimeError):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gpt2_onnx.errors import option_error
 from gpt2_onnx.sampling import log_softmax
 from gpt2_onnx.types import Score
 
@@ -88,7 +89,7 @@ def evaluate(engine: Engine, text: str, *, window: int | None = None,
         raise ValueError(f"the text has {len(ids)} token(s); evaluation needs at least 2")
     n = window or engine.config.n_positions
     if not 2 <= n <= engine.config.n_positions:
-        raise ValueError(f"window must be in 2..n_positions ({engine.config.n_positions}), got {n}")
+        raise option_error("window", f"must be in 2..n_positions ({engine.config.n_positions}), got {n}")
     starts = list(range(0, len(ids) - 1, n - 1))
     total, count, top1 = 0.0, 0, []
     for k, s in enumerate(starts):

@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from gpt2_onnx import config as C
+from gpt2_onnx.errors import option_error
 from gpt2_onnx.kv_cache import KVCache
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -20,7 +21,7 @@ def resolve_provider(provider: str) -> str:
     if provider == "auto":
         return "cuda" if PROVIDERS["cuda"] in available else "cpu"
     if provider not in PROVIDERS:
-        raise ValueError(f"provider must be 'auto', 'cpu' or 'cuda', got {provider!r}")
+        raise option_error("provider", f"must be 'auto', 'cpu' or 'cuda', got {provider!r}")
     if PROVIDERS[provider] not in available:
         raise ValueError(
             f"provider {provider!r} asked for, but onnxruntime {ort.__version__} offers only {available}. "
@@ -64,7 +65,7 @@ class Model:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
+                raise option_error("threads", f"must be >= 1, got {threads}")
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         # Without this the CPU arena kept ~26 KB per decode step (124M shape: +12.9 MB over 500 steps,

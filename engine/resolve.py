@@ -32,6 +32,7 @@ def resolve(model: str | Path | None = None, *, dtype: str = "float32", quantize
     spec = str(bundled() if model is None else model)
     path = Path(spec).expanduser()
     C.check_readable(path)
+    C.check_model_spec(spec)  # a mistyped local path fails here, before the exporter is imported
     if (path / C.MANIFEST_NAME).is_file():
         if dtype != "float32" or quantize or adapter:
             raise ValueError(f"{path} is already exported; dtype, quantize and adapter apply to checkpoints "
@@ -48,6 +49,7 @@ def resolve(model: str | Path | None = None, *, dtype: str = "float32", quantize
 def export(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
            adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
     """Export a checkpoint (Hugging Face folder or Hub id, with a PEFT adapter merged) into the folder `out`."""
+    C.check_model_spec(str(model))  # before the exporter is imported
     from gpt2_onnx.export.exporter import export_model  # the exporter, only now
 
     return export_model(model, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)

@@ -136,6 +136,10 @@ def resolve_model(spec: str, *, dtype: str = "float32", quantize: str | None = N
             return out  # another process exported it while we waited
         for orphan in temp_folders(root, out.name):  # left by a killed export: nobody else holds the lock
             shutil.rmtree(orphan, ignore_errors=True)
+        # the first run of a checkpoint takes seconds: say why, once, before the exporter is imported
+        what = spec if adapter is None else f"{spec} with the adapter {adapter}"
+        if progress is not None:
+            progress(f"exporting {what} once into the cache ({root})")
         from gpt2_onnx.export.exporter import export_model  # onnx and the rest, only to export
 
         return export_model(spec, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)

@@ -35,8 +35,7 @@ def resolve(model: str) -> tuple[Path, str]:
         return path.resolve(), str(path.resolve())
     if path.exists():
         raise ValueError(f"{model} is a file; pass the checkpoint folder that holds config.json")
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise ValueError(f"{model}: no such folder (and it is not a Hugging Face Hub id like 'gpt2')")
+    C.check_model_spec(model)  # a path that does not exist and is no Hub id is never sent to the Hub
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:  # pragma: no cover - a dependency of the package

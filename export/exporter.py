@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_onnx import config as C
+from gpt2_onnx.errors import option_error
 from gpt2_onnx.export import EXPORTER_VERSION, checkpoint
 from gpt2_onnx.export.graph import build, build_kv_copy
 
@@ -214,9 +215,9 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     """
     say = progress or (lambda msg: None)
     if dtype not in ("float32", "float16"):
-        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
+        raise option_error("dtype", f"must be float32 or float16, got {dtype!r}")
     if quantize not in (None, "int8", "int4"):
-        raise ValueError(f"quantize must be int8 or int4, got {quantize!r}")
+        raise option_error("quantize", f"must be int8 or int4, got {quantize!r}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")

@@ -34,11 +34,13 @@ def test_generate_from_checkpoint_exports_once_into_cache(tiny, tmp_path):
     env = {"GPT2_ONNX_CACHE": str(tmp_path / "cache")}
     r1 = cli("generate", "-m", ck, "hello", "-n", "4", env_extra=env)
     assert r1.returncode == 0, r1.stderr
+    assert f"exporting {ck} once into the cache ({tmp_path / 'cache'}): done\n" in r1.stderr  # says why it waited
     exports = list((tmp_path / "cache").iterdir())
     assert len(exports) == 1 and (exports[0] / "manifest.json").is_file()
     mtime = (exports[0] / "model.onnx").stat().st_mtime_ns
     r2 = cli("generate", "-m", ck, "hello", "-n", "4", env_extra=env)
     assert r2.stdout == r1.stdout
+    assert "exporting" not in r2.stderr, r2.stderr
     assert (exports[0] / "model.onnx").stat().st_mtime_ns == mtime  # reused, not re-exported
 
 
@@ -133,3 +135,67 @@ def test_bench_bad_options_exit_2_with_a_message(tiny, args, message):
     _, _, _, onnx_dir = tiny
     r = cli("bench", "-m", onnx_dir, *args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_python_dash_m_gpt2_onnx_is_the_cli():
+    from gpt2_onnx import __version__
+
+    r = subprocess.run([sys.executable, "-m", "gpt2_onnx", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"gpt2-onnx {__version__}\n"
+
+
+def test_a_closed_stdout_pipe_ends_quietly_with_exit_0(tiny):
+    """`gpt2-onnx generate ... --stream | head -2`: the reader leaves early, as `yes | head` lets it."""
+    import fcntl
+
+    _, _, _, onnx_dir = tiny
+    read_end, write_end = os.pipe()
+    if hasattr(fcntl, "F_SETPIPE_SZ"):  # a small pipe: the CLI is still writing when the reader leaves
+        fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
+    args = ["generate", "-m", onnx_dir, "a\nb\nc\n", "-n", "100", "--samples", "64", "--temperature", "1",
+            "--seed", "0", "--stream"]  # ~15 KB of output, more than the pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "gpt2_onnx.cli", *map(str, args)], stdout=write_end,
+                            stderr=subprocess.PIPE)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as out:  # head -2
+        lines = [out.readline(), out.readline()]
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, stderr
+    assert lines == [b"--- sample 0 ---\n", b"a\n"]
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+PROBE = """import sys
+from gpt2_onnx.cli import main
+sys.argv = ["gpt2-onnx", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as e:
+    print(e.code, sorted(m for m in ("onnx", "safetensors", "huggingface_hub") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("spec", ["./nope", "../no/such", "~/no-such-model-folder", "{tmp}/missing", "no/such/model",
+                                  "models/missing"])
+@pytest.mark.parametrize("command", ["generate -m {spec} hi", "info {spec}", "export {spec} -o out", "serve -m {spec}",
+                                     "batch in.jsonl -o out.jsonl -m {spec}"])
+def test_a_mistyped_local_model_path_fails_at_once_without_the_exporter(tmp_path, spec, command):
+    (tmp_path / "models").mkdir()  # models/missing: a folder of this name is here, so it is a path, not a Hub id
+    spec = spec.format(tmp=tmp_path)
+    args = command.format(spec="SPEC").split()
+    r = subprocess.run([sys.executable, "-c", PROBE, *[spec if a == "SPEC" else a for a in args]], capture_output=True,
+                       text=True, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120)
+    assert r.stdout.splitlines()[-1] == "2 []", r.stdout + r.stderr  # exit 2, nothing of the exporter imported
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{spec}: no such folder" in lines[0] and "Hub id like 'gpt2'" in lines[0], r.stderr
+
+
+def test_hub_ids_are_still_hub_ids():
+    from gpt2_onnx.config import check_model_spec, is_hub_id
+
+    for spec in ("gpt2", "distilgpt2", "openai-community/gpt2", "org/name", "sshleifer/tiny-gpt2", "a.b_c-d/e.f"):
+        assert is_hub_id(spec), spec
+        check_model_spec(spec)  # not a local path: tried on the Hub, as before
+    for spec in ("./gpt2", "../gpt2", "/gpt2", "~/gpt2", "a/b/c", ".gpt2", "a--b", "a..b", "org/", "my model"):
+        assert not is_hub_id(spec), spec

@@ -153,7 +153,7 @@ def test_prompt_logprobs_after_skipped_tokens_are_those_of_the_whole_context():
     exactly what scoring the whole context gives."""
     from types import SimpleNamespace
 
-    from gpt2_onnx.core import Sequence as Seq
+    from gpt2_onnx.sequence import Sequence as Seq
 
     rng = np.random.default_rng(0)
     ids, logits = rng.integers(0, 50, 100).tolist(), rng.standard_normal((100, 50)).astype(np.float32)

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from gpt2_onnx.async_engine import AsyncEngine
+from gpt2_onnx.errors import InvalidInput
 from gpt2_onnx.server import completions
 from gpt2_onnx.server.completions import Completion, Served
 from gpt2_onnx.server.errors import ERRORS, MAX_BODY, ApiError, validation_error
@@ -134,7 +135,8 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
     for a prefix-tuning adapter), chosen per request by its "model" field, as vLLM selects adapters.
     """
     if api_key == "":
-        raise ValueError("api_key is empty: pass a non-empty key, or none to serve without authentication")
+        raise InvalidInput("is empty: pass a non-empty key, or none to serve without authentication", "api_key",
+                           lead=True)
     prefixes = dict(prefixes or {})
     if isinstance(engine, AsyncEngine):
         llm = engine
