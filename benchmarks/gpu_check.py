@@ -173,7 +173,7 @@ def server_core(engine, vocab: int, smoke: bool = False) -> dict:
     while core.busy:
         core.step()
     wall = time.perf_counter() - t
-    greedy = [s for s in seqs if s.sampling.greedy]
+    greedy = [s for s in seqs if s.options.greedy]
     same = all(s.tokens == engine.generate(s.context, max_new_tokens=s.options.max_new_tokens,
                                            ignore_eos=True).token_ids for s in greedy[:8])
     return {"sequences": len(seqs), "tok_s": sum(len(s.tokens) for s in seqs) / wall, "steps": core.steps,
