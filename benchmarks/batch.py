@@ -3,7 +3,7 @@
     python -m benchmarks.batch [--rows 800] [--max-tokens 64] [--batch-size 64] [--name batch]
 
 The same rows (greedy, 4-token prompts of distinct ids, the bundled model) through BatchWorker in this
-process and through gpt2_onnx.distributed.run_batch on a local Ray instance (2 CPUs, loopback), timed
+process and through gpt2_onnx.distributed.data.run_batch on a local Ray instance (2 CPUs, loopback), timed
 from the start (model load and Ray's start included) to each batch's arrival in the driver. Reports
 the time to the first batch, the completion tokens/s from the time every engine has answered a batch
 (the steady state) and overall; the answers of both must be the same.
@@ -54,7 +54,7 @@ def main() -> None:
                 on_rows([str(r) for r in w({"row": np.array(rows[s : s + args.batch_size], dtype=object)})["row"]])
             w.close()
         else:
-            from gpt2_onnx.distributed import run_batch
+            from gpt2_onnx.distributed.data import run_batch
 
             run_batch(rows, on_rows, worker=dict(model=None, provider="cpu", threads=1, max_batch=16,
                                                  prefix_cache_mb=512), replicas=2, address=None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -57,8 +58,21 @@ class Request:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._unread = [0] * len(sequences)
         self._open = len(sequences)  # sequences whose last Step has not been read yet
+        ref = weakref.ref(self)  # the core holds the sequences, not the request: a dropped request is collected
+
+        def on_step(step: Step) -> None:
+            request = ref()
+            if request is not None:
+                request._on_step(step)
+
         for s in sequences:
-            s.on_step = self._on_step
+            s.on_step = on_step
+
+    def __del__(self) -> None:  # dropped before its end: its rows go back (no lock of the core is taken here)
+        if getattr(self, "_open", 0):
+            for s in self.sequences:
+                s.cancelled, s.held = True, False
+            self.engine._wake()
 
     @property
     def done(self) -> bool:
@@ -182,7 +196,7 @@ class AsyncEngine:
         self.engine, self.max_queue, self.buffer = engine, max_queue, int(buffer)
         self.core = Core(engine.model, slots=int(max_batch), max_length=engine.config.n_positions,
                          prefix_cache_bytes=int(prefix_cache_mb * 2**20), pinned=list(prefixes))
-        self.cond = threading.Condition()
+        self.cond = threading.Condition(threading.RLock())
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="gpt2-onnx-core", daemon=True)
         self.thread.start()
@@ -257,7 +271,7 @@ class AsyncEngine:
 
     # ---- the step thread -----------------------------------------------------------------------
     def _wake(self) -> None:
-        with self.cond:
+        with self.cond:  # reentrant: safe from a request's __del__ in any thread
             self.cond.notify()
 
     def _cancel(self, seqs: list[Seq]) -> None:

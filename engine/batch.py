@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from gpt2_onnx.errors import option_error
+
 MAX_QUEUE = 1 << 20  # a batch's sequences all wait in the core's queue: no 429 inside a job
 
 
@@ -258,13 +260,12 @@ class BatchWorker:
 def prepare(input_path: Path, output_path: Path, *, batch_size: int = 64, max_batch: int = 16,
             replicas: int | None = None, ray_address: str | None = None) -> Job:
     """Check the options and INPUT, cut a torn last line off OUTPUT: what is left to do. ValueError if bad."""
-    for name, value in (("batch_size", batch_size), ("max_batch", max_batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    if replicas is not None and (isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1):
-        raise ValueError(f"replicas must be an integer >= 1, got {replicas!r}")
+    for name, value in (("batch_size", batch_size), ("max_batch", max_batch), ("replicas", replicas)):
+        if (value is not None or name != "replicas") and (isinstance(value, bool) or not isinstance(value, int)
+                                                         or value < 1):
+            raise option_error(name, f"must be an integer >= 1, got {value!r}")
     if ray_address is not None and replicas is None:
-        raise ValueError("ray_address needs replicas: pass the number of Ray Data actors")
+        raise option_error("ray_address", "needs replicas: pass the number of Ray Data actors")
     if Path(output_path).resolve() == Path(input_path).resolve():
         raise ValueError("OUTPUT is INPUT: write to another file (-o)")
     return plan(Path(input_path), Path(output_path))

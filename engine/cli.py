@@ -300,29 +300,42 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
                                                                              "to aim for (default: max-batch / 2)"),
           config: Optional[Path] = typer.Option(None, help="YAML/JSON file of Ray serving options (the names of "
                                                            "these flags with underscores); flags override it")):
-    """Serve an OpenAI-compatible /v1/completions API with continuous batching."""
-    if not 1 <= port <= 65535:
-        _fail(ValueError(f"--port must be a TCP port 1..65535, got {port}"))
+    """Serve an OpenAI-compatible /v1/completions API with continuous batching (on Ray Serve with --replicas)."""
     if api_key is None and os.environ.get("GPT2_ONNX_API_KEY") == "":  # click reads an empty variable as unset
         _fail(ValueError("GPT2_ONNX_API_KEY is set but empty; set it to the key clients must send, or unset it "
                          "to serve without authentication"))
-    _check_model(model)
-    if replicas is not None or config is not None or any(
-            v is not None for v in (ray_address, min_replicas, max_replicas, target_ongoing_requests)):
-        return _serve_on_ray(ctx, config)
+    from gpt2_onnx.server.options import ServeOptions
+
+    given = {k: v for k, v in ctx.params.items() if k != "config"
+             and getattr(ctx.get_parameter_source(k), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
+    try:
+        if "prefix_adapter" in given:
+            given["prefix_adapters"] = _adapter_specs(given.pop("prefix_adapter"))
+        options = ServeOptions.resolve(config, given)  # defaults < --config file < flags
+    except ValueError as e:
+        _serve_fail(e)
+    _check_model(options.model)
+    if config is not None or given.keys() & {"replicas", "ray_address", "min_replicas", "max_replicas",
+                                              "target_ongoing_requests"}:
+        _need_ray("serve --replicas")
+        from gpt2_onnx.distributed import serve_forever
+
+        try:
+            return serve_forever(options, address=options.ray_address, host=options.host, port=options.port,
+                                 on_ready=lambda m: err.print(escape(m)))
+        except ValueError as e:
+            _serve_fail(e)
     try:
         from gpt2_onnx.server import create_app, serve as run_server
     except ImportError as e:
         _fail(ValueError(f"the server needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
     try:
-        engine = _load(model, provider, threads)
-        prefixes = {name: engine.load_prefix(folder) for name, folder in _adapter_specs(prefix_adapter).items()}
-        app_ = create_app(engine, model_id=served_model_name, api_key=api_key, max_batch=max_batch,
-                          max_queue=max_queue, prefix_cache_mb=prefix_cache_mb, prefixes=prefixes)
+        app_ = create_app(options.served(_load(options.model, options.provider, options.threads)),
+                          api_key=options.api_key)
     except ValueError as e:
-        _fail(e, {**FLAGS, **SERVE_FLAGS})
-    err.print(f"serving {escape(app_.state.model_id)} on http://{host}:{port}/v1")
-    run_server(app_, host=host, port=port, grace=grace_period)
+        _serve_fail(e)
+    err.print(f"serving {escape(app_.state.model_id)} on http://{options.host}:{options.port}/v1")
+    run_server(app_, host=options.host, port=options.port, grace=options.grace_period)
 
 
 def _adapter_specs(specs: list[str] | None) -> dict[str, str]:
@@ -336,20 +349,17 @@ def _adapter_specs(specs: list[str] | None) -> dict[str, str]:
     return out
 
 
-# ---- Ray: serve --replicas and batch --------------------------------------------------------------
-SERVE_FLAGS = {"max_batch": "--max-batch", "max_queue": "--max-queue", "prefix_cache_mb": "--prefix-cache-mb",
-               "api_key": "--api-key"}
-RAY_FLAGS = {"model": "-m/--model", "provider": "--provider", "threads": "--threads",
-             "served_model_name": "--served-model-name", "api_key": "--api-key", "max_batch": "--max-batch",
-             "max_queue": "--max-queue", "prefix_cache_mb": "--prefix-cache-mb", "prefix_adapters": "--prefix-adapter",
-             "grace_period": "--grace-period", "replicas": "--replicas", "min_replicas": "--min-replicas",
-             "max_replicas": "--max-replicas", "target_ongoing_requests": "--target-ongoing-requests",
-             "ray_address": "--ray-address", "batch_size": "--batch-size"}
+# the serving and batch options' names, as the flags that set them
+SERVE_FLAGS = {**FLAGS, "model": "-m/--model", "served_model_name": "--served-model-name", "api_key": "--api-key",
+               "max_batch": "--max-batch", "max_queue": "--max-queue", "prefix_cache_mb": "--prefix-cache-mb",
+               "prefix_adapters": "--prefix-adapter", "grace_period": "--grace-period", "host": "--host",
+               "port": "--port", "replicas": "--replicas", "min_replicas": "--min-replicas",
+               "max_replicas": "--max-replicas", "target_ongoing_requests": "--target-ongoing-requests",
+               "ray_address": "--ray-address", "batch_size": "--batch-size"}
 
 
-def _ray_fail(e: Exception) -> None:
-    """_fail with the Ray serving options' names as their flags too."""
-    _fail(e, {**FLAGS, **RAY_FLAGS})
+def _serve_fail(e: Exception) -> None:
+    _fail(e, SERVE_FLAGS)
 
 
 def _need_ray(what: str) -> None:
@@ -358,37 +368,6 @@ def _need_ray(what: str) -> None:
         import ray.serve  # noqa: F401
     except ImportError:
         _fail(ValueError(f"{what} needs Ray: pip install 'gpt2-onnx[ray]'"))
-
-
-def _serve_on_ray(ctx: typer.Context, config: Optional[Path]) -> None:
-    """serve --replicas N: the same app on Ray Serve. Options: defaults < --config file < flags given."""
-    _need_ray("serve --replicas")
-    from gpt2_onnx.distributed import ServeOptions, load_config, serve_forever
-
-    p = ctx.params
-    try:
-        args = load_config(config) if config is not None else {}
-        address = args.pop("ray_address", None)
-        host, port = args.pop("host", p["host"]), args.pop("port", p["port"])
-        given = {k for k in p if getattr(ctx.get_parameter_source(k), "name", "") in ("COMMANDLINE", "ENVIRONMENT")}
-        for name in ("model", "provider", "threads", "served_model_name", "api_key", "max_batch", "max_queue",
-                     "prefix_cache_mb", "grace_period", "replicas", "min_replicas", "max_replicas",
-                     "target_ongoing_requests"):
-            if name in given:
-                args[name] = p[name]
-        if "prefix_adapter" in given:
-            args["prefix_adapters"] = _adapter_specs(p["prefix_adapter"])
-        if "ray_address" in given:
-            address = p["ray_address"]
-        if "host" in given or "port" in given:
-            host, port = p["host"], p["port"]
-        options = ServeOptions.from_args(args)
-    except ValueError as e:
-        _ray_fail(e)
-    try:
-        serve_forever(options, address=address, host=host, port=port, on_ready=lambda m: err.print(escape(m)))
-    except ValueError as e:
-        _ray_fail(e)
 
 
 @app.command()
@@ -422,7 +401,7 @@ def batch(input: Path = typer.Argument(..., help="JSONL: one {\"id\": ..., \"pro
     try:
         todo = job.prepare(input, output, **options)
     except ValueError as e:
-        _ray_fail(e)
+        _serve_fail(e)
     note = ", cut a torn last line" if todo.dropped_torn_line else ""
     err.print(f"{todo.total} rows in {escape(str(input))}: {len(todo.done)} already in {escape(str(output))}{note}, "
               f"{len(todo.pending)} to do")
@@ -435,7 +414,7 @@ def batch(input: Path = typer.Argument(..., help="JSONL: one {\"id\": ..., \"pro
                               prefix_cache_mb=prefix_cache_mb, progress=lambda k, n: bar.update(task, completed=k),
                               **options)
     except ValueError as e:
-        _ray_fail(e)
+        _serve_fail(e)
     err.print(f"wrote {out.written} rows ({out.errors} with an error status) to {escape(str(output))}")
 
 

@@ -139,6 +139,22 @@ def test_async_iteration_stopped_early_cancels_the_request(tiny):
     llm.shutdown()
 
 
+def test_a_dropped_request_gives_its_rows_back(tiny):
+    import gc
+
+    _, engine, _, _ = tiny
+    llm = AsyncEngine(engine, max_batch=2, buffer=2)
+    request = llm.submit([[1], [2]], GenerationOptions(max_new_tokens=100, ignore_eos=True))
+    wait_until(lambda: all(s.held for s in request.sequences))  # nobody reads: both rows held
+    seqs = request.sequences
+    del request
+    gc.collect()
+    wait_until(lambda: llm.stats()["active"] == 0)
+    assert [s.finish_reason for s in seqs] == ["cancelled"] * 2
+    assert len(llm.submit([3], GenerationOptions(max_new_tokens=4)).result()[0].token_ids) == 4
+    llm.shutdown()
+
+
 def test_typed_errors(tiny):
     _, engine, _, _ = tiny
     llm = AsyncEngine(engine, max_batch=1, max_queue=1, buffer=1)

@@ -102,7 +102,7 @@ def test_prompt_from_stdin(tiny):
     (["generate", "-m", "{onnx}", "x", "--samples", "0"], "--samples must be an integer >= 1"),
     (["generate", "-m", "{missing}", "x"], "no such folder"),
     (["info", "{missing}"], "no such folder"),
-    (["serve", "-m", "{onnx}", "--max-batch", "0"], "--max-batch must be >= 1"),
+    (["serve", "-m", "{onnx}", "--max-batch", "0"], "--max-batch must be an integer >= 1"),
     (["serve", "-m", "{onnx}", "--api-key", ""], "--api-key is empty"),
     (["generate", "-m", "{onnx}", "x", "--provider", "cuda"], "provider 'cuda' asked for"),
 ])

@@ -1,6 +1,7 @@
 """Ray: `gpt2-onnx serve --replicas 2` on Ray Serve and `gpt2-onnx batch --replicas 2` on Ray Data, on one
 local Ray instance of 2 CPUs for the module (loopback only, shut down at the end), plus the ingress's
-failure handling against a scripted handle, the options, and the KubeRay manifest. Bounded in time."""
+failure handling against a scripted handle, a replica's answers against the single-process server's
+(without Ray), the options, and the KubeRay manifest. Bounded in time."""
 
 from __future__ import annotations
 
@@ -57,10 +58,11 @@ class Script:
 
 class Calls:
     def __init__(self, *scripts):
-        self.scripts, self.sent = list(scripts), 0
+        self.scripts, self.sent, self.requests = list(scripts), 0, []
 
-    def remote(self, scope, body):
+    def remote(self, request):
         self.sent += 1
+        self.requests.append(request)
         return self.scripts.pop(0)
 
 
@@ -145,6 +147,168 @@ def test_backpressure_is_an_openai_429():
     status, headers, body = status_and_body(sent)
     assert status == 429 and headers[b"retry-after"] == b"1"
     assert json.loads(body)["error"]["type"] == "rate_limit_error" and "7 requests" in json.loads(body)["error"]["message"]
+
+
+def test_the_ingress_forwards_the_request_and_answers_a_body_over_1_mib_itself():
+    from prometheus_client import CollectorRegistry
+
+    calls, sent = Calls(Script(accepted(), response())), []
+    fwd = Forwarder(calls, max_queue=7, registry=CollectorRegistry())
+
+    async def send(m):
+        sent.append(m)
+
+    def receive(body):
+        chunks = [body[i : i + 65536] for i in range(0, len(body), 65536)]
+        messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+        async def next_message():
+            return messages.pop(0)
+
+        return next_message
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+             "headers": [(b"Authorization", b"Bearer k"), (b"content-type", b"application/json"), (b"cookie", b"c")]}
+    asyncio.run(fwd.http(scope, receive(b'{"prompt": "x"}'), send))
+    assert calls.requests == [{"method": "POST", "path": "/v1/completions", "body": b'{"prompt": "x"}',
+                               "headers": {"authorization": "Bearer k", "content-type": "application/json"}}]
+    sent.clear()
+    asyncio.run(fwd.http(scope, receive(b"{" + b" " * (1 << 20) + b"}"), send))
+    status, _, body = status_and_body(sent)
+    assert (status, calls.sent) == (413, 1) and json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert fwd.requests.labels("413")._value.get() == 1
+
+
+# ---- a replica's answers are the single-process server's (its Api behind the ingress's Forwarder, no Ray) ---
+class Local:
+    """The replicas' streaming handle, in this process: each call is Replica.handle's, over one Api."""
+
+    def __init__(self, api):
+        self.api = api
+
+    def remote(self, request):
+        api = self.api
+
+        class Call:
+            async def _run(self):
+                yield accepted("local")
+                async for batch in api.handle(request):
+                    yield batch
+
+            def __aiter__(self):
+                return self._run()
+
+            def cancel(self):
+                pass  # the ingress's task is cancelled: so is this iteration, in the same task
+
+        return Call()
+
+
+def _scrub(x):
+    """An answer without what differs from one server to another (ids, creation times)."""
+    if isinstance(x, dict):
+        return {k: _scrub(v) for k, v in x.items() if k not in ("id", "created")}
+    return [_scrub(v) for v in x] if isinstance(x, list) else x
+
+
+def _answer(url: str, method: str, path: str, headers: dict, body) -> tuple:
+    content = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+    r = httpx.request(method, url + path, headers=headers, content=content, timeout=60)
+    kind = r.headers.get("content-type", "")
+    if kind.startswith("text/event-stream"):
+        got = [e.removeprefix("data: ") for e in r.text.split("\n\n") if e]
+        got = [e if e == "[DONE]" else json.loads(e) for e in got]
+    else:
+        got = r.json() if kind.startswith("application/json") else r.text
+    return r.status_code, kind, r.headers.get("retry-after"), _scrub(got)
+
+
+JSON = {"content-type": "application/json"}
+ASKS = [  # (method, path, headers, body): every route, and each way create_app refuses a request
+    ("GET", "/v1/models", {}, None), ("GET", "/v1/models", AUTH, None), ("GET", "/tokenizer_info", AUTH, None),
+    ("POST", "/tokenize", {**JSON, **AUTH}, {"prompt": "ROMEO: <|endoftext|>"}),
+    ("POST", "/detokenize", {**JSON, **AUTH}, {"tokens": [1, 2, 3]}),
+    ("POST", "/detokenize", {**JSON, **AUTH}, {"tokens": [1, 10**9]}),
+    ("POST", "/v1/completions", JSON, {"prompt": "x"}),
+    ("POST", "/v1/completions", {**JSON, "authorization": "Bearer wrong"}, {"prompt": "x"}),
+    ("POST", "/v1/completions", JSON, b'{"prompt": '),  # not JSON, and no key: fastapi reads the body first
+    ("POST", "/v1/completions", {**JSON, **AUTH}, {"prompt": "x", "max_tokens": -1}),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, {"prompt": "x", "bogus": 1}),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, {"prompt": "x", "model": "other"}),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, {"prompt": "x" * 3000, "max_tokens": 10}),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, [1, 2]),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, b"\xff\xfe"),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, b""),
+    ("POST", "/v1/completions", AUTH, b'{"prompt": "x"}'),  # no content type
+    ("POST", "/v1/completions", {**AUTH, "content-type": "text/plain"}, b'{"prompt": "x"}'),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, b"{" + b" " * (1 << 20) + b"}"),
+    ("GET", "/nowhere", {}, None), ("GET", "/v1/completions", AUTH, None), ("POST", "/v1/models", AUTH, None),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, {"prompt": ["ROMEO:", [1, 2, 3]], "max_tokens": 8, "temperature": 0,
+                                                  "n": 2, "logprobs": 2, "echo": True}),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, {"prompt": "JULIET:", "max_tokens": 6, "temperature": 0,
+                                                  "stop": ["e"], "model": "tiny-shakespeare"}),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, {"prompt": "JULIET:", "max_tokens": 8, "temperature": 0.8,
+                                                  "seed": 3, "stream": True, "logprobs": 1,
+                                                  "stream_options": {"include_usage": True}}),
+]
+
+
+def test_a_replica_answers_every_route_as_the_single_process_server(bundled_onnx):
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gpt2_onnx import AsyncEngine
+    from gpt2_onnx.distributed import Replica
+    from gpt2_onnx.distributed.api import Api
+    from gpt2_onnx.server.app import router
+    from gpt2_onnx.server.completions import Served as Answering
+
+    llm = AsyncEngine(Engine.load(bundled_onnx, provider="cpu", threads=1), max_batch=4)
+    api = Api(Answering(llm, "tiny-shakespeare"), api_key=KEY)
+    assert {r.endpoint for r in router.routes if r.path not in ("/health", "/metrics")} == set(api.calls)
+    fwd = Forwarder(Local(api), max_queue=7, registry=CollectorRegistry())
+
+    async def ingress(scope, receive, send):
+        if scope["type"] == "http":
+            await fwd.http(scope, receive, send)
+
+    on_replica = Server(ingress)
+    alone = Server(create_app(Engine.load(bundled_onnx, provider="cpu", threads=1), api_key=KEY, max_batch=4))
+    try:
+        for method, path, headers, body in ASKS:
+            want, got = (_answer(url, method, path, headers, body) for url in (alone.url, on_replica.url))
+            if want[0] == 413:  # the ingress's own answer: OpenAI's JSON error, as the README says of every error
+                want = (413, "application/json", None, {"error": {
+                    "message": "request body of more than 1048576 bytes", "type": "invalid_request_error",
+                    "param": None, "code": None}})
+            assert got == want, (method, path, body)
+        r = httpx.get(on_replica.url + "/v1/models", headers=AUTH, timeout=30)
+        assert r.headers[REPLICA_HEADER.decode()] == "local"
+        single = httpx.get(alone.url + "/metrics", timeout=30).text
+    finally:
+        on_replica.stop()
+        alone.stop()
+
+    def requests_by_status(text):
+        return {s.labels["status"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "gpt2onnx_requests_total"}
+
+    counted = requests_by_status(api.metrics.render().decode())
+    assert counted == {k: v for k, v in requests_by_status(single).items() if k != "413"}  # 413: the ingress's
+    replica = Replica.__new__(Replica)  # its health check: the AsyncEngine's step thread
+    replica.served, replica.closed = api.served, True
+    replica.check_health()
+    llm.shutdown(timeout=5)
+    with pytest.raises(RuntimeError, match="generation thread"):
+        replica.check_health()
+
+
+def test_the_package_imports_without_ray_and_batch_does_not_import_it():
+    code = ("import sys, gpt2_onnx.batch; assert 'gpt2_onnx.distributed' not in sys.modules\n"
+            "import gpt2_onnx.distributed; assert not {'ray', 'fastapi'} & set(sys.modules), sorted(sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not (ROOT / "engine" / "server" / "asgi.py").exists()
 
 
 # ---- options, CLI flags, and the KubeRay manifest (no Ray instance) ---------------------------------------
@@ -382,7 +546,7 @@ def test_health_and_api_key_behave_as_in_the_single_process_server(served):
     r = httpx.post(served.url + "/v1/completions", json={"prompt": "x", "max_tokens": -1}, headers=AUTH, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     r = httpx.post(served.url + "/v1/completions", content=b"{" + b" " * (1 << 20) + b"}", headers=AUTH, timeout=30)
-    assert r.status_code == 413  # create_app's body limit (1 MiB), through the ingress
+    assert r.status_code == 413 and r.json()["error"]["type"] == "invalid_request_error"  # 1 MiB: the ingress's
     import openai
 
     client = openai.OpenAI(base_url=served.url + "/v1", api_key=KEY, max_retries=0)

@@ -128,7 +128,7 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
                max_queue: int = 256, shutdown_timeout: float = 10.0, prefix_cache_mb: float = 512,
                prefixes: dict[str, Prefix] | None = None) -> FastAPI:
     """The FastAPI app serving an Engine (behind a new AsyncEngine of max_batch rows, max_queue waiting
-    sequences and an automatic prefix cache) or an AsyncEngine as it is.
+    sequences and an automatic prefix cache), an AsyncEngine as it is, or a Served (ServeOptions.served).
 
     model_id defaults to the model's name from its manifest (a Hub id as given, a folder's name).
     prefixes: more served models, each the engine after a Prefix (e.g. `engine.load_prefix(peft_dir)`
@@ -137,15 +137,19 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
     if api_key == "":
         raise InvalidInput("is empty: pass a non-empty key, or none to serve without authentication", "api_key",
                            lead=True)
-    prefixes = dict(prefixes or {})
-    if isinstance(engine, AsyncEngine):
-        llm = engine
-        for p in prefixes.values():
-            llm.pin(p)
+    if isinstance(engine, Served):
+        served_ = engine
     else:
-        llm = AsyncEngine(engine, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
-                          prefixes=list(prefixes.values()))
-    served_ = Served(llm, model_id or llm.engine.config.name or llm.engine.folder.name, prefixes)
+        prefixes = dict(prefixes or {})
+        if isinstance(engine, AsyncEngine):
+            llm = engine
+            for p in prefixes.values():
+                llm.pin(p)
+        else:
+            llm = AsyncEngine(engine, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
+                              prefixes=list(prefixes.values()))
+        served_ = Served(llm, model_id or llm.engine.config.name or llm.engine.folder.name, prefixes)
+    llm = served_.llm
 
     @asynccontextmanager
     async def lifespan(app):
