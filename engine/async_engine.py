@@ -21,6 +21,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from gpt2_onnx.core import Core
 from gpt2_onnx.errors import Cancelled, InvalidInput, QueueFull, ShuttingDown
 from gpt2_onnx.types import GenerationOptions, GenerationResult, Prefix, Step
@@ -33,7 +35,10 @@ if TYPE_CHECKING:
 def as_prompts(prompt_or_prompts) -> list:
     """A prompt (text, or a list of token ids) or a list of prompts, as a list of prompts."""
     p = prompt_or_prompts
-    if isinstance(p, str) or (isinstance(p, Sequence) and len(p) and not isinstance(p[0], (str, Sequence))):
+    if isinstance(p, np.ndarray):
+        return [p] if p.ndim == 1 else list(p)
+    if isinstance(p, str) or (isinstance(p, Sequence) and len(p) and not isinstance(p[0], (str, Sequence,
+                                                                                          np.ndarray))):
         return [p]
     return p
 
@@ -68,11 +73,10 @@ class Request:
         for s in sequences:
             s.on_step = on_step
 
-    def __del__(self) -> None:  # dropped before its end: its rows go back (no lock of the core is taken here)
-        if getattr(self, "_open", 0):
+    def __del__(self) -> None:  # dropped before its end: its rows go back within a poll of the step thread
+        if getattr(self, "_open", 0):  # (no lock is taken: this may run in any thread, at any allocation)
             for s in self.sequences:
-                s.cancelled, s.held = True, False
-            self.engine._wake()
+                s.cancelled = True
 
     @property
     def done(self) -> bool:
@@ -92,7 +96,10 @@ class Request:
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         for loop, future in waiters:
-            loop.call_soon_threadsafe(_wake, future)
+            try:
+                loop.call_soon_threadsafe(_wake, future)
+            except RuntimeError:  # that event loop is closed: nobody waits there any more
+                pass
 
     def _pop(self) -> Step | None:
         """The next Step, if one is there; a sequence its consumer caught up with is released."""
@@ -183,20 +190,24 @@ class Request:
 class AsyncEngine:
     """Continuous batching across callers: one Core (max_batch KV rows) stepped by one background thread.
 
-    submit() is a plain call, safe from any thread or event loop. prefixes: Prefix objects (prefill,
-    load_prefix) pinned in the core; a prefix passed to submit is pinned on first use.
+    submit() is a plain call, safe from any thread or event loop. Every request must be read (iterated,
+    result(), awaited) or dropped: one left unread holds its rows once `buffer` Steps wait in it, and with
+    every row held, later requests wait for a row.
     """
 
+    POLL_S = 0.5  # the step thread's longest sleep: a dropped request (flags only, no lock) is seen within it
+
     def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 256, prefix_cache_mb: float = 512,
-                 buffer: int = 16, prefixes: Sequence[Prefix] = ()):
-        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
-                                 ("prefix_cache_mb", prefix_cache_mb, 0), ("buffer", buffer, 1)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                 buffer: int = 16):
+        for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("buffer", buffer, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise InvalidInput(f"must be >= {low}, got {value!r}", name, lead=True)
-        self.engine, self.max_queue, self.buffer = engine, max_queue, int(buffer)
+        if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) or prefix_cache_mb < 0:
+            raise InvalidInput(f"must be a number >= 0, got {prefix_cache_mb!r}", "prefix_cache_mb", lead=True)
+        self.engine, self.max_queue, self.buffer = engine, int(max_queue), int(buffer)
         self.core = Core(engine.model, slots=int(max_batch), max_length=engine.config.n_positions,
-                         prefix_cache_bytes=int(prefix_cache_mb * 2**20), pinned=list(prefixes))
-        self.cond = threading.Condition(threading.RLock())
+                         prefix_cache_bytes=int(prefix_cache_mb * 2**20))
+        self.cond = threading.Condition()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="gpt2-onnx-core", daemon=True)
         self.thread.start()
@@ -226,22 +237,9 @@ class AsyncEngine:
                 raise ShuttingDown("the engine is shutting down")
             if len(self.core.waiting) + len(seqs) > self.max_queue:
                 raise QueueFull(f"{len(self.core.waiting)} sequences are already waiting")
-            if prefix is not None:
-                self.pin(prefix)
             self.core.submit(seqs)
             self.cond.notify()
         return request
-
-    def pin(self, prefix: Prefix) -> None:
-        """Keep a prefix's KV in the core, reused by every request after it (submit pins its prefix)."""
-        with self.core.lock:
-            if all(p is not prefix for p in self.core.prefixes.pinned):
-                self.core.prefixes.pinned.append(prefix)
-
-    def unpin(self, prefix: Prefix) -> None:
-        """Forget a pinned prefix (requests already submitted after it keep running)."""
-        with self.core.lock:
-            self.core.prefixes.pinned = [p for p in self.core.prefixes.pinned if p is not prefix]
 
     def stats(self) -> dict:
         """The core's state: sequences running and waiting, steps run, prefix cache use."""
@@ -256,7 +254,7 @@ class AsyncEngine:
         with self.cond:
             self.stopping = True
             self.cond.notify()
-        timer = threading.Timer(grace, lambda: self._cancel([*self.core.running, *self.core.waiting]))
+        timer = threading.Timer(grace, self._cancel_all)
         timer.daemon = True
         timer.start()
 
@@ -266,25 +264,27 @@ class AsyncEngine:
             self.stopping = True
             self.cond.notify()
         self.thread.join(timeout)
-        self._cancel([*self.core.running, *self.core.waiting])
+        self._cancel_all()
         self.thread.join(5)
 
     # ---- the step thread -----------------------------------------------------------------------
     def _wake(self) -> None:
-        with self.cond:  # reentrant: safe from a request's __del__ in any thread
+        with self.cond:
             self.cond.notify()
 
     def _cancel(self, seqs: list[Seq]) -> None:
-        for s in seqs:
-            s.held = False  # a cancelled sequence must reach the step that ends it
         self.core.cancel(seqs)
+        self._wake()
+
+    def _cancel_all(self) -> None:
+        self.core.cancel_all()
         self._wake()
 
     def _loop(self) -> None:
         while True:
             with self.cond:
                 while not self.core.runnable and not (self.stopping and not self.core.busy):
-                    self.cond.wait()
+                    self.cond.wait(self.POLL_S)
                 if self.stopping and not self.core.busy:
                     return
             try:

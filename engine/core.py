@@ -36,16 +36,16 @@ class Core:
     the model run ends the sequences in that run.
     """
 
-    def __init__(self, model: Model, *, slots: int, max_length: int, prefix_cache_bytes: int = 0,
-                 pinned: Seq[Prefix] = ()):
+    def __init__(self, model: Model, *, slots: int, max_length: int, prefix_cache_bytes: int = 0):
         self.model = model
         self.pool = model.new_cache(slots, max_length)
         self.decoder = DecodeStep(model, self.pool) if max_length > 1 else None
-        self.prefixes = PrefixCache(model, prefix_cache_bytes, pinned)
+        self.prefixes = PrefixCache(model, prefix_cache_bytes)
         self.running: list[Sequence] = []  # running[i] owns pool row i
         self.waiting: deque[Sequence] = deque()
         self.lock = threading.Lock()
         self.steps = 0  # steps that ran the model
+        self.closing = False  # cancel_all was called: whatever runs or joins from now on is cancelled
 
     @property
     def slots(self) -> int:
@@ -58,15 +58,15 @@ class Core:
 
     @property
     def runnable(self) -> bool:
-        """A step would do something: a sequence waits, or a running one is not held (or was cancelled)."""
-        return bool(self.waiting) or any(not s.held or s.cancelled for s in self.running)
+        """A step would do something: a sequence waits and a row is free, a running one is not held, or one
+        was cancelled."""
+        return (bool(self.waiting) and (len(self.running) < self.slots or self.closing
+                                        or any(s.cancelled for s in self.waiting))) \
+            or any(not s.held or s.cancelled for s in self.running)
 
     def submit(self, seqs: Seq[Sequence]) -> None:
         """Queue sequences (they start at the next step). Each must fit the pool: Engine.sequences checks that
         against n_positions, the pool's length here."""
-        for s in seqs:
-            if s.virtual and not any(p.token_ids == tuple(s.context[: s.virtual]) for p in self.prefixes.pinned):
-                raise ValueError("a sequence after a prefix-tuning prefix needs that prefix pinned in the core")
         with self.lock:
             self.waiting.extend(seqs)
 
@@ -75,13 +75,25 @@ class Core:
         with self.lock:
             for s in seqs:
                 s.cancelled = True
-            ended = [s for s in self.waiting if s.cancelled and not s.done]
+        self._drop_cancelled([])
+
+    def cancel_all(self) -> None:
+        """Stop every sequence, those being admitted by a step right now and those submitted later included."""
+        with self.lock:
+            self.closing = True
+        self.cancel([*self.running, *self.waiting])
+
+    def _drop_cancelled(self, events: list[Step]) -> None:
+        """Cancelled sequences leave the queue; they never ran: tell their owners here."""
+        with self.lock:
+            ended = [s for s in self.waiting if s.cancelled or self.closing]
             if ended:
-                kept = [s for s in self.waiting if not s.cancelled]
+                kept = [s for s in self.waiting if not (s.cancelled or self.closing)]
                 self.waiting.clear()
                 self.waiting.extend(kept)
-        for s in ended:  # they never ran: tell their owners here, in the caller's thread
-            self._emit(s, s.end("cancelled"), [])
+        for s in ended:
+            if not s.done:
+                self._emit(s, s.end("cancelled"), events)
 
     def fail_all(self, error: Exception) -> None:
         """End every running and waiting sequence with `error` (a failure of the step itself)."""
@@ -96,8 +108,9 @@ class Core:
     def step(self) -> list[Step]:
         """Admit waiting sequences (prefill), decode one token for the others, release finished rows."""
         events: list[Step] = []
+        self._drop_cancelled(events)
         for s in self.running:
-            if s.cancelled and not s.done:
+            if (s.cancelled or self.closing) and not s.done:
                 self._emit(s, s.end("cancelled"), events)
         self._release()
         before = len(self.running)
@@ -143,7 +156,7 @@ class Core:
             while self.waiting and len(take) < free:
                 s = self.waiting.popleft()
                 ids = np.array(s.context, np.int64)
-                cached, entry = self.prefixes.match(ids)
+                cached, entry = self.prefixes.match(ids, s.prefix)
                 shared = max((min(common_prefix(np.array(t.context, np.int64), ids), len(ids) - 1)
                               for t, _, _ in take if t.context != s.context), default=0)
                 if self.prefixes.max_bytes and shared >= cached + DEFER_MIN:
@@ -169,8 +182,7 @@ class Core:
                 continue
             first.setdefault(key, s)
             if s.options.prompt_logprobs is not None and s.virtual:  # only the adapter's KV is reused
-                entry = next(p for p in self.prefixes.pinned if p.token_ids == tuple(s.context[: s.virtual]))
-                hits.append((s, s.virtual, entry))
+                hits.append((s, s.virtual, s.prefix))
             elif entry is None or s.options.prompt_logprobs is not None:
                 fresh.append(s)
             else:
@@ -194,7 +206,7 @@ class Core:
         of a context as copies of its row. Each gets its first token as soon as its own run is done."""
         new = []
         for s, m, entry in self._pop_waiting():
-            if s.cancelled:
+            if s.cancelled or self.closing:
                 self._emit(s, s.end("cancelled"), events)
             elif s.options.max_new_tokens == 0 and s.options.prompt_logprobs is None:
                 self._emit(s, s.end("length"), events)
@@ -222,6 +234,8 @@ class Core:
                 self._fail(s, e, events)
         self._remember([s for g in groups for s in g] + [s for s, _, _ in hits])
         self.prefixes.misses += sum(len(g) for g in groups)
+        for s in order:
+            s.first = None  # (V,) logits: not kept beyond admission
         return True
 
     def _start(self, s: Sequence, greedy: int, logits: np.ndarray | None, events: list[Step]) -> None:

@@ -29,8 +29,7 @@ class Generator:
                  *, prefix: Prefix | None = None):
         self.sequences = engine.sequences(prompts, options, prefix=prefix)
         longest = max(len(s.context) for s in self.sequences)
-        self.core = Core(engine.model, slots=len(self.sequences), max_length=longest + options.max_new_tokens,
-                         pinned=[prefix] if prefix is not None else ())
+        self.core = Core(engine.model, slots=len(self.sequences), max_length=longest + options.max_new_tokens)
         self.core.submit(self.sequences)
 
     def is_done(self) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence as Seq
 
 import numpy as np
 
@@ -37,26 +36,26 @@ class PrefixCache:
     query's blocks instead of every entry; of the entries sharing the deepest block, the 8 newest are
     compared (any other there shares fewer than BLOCK more tokens). Contexts shorter than a block are
     not kept.
-    Pinned prefixes (an explicit `prefix=` of a call) match at any length and are never evicted.
+    A sequence's own prefix (an explicit `prefix=` of a call) matches it at any length; it is the
+    caller's, never kept here.
     """
 
-    def __init__(self, model: Model, max_bytes: int = 0, pinned: Seq[Prefix] = ()):
+    def __init__(self, model: Model, max_bytes: int = 0):
         self.model, self.max_bytes = model, max_bytes
         cfg = model.cfg
         self.token_bytes = 2 * cfg.n_layer * cfg.n_head * cfg.kv_head_size * np.dtype(cfg.np_dtype).itemsize
         self.entries: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()  # least recently used first
         self.index: dict[int, dict[tuple[int, ...], None]] = {}  # block hash -> entries starting with those blocks
         self.ends: dict[int, set[tuple[int, ...]]] = {}  # last full block's hash -> entries ending in that block
-        self.pinned = list(pinned)
         self.nbytes = 0  # kept up to date here, so another thread may read it at any time
         self.hits = self.misses = 0
         self.hit_tokens = 0
 
-    def match(self, ids: np.ndarray) -> tuple[int, Prefix | None]:
-        """(tokens reusable, entry) for a context. At most len(ids) - 1, so one token is left to run,
-        unless a pinned prefix is the whole context and knows its last logits."""
+    def match(self, ids: np.ndarray, prefix: Prefix | None = None) -> tuple[int, Prefix | None]:
+        """(tokens reusable, entry) for a context, whose own prefix may be given. At most len(ids) - 1, so
+        one token is left to run, unless that prefix is the whole context and knows its last logits."""
         n, best, entry = len(ids), 0, None
-        for p in self.pinned:
+        for p in [prefix] if prefix is not None else []:
             m = common_prefix(p.ids, ids)
             if m == len(p.ids) == n and p.last_logits is not None:
                 return n, p

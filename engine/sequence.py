@@ -10,7 +10,7 @@ import numpy as np
 
 from gpt2_onnx.sampling import choose, log_softmax, top_n
 from gpt2_onnx.tokenizer import TextStream, Tokenizer
-from gpt2_onnx.types import GenerationOptions, GenerationResult, Step
+from gpt2_onnx.types import GenerationOptions, GenerationResult, Prefix, Step
 
 
 class StopText:
@@ -45,22 +45,27 @@ class Sequence:
     """One sequence being generated. Seeded sequences draw from numpy's default_rng([seed, row]).
 
     `on_step` is called (in the core's thread) with every Step; `held` (set by its consumer) keeps the
-    sequence from decoding while its consumer is behind; `slot` is its row of the core's KV pool.
+    sequence from decoding while its consumer is behind; `slot` is its row of the core's KV pool. Virtual
+    tokens (a prefix-tuning adapter's) lead the context with ids below zero.
     """
 
     def __init__(self, context: list[int], options: GenerationOptions, *, row: int, eos_token_id: int | None,
-                 tokenizer: Tokenizer | None = None, on_step: Callable[[Step], None] | None = None, virtual: int = 0):
+                 tokenizer: Tokenizer | None = None, on_step: Callable[[Step], None] | None = None,
+                 prefix: Prefix | None = None):
         self.context, self.options, self.row = context, options, row
-        self.virtual = virtual  # leading virtual tokens (a prefix-tuning adapter): no text, no repetition penalty
+        self.prefix = prefix  # the KV of context's first tokens, computed once (prefill, a prefix adapter)
+        self.virtual = prefix.virtual if prefix is not None else 0  # no text, no repetition penalty
         self.enders = set(options.stop_token_ids) | ({eos_token_id} if eos_token_id is not None
                                                       and not options.ignore_eos else set())
         self.eos_token_id = None if options.ignore_eos else eos_token_id
         self.rng = np.random.default_rng(None if options.seed is None else [options.seed, row])
-        self.stream = TextStream(tokenizer, context[virtual:][-5:]) if tokenizer is not None else None
+        self.stream = TextStream(tokenizer, context[self.virtual:][-5:]) if tokenizer is not None else None
         self.stop = StopText(options.stop)
         self.on_step = on_step
         self.held = False
         self.slot = -1
+        self.first: tuple[int, np.ndarray | None] | None = None  # while admitted: its prefill's (greedy id, logits)
+        self.share_logits = False  # while admitted: a copy of its context samples from its first logits
         self.tokens: list[int] = []
         self.text_parts: list[str] = []
         self.logprobs: list[float] = []

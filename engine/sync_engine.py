@@ -109,8 +109,8 @@ class Engine:
             ids = self.encode(p, empty_ok=prefix is not None and not prefix.virtual)
             self.check_length(len(ids), options.max_new_tokens, before)
             contexts.append(list(prefix.token_ids) + ids if prefix is not None else ids)
-        n, eos, virtual = options.n, self.config.eos_token_id, prefix.virtual if prefix is not None else 0
-        return [Seq(c, options, row=p * n + i, eos_token_id=eos, tokenizer=self.tokenizer, virtual=virtual)
+        n, eos = options.n, self.config.eos_token_id
+        return [Seq(c, options, row=p * n + i, eos_token_id=eos, tokenizer=self.tokenizer, prefix=prefix)
                 for p, c in enumerate(contexts) for i in range(n)]
 
     # ---- generation -------------------------------------------------------------------------

@@ -155,6 +155,46 @@ def test_a_dropped_request_gives_its_rows_back(tiny):
     llm.shutdown()
 
 
+def test_held_rows_and_a_waiting_request_leave_the_step_thread_idle(tiny, monkeypatch):
+    """Every row held by an unread request, another request waiting for a row: nothing can run, so the step
+    thread sleeps instead of spinning."""
+    from gpt2_onnx.core import Core
+
+    _, engine, _, _ = tiny
+    llm = AsyncEngine(engine, max_batch=1, buffer=1)
+    held = llm.submit([1], GenerationOptions(max_new_tokens=20, ignore_eos=True))
+    wait_until(lambda: held.sequences[0].held)
+    waiting = llm.submit([2], GenerationOptions(max_new_tokens=3))
+    calls, real = [], Core.step
+    monkeypatch.setattr(Core, "step", lambda self: calls.append(1) or real(self))
+    time.sleep(1.0)
+    assert len(calls) <= 4, len(calls)  # polls at most every AsyncEngine.POLL_S
+    assert len(held.result()[0].token_ids) == 20 and len(waiting.result()[0].token_ids) == 3
+    llm.shutdown()
+
+
+def test_drain_cancels_sequences_that_were_being_admitted(tiny, monkeypatch):
+    from gpt2_onnx.core import Core
+
+    _, engine, _, _ = tiny
+    llm = AsyncEngine(engine, max_batch=2)
+    real, entered = Core._plan, threading.Event()
+
+    def slow_plan(self, new):
+        entered.set()
+        time.sleep(0.3)  # the sequences are neither waiting nor running meanwhile
+        return real(self, new)
+
+    monkeypatch.setattr(Core, "_plan", slow_plan)
+    request = llm.submit([1, 2], GenerationOptions(max_new_tokens=100, ignore_eos=True))
+    assert entered.wait(10)
+    llm.drain(0.0)
+    with pytest.raises(Cancelled):
+        request.result()
+    assert len(request.sequences[0].tokens) < 100
+    llm.shutdown()
+
+
 def test_typed_errors(tiny):
     _, engine, _, _ = tiny
     llm = AsyncEngine(engine, max_batch=1, max_queue=1, buffer=1)

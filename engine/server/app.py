@@ -141,13 +141,8 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
         served_ = engine
     else:
         prefixes = dict(prefixes or {})
-        if isinstance(engine, AsyncEngine):
-            llm = engine
-            for p in prefixes.values():
-                llm.pin(p)
-        else:
-            llm = AsyncEngine(engine, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
-                              prefixes=list(prefixes.values()))
+        llm = engine if isinstance(engine, AsyncEngine) else AsyncEngine(
+            engine, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb)
         served_ = Served(llm, model_id or llm.engine.config.name or llm.engine.folder.name, prefixes)
     llm = served_.llm
 

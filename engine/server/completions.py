@@ -104,42 +104,59 @@ class Completion:
             return ApiError.of(Cancelled(f"choice {step.row} was cancelled"))
         return None
 
+    def _fail(self, e: Exception) -> ApiError:
+        """End the request with an error: a row's (ApiError) or one of this code (500, never a text/plain one)."""
+        e = e if isinstance(e, ApiError) else ApiError(500, f"internal error: {type(e).__name__}: {str(e)[:300]}",
+                                                       kind="server_error")
+        self.status = str(e.status)
+        self.request.cancel()
+        return e
+
     async def response(self) -> CompletionResponse:
         """The whole completion (ApiError if a row failed)."""
         steps: list[list[Step]] = [[] for _ in self.sequences]
-        async for step in self.request:
-            e = self._failed(step)
-            if e is not None:
-                self.status = str(e.status)
-                self.request.cancel()
-                raise e
-            steps[step.row].append(step)
+        try:
+            async for step in self.request:
+                e = self._failed(step)
+                if e is not None:
+                    raise e
+                steps[step.row].append(step)
+            out = self._response([CompletionChoice(
+                text=self._head(s) + s.text, index=s.row, logprobs=self._logprobs(s, steps[s.row], 0, bool(self.body.echo)),
+                finish_reason=FINISH[s.finish_reason]) for s in self.sequences], self.usage())
+        except Exception as e:
+            raise self._fail(e) from e
         self.status = "200"
-        return self._response([CompletionChoice(
-            text=self._head(s) + s.text, index=s.row, logprobs=self._logprobs(s, steps[s.row], 0, bool(self.body.echo)),
-            finish_reason=FINISH[s.finish_reason]) for s in self.sequences], self.usage())
+        return out
 
     async def events(self) -> AsyncIterator[str]:
         """Server-sent events: one chunk per Step; with stream_options.include_usage a last chunk with empty
         choices and the usage; then [DONE]. A failure ends the stream with an error event."""
         sent = [0] * len(self.sequences)  # characters of each choice's text sent so far
         started: set[int] = set()
-        async for step in self.request:
-            e = self._failed(step)
-            if e is not None:
-                self.status = str(e.status)
-                self.request.cancel()
+        steps = self.request.__aiter__()
+        while True:
+            try:
+                step = await steps.__anext__()
+                e = self._failed(step)
+                if e is not None:
+                    raise e
+                s, text = self.sequences[step.row], step.text
+                first = bool(self.body.echo) and step.row not in started  # the prompt first, with its logprobs
+                started.add(step.row)
+                if first:
+                    text = self._head(s) + text
+                choice = CompletionChoice(text=text, index=step.row, finish_reason=FINISH.get(step.finish_reason),
+                                          logprobs=self._logprobs(s, [step], sent[step.row], first))
+                sent[step.row] += len(text)
+                event = f"data: {self._response([choice]).model_dump_json()}\n\n"
+            except StopAsyncIteration:
+                break
+            except Exception as e:
+                e = self._fail(e)
                 yield "data: " + json.dumps({"error": {"message": e.message, "type": e.kind}}) + "\n\n"
                 return
-            s, text = self.sequences[step.row], step.text
-            first = bool(self.body.echo) and step.row not in started  # the prompt comes first, with its logprobs
-            started.add(step.row)
-            if first:
-                text = self._head(s) + text
-            choice = CompletionChoice(text=text, index=step.row, finish_reason=FINISH.get(step.finish_reason),
-                                      logprobs=self._logprobs(s, [step], sent[step.row], first))
-            sent[step.row] += len(text)
-            yield f"data: {self._response([choice]).model_dump_json()}\n\n"
+            yield event
         if self.body.include_usage:
             yield f"data: {self._response([], self.usage()).model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
@@ -167,5 +184,5 @@ async def complete(served: Served, body: CompletionRequest) -> tuple[int, dict]:
     try:
         c = await start(served, body)
         return 200, (await c.response()).model_dump(mode="json")
-    except ApiError as e:
+    except ApiError as e:  # response() turns any other failure into one (a 500)
         return e.status, e.body()

@@ -81,5 +81,6 @@ class Metrics:
             async for event in c.events():
                 yield event
         finally:
-            c.request.cancel()
+            if not c.request.done:  # the client hung up: its rows go back now
+                c.request.cancel()
             self.finished(c)

@@ -138,7 +138,7 @@ class ServeOptions:
 
         prefixes = {name: engine.load_prefix(folder) for name, folder in self.prefix_adapters.items()}
         llm = AsyncEngine(engine, max_batch=self.max_batch, max_queue=self.max_queue,
-                          prefix_cache_mb=self.prefix_cache_mb, prefixes=list(prefixes.values()))
+                          prefix_cache_mb=self.prefix_cache_mb)
         return Served(llm, self.served_model_name or engine.config.name or engine.folder.name, prefixes)
 
     def replica_deployment(self) -> dict:
