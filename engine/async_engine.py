@@ -63,6 +63,7 @@ class Request:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._unread = [0] * len(sequences)
         self._open = len(sequences)  # sequences whose last Step has not been read yet
+        self._results_only = False  # result() / await: only each sequence's last Step is kept and woken for
         ref = weakref.ref(self)  # the core holds the sequences, not the request: a dropped request is collected
 
         def on_step(step: Step) -> None:
@@ -88,6 +89,8 @@ class Request:
         self.engine._cancel(self.sequences)
 
     def _on_step(self, step: Step) -> None:  # in the core's thread (or a cancelling caller's)
+        if self._results_only and not step.finish_reason:
+            return  # the sequence keeps its tokens, text and log-probabilities itself
         with self._cond:
             self._events.append(step)
             self._unread[step.row] += 1
@@ -164,8 +167,27 @@ class Request:
                 self._check(Step(s.row, -1, -1, "", s.finish_reason, 0.0, error=s.error))
         return [s.result() for s in self.sequences]
 
+    def _only_results(self) -> None:
+        """From now on keep no Steps but each sequence's last (results come from the sequences): no wake-up
+        per token, and nothing is held."""
+        with self._cond:
+            self._results_only = True
+            kept = [s for s in self._events if s.finish_reason]
+            for s in self._events:
+                self._unread[s.row] -= 1
+            self._events.clear()
+            self._events.extend(kept)
+            for s in kept:
+                self._unread[s.row] += 1
+            release = [s for s in self.sequences if s.held]
+            for s in release:
+                s.held = False
+        if release:
+            self.engine._wake()
+
     def result(self) -> list[GenerationResult]:
         """Block until every row has ended; one GenerationResult per row."""
+        self._only_results()
         steps = iter(self)
         try:
             for step in steps:
@@ -175,6 +197,7 @@ class Request:
         return self._results()
 
     async def _result(self) -> list[GenerationResult]:
+        self._only_results()
         steps = self._steps()
         try:
             async for step in steps:

@@ -167,6 +167,22 @@ def test_a_poisoned_request_fails_alone(served, monkeypatch):
     assert httpx.get(s.url + "/health").json()["active"] == 0
 
 
+def test_a_row_failing_mid_request_is_the_requests_500_not_its_cancelled_siblings_503(served, monkeypatch):
+    s, engine = served
+    real, calls = sequence_module.choose, []
+
+    def poisoned(logits, p, rng, seen=None):
+        calls.append(1)
+        if p.temperature == 1.2345 and len(calls) == 11:  # row 2 fails at its 3rd token
+            raise FloatingPointError("injected failure")
+        return real(logits, p, rng, seen)
+
+    monkeypatch.setattr(sequence_module, "choose", poisoned)
+    r = post(s.url, {"prompt": ["a b", "c d", "e f", "g h"], "max_tokens": 30, "temperature": 1.2345, "seed": 1})
+    assert r.status_code == 500 and "injected failure" in r.json()["error"]["message"], r.json()
+    assert httpx.get(s.url + "/health").json()["active"] == 0
+
+
 def test_a_failing_callback_ends_only_its_sequence(tiny):
     _, engine, _, _ = tiny
     opts = GenerationOptions(max_new_tokens=6)

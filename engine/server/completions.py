@@ -114,15 +114,14 @@ class Completion:
 
     async def response(self) -> CompletionResponse:
         """The whole completion (ApiError if a row failed)."""
-        steps: list[list[Step]] = [[] for _ in self.sequences]
         try:
-            async for step in self.request:
-                e = self._failed(step)
-                if e is not None:
-                    raise e
-                steps[step.row].append(step)
+            try:
+                await self.request  # woken once, when every row has ended
+            except Exception:  # a row that failed (the others were cancelled then), or the cancellation
+                ended = sorted(self.sequences, key=lambda s: s.finish_reason != "error")
+                raise next(e for e in map(self._failed, map(_last, ended)) if e is not None) from None
             out = self._response([CompletionChoice(
-                text=self._head(s) + s.text, index=s.row, logprobs=self._logprobs(s, steps[s.row], 0, bool(self.body.echo)),
+                text=self._head(s) + s.text, index=s.row, logprobs=self._logprobs(s, _steps(s), 0, bool(self.body.echo)),
                 finish_reason=FINISH[s.finish_reason]) for s in self.sequences], self.usage())
         except Exception as e:
             raise self._fail(e) from e
@@ -161,6 +160,18 @@ class Completion:
             yield f"data: {self._response([], self.usage()).model_dump_json()}\n\n"
         yield "data: [DONE]\n\n"
         self.status = "200"
+
+
+def _steps(s: Sequence) -> list[Step]:
+    """A finished sequence's tokens as Steps (what a streaming reader got), for rendering its logprobs."""
+    on = s.options.logprobs is not None
+    return [Step(s.row, i, t, text, None, 0.0, s.logprobs[i] if on else None, s.top_logprobs[i] if on else None)
+            for i, (t, text) in enumerate(zip(s.tokens, s.text_parts))]
+
+
+def _last(s: Sequence) -> Step:
+    """A finished sequence's ending, as its last Step said it."""
+    return Step(s.row, len(s.tokens) - 1, -1, "", s.finish_reason, 0.0, error=s.error)
 
 
 async def start(served: Served, body: CompletionRequest) -> Completion:
