@@ -60,18 +60,20 @@ def wait_healthy(url: str, proc: subprocess.Popen, *, timeout: float, what: str,
 class Served:
     """`gpt2-onnx serve` from the code in `root`, in its own process."""
 
-    def __init__(self, root: Path, model: str | None, *, threads: int, max_batch: int, extra: list[str] = ()):
+    def __init__(self, root: Path, model: str | None, *, threads: int, max_batch: int, extra: list[str] = (),
+                 env: dict | None = None):
         self.port = free_port()
-        cli = "gpt2_onnx.cli" if root == HERE else "engine.cli"  # a baseline from before the package was renamed
+        # a baseline from before the package was renamed; env=checkout_env(root) imports root's own gpt2_onnx
+        cli = "gpt2_onnx.cli" if root == HERE or env is not None else "engine.cli"
         cmd = [sys.executable, "-m", cli, "serve", "--port", str(self.port), "--max-batch", str(max_batch),
                "--threads", str(threads), *extra] + (["-m", model] if model else [])
-        self._start(cmd, root, 900, f"server from {root}")  # the first start exports the model
+        self._start(cmd, root, 900, f"server from {root}", env)  # the first start exports the model
 
-    def _start(self, cmd: list[str], cwd: Path | None, timeout: float, what: str) -> None:
+    def _start(self, cmd: list[str], cwd: Path | None, timeout: float, what: str, env: dict | None = None) -> None:
         # the log goes to a file, not a PIPE: nobody reads it while serving, and a full pipe blocks the server
         # (llama-server logs every request)
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=self.log, text=True, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
         wait_healthy(self.url, self.proc, timeout=timeout, what=what, tail=self.tail)
 
@@ -90,6 +92,38 @@ def prompts(vocab: int, n: int, length: int = 32) -> list[list[int]]:
     return [rng.integers(0, vocab - 1, length).tolist() for _ in range(n)]
 
 
+def checkout_env(root: Path) -> dict:
+    """The environment that makes `python -m gpt2_onnx...` run the code of another checkout (a `git worktree`).
+
+    This environment's editable install maps gpt2_onnx to this tree's engine/; a checkout's own
+    engine/, export/ and models/ come first on PYTHONPATH instead, as a gpt2_onnx package of symlinks.
+    """
+    import os
+
+    root = Path(root).resolve()
+    shim = Path(tempfile.mkdtemp(prefix="gpt2-onnx-checkout-")) / "gpt2_onnx"
+    shim.mkdir()
+    for f in (root / "engine").iterdir():
+        if f.name != "__pycache__":
+            (shim / f.name).symlink_to(f)
+    for sub in ("export", "models"):
+        if (root / sub).is_dir() and not (shim / sub).exists():
+            (shim / sub).symlink_to(root / sub)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep), PYTHONDONTWRITEBYTECODE="1")
+
+
+def concurrent(clients: int, n: int, one) -> tuple[list, float]:
+    """`clients` threads share jobs 0..n-1, each calling one(i) for its jobs one after another: (results, wall s)."""
+    def worker(c: int) -> list:
+        return [one(i) for i in range(c, n, clients)]
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = [x for rows in pool.map(worker, range(clients)) for x in rows]
+    return done, time.perf_counter() - t
+
+
 def load(url: str, clients: int, jobs: list[list[int]], max_tokens: int) -> dict:
     """`clients` concurrent clients share `jobs`, each sending its requests one after another."""
     client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients))
@@ -101,13 +135,7 @@ def load(url: str, clients: int, jobs: list[list[int]], max_tokens: int) -> dict
         body = r.json()
         return i, body["choices"][0]["text"], body["usage"]["completion_tokens"], time.perf_counter() - t
 
-    def worker(c: int) -> list:
-        return [one(i) for i in range(c, len(jobs), clients)]
-
-    t = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        done = [x for rows in pool.map(worker, range(clients)) for x in rows]
-    wall = time.perf_counter() - t
+    done, wall = concurrent(clients, len(jobs), one)
     client.close()
     tokens = sum(d[2] for d in done)
     return {"clients": clients, "requests": len(jobs), "completion_tokens": tokens, "wall_s": wall,
@@ -131,8 +159,10 @@ class LlamaServed(Served):
 def throughput(args, name: str, model: str | None, vocab: int) -> dict:
     systems = [("after", lambda: Served(HERE, model, threads=args.threads, max_batch=args.max_batch))]
     if args.baseline:
-        systems.append(("before", lambda: Served(Path(args.baseline), model, threads=args.threads,
-                                                  max_batch=args.max_batch)))
+        base = Path(args.baseline)  # its own code, not this environment's editable install of this tree
+        env = checkout_env(base) if 'gpt2_onnx = "engine"' in (base / "pyproject.toml").read_text() else None
+        systems.append(("before", lambda: Served(base, model, threads=args.threads, max_batch=args.max_batch,
+                                                  env=env)))
     if args.llama_server and model is not None:
         systems.append(("llama-server", lambda: LlamaServed(Path(model), threads=args.threads,
                                                              max_batch=args.max_batch)))
