@@ -191,3 +191,43 @@ def test_sigterm_during_16_streams_ends_each_with_done_or_an_error_event(tmp_pat
             assert "shutting down" in json.loads(lines[-1][6:])["error"]["message"], lines[-1]
             errors += 1
     assert done + errors == 16 and done >= 4 and errors >= 1  # the short ones finish, the long ones are cut cleanly
+
+
+def test_a_streaming_client_that_never_reads_holds_its_rows_not_memory(tiny):
+    """A stream (8 prompts x n=16, logprobs 20: ~10 MB of events) whose client sends the request and never
+    reads: once the sockets' buffers are full the server stops pulling events and each running sequence
+    stops at its engine buffer (held, decoding nothing, its memory bounded). Closing the socket ends the
+    request and frees every row for the next one."""
+    import json
+    import socket
+
+    _, engine, _, _ = tiny
+    app = create_app(engine, model_id="t", max_batch=8)
+    s = Server(app)
+    llm = app.state.llm
+    try:
+        body = json.dumps({"prompt": [f"the quick {i}" for i in range(8)], "n": 16, "max_tokens": 120,
+                           "logprobs": 20, "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.time() + 60
+
+        def held() -> int:
+            return sum(q.held for q in list(llm.core.running))
+
+        while held() < 8:
+            assert time.time() < deadline, (llm.stats(), [len(q.tokens) for q in llm.core.running])
+            time.sleep(0.05)
+        made = llm.stats()["steps"]
+        time.sleep(0.5)
+        assert llm.stats()["steps"] == made and llm.stats()["queue_depth"] > 0  # nothing decodes; the rest wait
+        sock.close()
+        while llm.stats()["active"] or llm.stats()["queue_depth"]:
+            assert time.time() < deadline, llm.stats()
+            time.sleep(0.05)
+        assert post(s.url, {"prompt": "x", "max_tokens": 5, "temperature": 0}).status_code == 200
+    finally:
+        s.stop()
