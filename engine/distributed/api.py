@@ -55,8 +55,6 @@ class Api:
     then one event per list, then the end."""
 
     def __init__(self, served: Served, *, api_key: str | None = None):
-        if api_key == "":
-            raise ValueError("api_key is empty: pass a non-empty key, or none to serve without authentication")
         self.served, self.api_key, self.metrics = served, api_key, Metrics(served.llm)
         self.fields = list(CompletionRequest.model_fields)  # create_app names these for any unknown field
         s = served
