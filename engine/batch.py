@@ -22,7 +22,7 @@ import asyncio
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,12 @@ class Job:
     done: set[str]  # ids (json.dumps of each) already in the output
     pending: list[str]  # raw JSON lines still to answer
     dropped_torn_line: bool  # a torn last line (a kill mid-write) was cut from the output
+    lock: object = field(default=None, repr=False, compare=False)  # OUTPUT, opened and locked for this job
+
+    def release(self) -> None:
+        """Let another job write OUTPUT (execute does this when it ends)."""
+        if self.lock is not None:
+            self.lock.close()
 
 
 class ScoreRequest(BaseModel):
@@ -145,11 +151,34 @@ def resume(path: Path, ids: set[str]) -> tuple[set[str], bool]:
     return done, torn
 
 
+def lock_output(path: Path):
+    """OUTPUT opened and locked (flock) for one job: a second job on the same file, in any process, is refused
+    (two would write every row twice)."""
+    import fcntl
+
+    try:
+        f = open(path, "ab")
+    except OSError as e:
+        raise ValueError(f"cannot write OUTPUT {path}: {e.strerror}") from None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise ValueError(f"OUTPUT {path} is being written by another gpt2-onnx batch job; wait for it to end or "
+                         "write to another file (-o)") from None
+    return f
+
+
 def plan(input_path: Path, output_path: Path) -> Job:
     rows = read_input(input_path)
-    done, torn = resume(output_path, {k for k, _ in rows})
+    lock = lock_output(output_path)
+    try:
+        done, torn = resume(output_path, {k for k, _ in rows})
+    except BaseException:
+        lock.close()
+        raise
     return Job(total=len(rows), done=done, pending=[line for k, line in rows if k not in done],
-               dropped_torn_line=torn)
+               dropped_torn_line=torn, lock=lock)
 
 
 class Output:
@@ -305,6 +334,7 @@ def execute(job: Job, output_path: Path, *, model: str | None = None, provider: 
                       batch_size=batch_size)
     finally:
         out.close()
+        job.release()
     return out
 
 

@@ -156,3 +156,21 @@ def test_the_worker_is_one_engine_answering_batches_like_ray_data_calls_it(tiny)
             [engine.generate([i + 1], max_new_tokens=4).text for i in range(5)]
     finally:
         w.close()
+
+
+def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_path):
+    """Two jobs appending to one OUTPUT would write every row twice: the second is refused (the file is
+    locked for the first job's whole run), and can run once the first has ended."""
+    from gpt2_onnx.batch import prepare
+
+    inp = write_rows(tmp_path / "in.jsonl", [{"id": 1, "prompt": "x", "max_tokens": 1}])
+    first = prepare(inp, tmp_path / "out.jsonl")
+    with pytest.raises(ValueError, match="being written by another gpt2-onnx batch job"):
+        prepare(inp, tmp_path / "out.jsonl")
+    r = subprocess.run([sys.executable, "-m", "gpt2_onnx.cli", "batch", str(inp), "-o", str(tmp_path / "out.jsonl")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "being written by another" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    first.release()
+    second = prepare(inp, tmp_path / "out.jsonl")
+    assert second.pending and second.lock is not None
+    second.release()
