@@ -174,3 +174,17 @@ def test_a_second_job_on_the_same_output_is_refused_while_the_first_runs(tmp_pat
     second = prepare(inp, tmp_path / "out.jsonl")
     assert second.pending and second.lock is not None
     second.release()
+
+
+def test_a_row_over_a_mebibyte_is_that_rows_400_and_the_job_goes_on(tiny, tmp_path):
+    """No HTTP inside a batch job: a huge row is answered like any bad row, and every later row is answered."""
+    _, engine, _, onnx_dir = tiny
+    rows = [{"id": 1, "prompt": "the quick", "max_tokens": 4, "temperature": 0},
+            {"id": 2, "prompt": "to be " * 200_000, "max_tokens": 4},  # 1.2 MB
+            {"id": 3, "prompt": "the lazy", "max_tokens": 4, "temperature": 0}]
+    out = tmp_path / "out.jsonl"
+    done = run(write_rows(tmp_path / "in.jsonl", rows), out, model=str(onnx_dir), provider="cpu")
+    got = read_rows(out)
+    assert (done.written, done.errors) == (3, 1)
+    assert got["2"]["status"] == 400 and got["2"]["body"]["error"]["param"] == "prompt"
+    assert got["3"]["body"]["choices"][0]["text"] == engine.generate("the lazy", max_new_tokens=4).text
