@@ -264,7 +264,7 @@ def run_model(args, name: str, model: str | None, code: tuple[Path, dict | None]
                 described[label] = system.describe()
             finally:
                 system.stop()
-    del engine
+    engine = None  # the systems hold no model now: free it before summarizing
     return summarize(runs, described, systems, jobs)
 
 
