@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from gpt2_onnx.core import Core
-from gpt2_onnx.errors import Cancelled, InvalidInput, QueueFull, ShuttingDown
+from gpt2_onnx.errors import Cancelled, InvalidInput, QueueFull, ReadTimeout, ShuttingDown
 from gpt2_onnx.types import GenerationOptions, GenerationResult, Prefix, Step
 
 if TYPE_CHECKING:
@@ -95,7 +96,8 @@ class Request:
             self._events.append(step)
             self._unread[step.row] += 1
             if self._unread[step.row] >= self.buffer and not step.finish_reason:
-                self.sequences[step.row].held = True
+                seq = self.sequences[step.row]
+                seq.held, seq.held_since = True, time.monotonic()
             self._cond.notify_all()
             waiters, self._waiters = self._waiters, []
         for loop, future in waiters:
@@ -156,7 +158,7 @@ class Request:
 
     @staticmethod
     def _check(step: Step) -> None:
-        if step.error is not None:
+        if step.error is not None:  # a failure, or why it was cancelled (ReadTimeout)
             raise step.error
         if step.finish_reason == "cancelled":
             raise Cancelled(f"sequence {step.row} was cancelled")
@@ -215,18 +217,24 @@ class AsyncEngine:
 
     submit() is a plain call, safe from any thread or event loop. Every request must be read (iterated,
     result(), awaited) or dropped: one left unread holds its rows once `buffer` Steps wait in it, and with
-    every row held, later requests wait for a row.
+    every row held, later requests wait for a row; with read_timeout, a sequence held that long is
+    cancelled (ReadTimeout) and its row goes to the next request.
     """
 
     POLL_S = 0.5  # the step thread's longest sleep: a dropped request (flags only, no lock) is seen within it
 
     def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 256, prefix_cache_mb: float = 512,
-                 buffer: int = 16):
+                 buffer: int = 16, read_timeout: float | None = None):
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("buffer", buffer, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise InvalidInput(f"must be >= {low}, got {value!r}", name, lead=True)
         if isinstance(prefix_cache_mb, bool) or not isinstance(prefix_cache_mb, (int, float)) or prefix_cache_mb < 0:
             raise InvalidInput(f"must be a number >= 0, got {prefix_cache_mb!r}", "prefix_cache_mb", lead=True)
+        if read_timeout is not None and (isinstance(read_timeout, bool) or not isinstance(read_timeout, (int, float))
+                                         or not read_timeout > 0):
+            raise InvalidInput(f"must be a number of seconds > 0 (None: never), got {read_timeout!r}", "read_timeout",
+                               lead=True)
+        self.read_timeout = read_timeout
         self.engine, self.max_queue, self.buffer = engine, int(max_queue), int(buffer)
         self.core = Core(engine.model, slots=int(max_batch), max_length=engine.config.n_positions,
                          prefix_cache_bytes=int(prefix_cache_mb * 2**20))
@@ -237,12 +245,13 @@ class AsyncEngine:
 
     @classmethod
     def load(cls, model: str | None = None, *, max_batch: int = 16, max_queue: int = 256,
-             prefix_cache_mb: float = 512, buffer: int = 16, **load_options) -> "AsyncEngine":
+             prefix_cache_mb: float = 512, buffer: int = 16, read_timeout: float | None = None,
+             **load_options) -> "AsyncEngine":
         """Engine.load(model, **load_options) behind an AsyncEngine."""
         from gpt2_onnx.sync_engine import Engine
 
         return cls(Engine.load(model, **load_options), max_batch=max_batch, max_queue=max_queue,
-                   prefix_cache_mb=prefix_cache_mb, buffer=buffer)
+                   prefix_cache_mb=prefix_cache_mb, buffer=buffer, read_timeout=read_timeout)
 
     def submit(self, prompt_or_prompts: Prompt | Sequence[Prompt], options: GenerationOptions = GenerationOptions(),
                *, prefix: Prefix | None = None) -> Request:
@@ -303,11 +312,25 @@ class AsyncEngine:
         self.core.cancel_all()
         self._wake()
 
+    def _expire(self) -> None:
+        """Cancel the sequences held for longer than read_timeout (their readers left them unread)."""
+        if self.read_timeout is None:
+            return
+        late = time.monotonic() - self.read_timeout
+        overdue = [s for s in self.core.running if s.held and s.held_since < late and not s.cancelled]
+        for s in overdue:
+            s.cancel_error = ReadTimeout(f"not read for {self.read_timeout:g} s: the request was ended and its KV "
+                                         "rows given to other requests")
+        if overdue:
+            self.core.cancel(overdue)
+
     def _loop(self) -> None:
         while True:
             with self.cond:
+                self._expire()
                 while not self.core.runnable and not (self.stopping and not self.core.busy):
                     self.cond.wait(self.POLL_S)
+                    self._expire()
                 if self.stopping and not self.core.busy:
                     return
             try:

@@ -287,6 +287,8 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
           prefix_adapter: Optional[list[str]] = typer.Option(None, help="NAME=DIR: a peft prefix-tuning adapter "
                                                              "served as model NAME (repeatable)"),
           grace_period: float = typer.Option(10.0, help="seconds in-flight requests may finish after SIGTERM"),
+          read_timeout: float = typer.Option(60.0, help="seconds a stream may stay unread (its KV rows held) before "
+                                                        "it ends with an error event (0 = never)"),
           provider: str = typer.Option("auto", help="auto | cpu | cuda"),
           threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's; on Ray: 1 per "
                                                            "replica)"),
@@ -353,6 +355,7 @@ def _adapter_specs(specs: list[str] | None) -> dict[str, str]:
 SERVE_FLAGS = {**FLAGS, "model": "-m/--model", "served_model_name": "--served-model-name", "api_key": "--api-key",
                "max_batch": "--max-batch", "max_queue": "--max-queue", "prefix_cache_mb": "--prefix-cache-mb",
                "prefix_adapters": "--prefix-adapter", "grace_period": "--grace-period", "host": "--host",
+               "read_timeout": "--read-timeout",
                "port": "--port", "replicas": "--replicas", "min_replicas": "--min-replicas",
                "max_replicas": "--max-replicas", "target_ongoing_requests": "--target-ongoing-requests",
                "ray_address": "--ray-address", "batch_size": "--batch-size"}

@@ -93,7 +93,7 @@ class Core:
                 self.waiting.extend(kept)
         for s in ended:
             if not s.done:
-                self._emit(s, s.end("cancelled"), events)
+                self._emit(s, s.end("cancelled", s.cancel_error), events)
 
     def fail_all(self, error: Exception) -> None:
         """End every running and waiting sequence with `error` (a failure of the step itself)."""
@@ -111,7 +111,7 @@ class Core:
         self._drop_cancelled(events)
         for s in self.running:
             if (s.cancelled or self.closing) and not s.done:
-                self._emit(s, s.end("cancelled"), events)
+                self._emit(s, s.end("cancelled", s.cancel_error), events)
         self._release()
         before = len(self.running)
         ran = self._admit(events)

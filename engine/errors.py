@@ -52,3 +52,8 @@ class ShuttingDown(RuntimeError):
 
 class Cancelled(RuntimeError):
     """A request's sequences were cancelled (by its caller, or by an engine shutting down) before they ended."""
+
+
+class ReadTimeout(Cancelled):
+    """A request's reader left its Steps unread for longer than the engine's read_timeout: it was cancelled,
+    and its KV rows went to other requests."""

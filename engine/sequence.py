@@ -63,6 +63,8 @@ class Sequence:
         self.stop = StopText(options.stop)
         self.on_step = on_step
         self.held = False
+        self.held_since = 0.0  # time.monotonic() when it was last held
+        self.cancel_error: Exception | None = None  # why it is cancelled, when not by its caller (ReadTimeout)
         self.slot = -1
         self.first: tuple[int, np.ndarray | None] | None = None  # while admitted: its prefill's (greedy id, logits)
         self.share_logits = False  # while admitted: a copy of its context samples from its first logits

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from gpt2_onnx import AsyncEngine, Cancelled, GenerationOptions, InvalidInput, QueueFull, ShuttingDown
+from gpt2_onnx.errors import ReadTimeout
 from gpt2_onnx.model import DecodeStep
 
 PROMPTS = [[(11 * i + j) % 997 + 1 for j in range(1 + i % 9)] for i in range(32)]
@@ -192,6 +193,19 @@ def test_drain_cancels_sequences_that_were_being_admitted(tiny, monkeypatch):
     with pytest.raises(Cancelled):
         request.result()
     assert len(request.sequences[0].tokens) < 100
+    llm.shutdown()
+
+
+def test_a_request_left_unread_past_read_timeout_gives_its_rows_to_the_next(tiny):
+    _, engine, _, _ = tiny
+    llm = AsyncEngine(engine, max_batch=1, buffer=2, read_timeout=0.3)
+    unread = llm.submit([1], GenerationOptions(max_new_tokens=50, ignore_eos=True))
+    wait_until(lambda: unread.sequences[0].held)
+    waiting = llm.submit([2], GenerationOptions(max_new_tokens=4))  # no row until the unread one ends
+    assert len(waiting.result()[0].token_ids) == 4
+    with pytest.raises(ReadTimeout, match="not read for 0.3 s"):
+        unread.result()
+    assert isinstance(ReadTimeout("x"), Cancelled) and len(unread.sequences[0].tokens) == 2
     llm.shutdown()
 
 

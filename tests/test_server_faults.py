@@ -231,3 +231,41 @@ def test_a_streaming_client_that_never_reads_holds_its_rows_not_memory(tiny):
         assert post(s.url, {"prompt": "x", "max_tokens": 5, "temperature": 0}).status_code == 200
     finally:
         s.stop()
+
+
+def test_a_stream_left_unread_past_read_timeout_ends_with_an_error_event(tiny):
+    """--read-timeout: a stream whose client stops reading holds its rows only that long; then the request
+    ends (an error event of type timeout_error, counted as 408) and its rows serve the next request."""
+    import json
+    import socket
+
+    _, engine, _, _ = tiny
+    app = create_app(engine, model_id="t", max_batch=8, read_timeout=0.5)
+    s = Server(app)
+    llm = app.state.llm
+    try:
+        body = json.dumps({"prompt": [f"the quick {i}" for i in range(8)], "n": 16, "max_tokens": 120,
+                           "logprobs": 20, "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        r = post(s.url, {"prompt": "x", "max_tokens": 5, "temperature": 0}, timeout=60)  # waits for a row
+        assert r.status_code == 200
+        deadline = time.time() + 60
+        while llm.stats()["active"] or llm.stats()["queue_depth"]:
+            assert time.time() < deadline, llm.stats()
+            time.sleep(0.05)
+        sock.settimeout(30)
+        data = b""
+        while b"timeout_error" not in data:  # read on: the stream ends with the error event
+            chunk = sock.recv(1 << 20)
+            assert chunk, data[-500:]
+            data += chunk
+        assert b"not read for 0.5 s" in data and b"[DONE]" not in data
+        sock.close()
+        metrics = httpx.get(s.url + "/metrics").text
+        assert 'gpt2onnx_requests_total{status="408"} 1.0' in metrics
+    finally:
+        s.stop()

@@ -125,13 +125,14 @@ async def _disconnected(request: Request) -> None:
 
 def create_app(engine, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 256, shutdown_timeout: float = 10.0, prefix_cache_mb: float = 512,
-               prefixes: dict[str, Prefix] | None = None) -> FastAPI:
+               prefixes: dict[str, Prefix] | None = None, read_timeout: float | None = 60.0) -> FastAPI:
     """The FastAPI app serving an Engine (behind a new AsyncEngine of max_batch rows, max_queue waiting
     sequences and an automatic prefix cache), an AsyncEngine as it is, or a Served (ServeOptions.served).
 
     model_id defaults to the model's name from its manifest (a Hub id as given, a folder's name).
     prefixes: more served models, each the engine after a Prefix (e.g. `engine.load_prefix(peft_dir)`
     for a prefix-tuning adapter), chosen per request by its "model" field, as vLLM selects adapters.
+    read_timeout: seconds a stream may stay unread (its rows held) before it ends with an error event.
     """
     if api_key == "":
         raise InvalidInput("is empty: pass a non-empty key, or none to serve without authentication", "api_key",
@@ -141,7 +142,8 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
     else:
         prefixes = dict(prefixes or {})
         llm = engine if isinstance(engine, AsyncEngine) else AsyncEngine(
-            engine, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb)
+            engine, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
+            read_timeout=read_timeout)
         served_ = Served(llm, model_id or llm.engine.config.name or llm.engine.folder.name, prefixes)
     llm = served_.llm
 

@@ -98,10 +98,10 @@ class Completion:
     @staticmethod
     def _failed(step: Step) -> ApiError | None:
         """A row's failure (500), or its cancellation by the engine itself, which is shutting down (503)."""
+        if step.finish_reason == "cancelled":  # by the engine: shutting down, or a reader too slow (ReadTimeout)
+            return ApiError.of(step.error or Cancelled(f"choice {step.row} was cancelled"))
         if step.error is not None:
             return ApiError(500, f"generation failed: {type(step.error).__name__}: {step.error}", kind="server_error")
-        if step.finish_reason == "cancelled":
-            return ApiError.of(Cancelled(f"choice {step.row} was cancelled"))
         return None
 
     def _fail(self, e: Exception) -> ApiError:

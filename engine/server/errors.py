@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gpt2_onnx.errors import Cancelled, InvalidInput, QueueFull, ShuttingDown
+from gpt2_onnx.errors import Cancelled, InvalidInput, QueueFull, ReadTimeout, ShuttingDown
 
 MAX_BODY = 1 << 20  # 1 MiB
 # the library's option names as the completions API calls them
@@ -38,6 +38,8 @@ class ApiError(Exception):
             return cls(400, e.named(API_NAMES), API_NAMES.get(e.param, e.param))
         if isinstance(e, QueueFull):
             return cls(429, f"server busy: {e}", kind="rate_limit_error", headers={"Retry-After": "1"})
+        if isinstance(e, ReadTimeout):
+            return cls(408, str(e), kind="timeout_error")
         if isinstance(e, (ShuttingDown, Cancelled)):
             return cls(503, "the server is shutting down; retry", kind="server_error", headers={"Retry-After": "1"})
         if isinstance(e, ValueError):

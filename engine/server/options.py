@@ -53,6 +53,7 @@ class ServeOptions:
     prefix_cache_mb: float = 512
     prefix_adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft prefix-tuning folder
     grace_period: float = 10.0  # seconds a stopping replica lets its requests finish
+    read_timeout: float = 60.0  # seconds a stream may stay unread (its rows held) before it is ended; 0 = never
     replicas: int = 1  # the number of replicas; with autoscaling, the initial number
     min_replicas: int | None = None  # either bound turns autoscaling on
     max_replicas: int | None = None
@@ -66,7 +67,8 @@ class ServeOptions:
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise OptionError(f"{{{name}}} must be an integer >= {low}, got {{v}}", name, v=v)
-        for name in ("prefix_cache_mb", "grace_period", "target_ongoing_requests", "replica_cpus", "ingress_cpus"):
+        for name in ("prefix_cache_mb", "grace_period", "read_timeout", "target_ongoing_requests", "replica_cpus",
+                     "ingress_cpus"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
                                   or not math.isfinite(v)):
@@ -138,7 +140,7 @@ class ServeOptions:
 
         prefixes = {name: engine.load_prefix(folder) for name, folder in self.prefix_adapters.items()}
         llm = AsyncEngine(engine, max_batch=self.max_batch, max_queue=self.max_queue,
-                          prefix_cache_mb=self.prefix_cache_mb)
+                          prefix_cache_mb=self.prefix_cache_mb, read_timeout=self.read_timeout or None)
         return Served(llm, self.served_model_name or engine.config.name or engine.folder.name, prefixes)
 
     def replica_deployment(self) -> dict:
