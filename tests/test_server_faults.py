@@ -193,26 +193,30 @@ def test_sigterm_during_16_streams_ends_each_with_done_or_an_error_event(tmp_pat
     assert done + errors == 16 and done >= 4 and errors >= 1  # the short ones finish, the long ones are cut cleanly
 
 
+def _unread_stream(port: int) -> socket.socket:
+    """A client that sends a big streaming request (8 prompts x n=16, logprobs 20: ~10 MB of events) on a
+    socket with a small receive buffer, and does not read."""
+    body = json.dumps({"prompt": [f"the quick {i}" for i in range(8)], "n": 16, "max_tokens": 120,
+                       "logprobs": 20, "temperature": 0, "ignore_eos": True, "stream": True}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                 + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
 def test_a_streaming_client_that_never_reads_holds_its_rows_not_memory(tiny):
     """A stream (8 prompts x n=16, logprobs 20: ~10 MB of events) whose client sends the request and never
     reads: once the sockets' buffers are full the server stops pulling events and each running sequence
     stops at its engine buffer (held, decoding nothing, its memory bounded). Closing the socket ends the
     request and frees every row for the next one."""
-    import json
-    import socket
-
     _, engine, _, _ = tiny
     app = create_app(engine, model_id="t", max_batch=8)
     s = Server(app)
     llm = app.state.llm
     try:
-        body = json.dumps({"prompt": [f"the quick {i}" for i in range(8)], "n": 16, "max_tokens": 120,
-                           "logprobs": 20, "temperature": 0, "ignore_eos": True, "stream": True}).encode()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", s.port))
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        sock = _unread_stream(s.port)
         deadline = time.time() + 60
 
         def held() -> int:
@@ -236,21 +240,12 @@ def test_a_streaming_client_that_never_reads_holds_its_rows_not_memory(tiny):
 def test_a_stream_left_unread_past_read_timeout_ends_with_an_error_event(tiny):
     """--read-timeout: a stream whose client stops reading holds its rows only that long; then the request
     ends (an error event of type timeout_error, counted as 408) and its rows serve the next request."""
-    import json
-    import socket
-
     _, engine, _, _ = tiny
     app = create_app(engine, model_id="t", max_batch=8, read_timeout=0.5)
     s = Server(app)
     llm = app.state.llm
     try:
-        body = json.dumps({"prompt": [f"the quick {i}" for i in range(8)], "n": 16, "max_tokens": 120,
-                           "logprobs": 20, "temperature": 0, "ignore_eos": True, "stream": True}).encode()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.connect(("127.0.0.1", s.port))
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-                     + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+        sock = _unread_stream(s.port)
         r = post(s.url, {"prompt": "x", "max_tokens": 5, "temperature": 0}, timeout=60)  # waits for a row
         assert r.status_code == 200
         deadline = time.time() + 60
