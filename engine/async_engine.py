@@ -26,22 +26,11 @@ import numpy as np
 
 from gpt2_onnx.core import Core
 from gpt2_onnx.errors import Cancelled, InvalidInput, QueueFull, ReadTimeout, ShuttingDown
-from gpt2_onnx.types import GenerationOptions, GenerationResult, Prefix, Step
+from gpt2_onnx.types import GenerationOptions, GenerationResult, Prefix, Step, as_prompts
 
 if TYPE_CHECKING:
     from gpt2_onnx.sequence import Sequence as Seq
     from gpt2_onnx.sync_engine import Engine, Prompt
-
-
-def as_prompts(prompt_or_prompts) -> list:
-    """A prompt (text, or a list of token ids) or a list of prompts, as a list of prompts."""
-    p = prompt_or_prompts
-    if isinstance(p, np.ndarray):
-        return [p] if p.ndim == 1 else list(p)
-    if isinstance(p, str) or (isinstance(p, Sequence) and len(p) and not isinstance(p[0], (str, Sequence,
-                                                                                          np.ndarray))):
-        return [p]
-    return p
 
 
 def _wake(future: asyncio.Future) -> None:

@@ -111,6 +111,17 @@ OPTION_NAMES = tuple(f.name for f in fields(GenerationOptions))
 assert set(GenerateKwargs.__annotations__) == set(OPTION_NAMES), "GenerateKwargs must list GenerationOptions' fields"
 
 
+def as_prompts(prompt_or_prompts) -> list:
+    """A prompt (text, or a list of token ids) or a list of prompts, as a list of prompts."""
+    p = prompt_or_prompts
+    if isinstance(p, np.ndarray):
+        return [p] if p.ndim == 1 else list(p)
+    if isinstance(p, str) or (isinstance(p, Sequence) and len(p) and not isinstance(p[0], (str, Sequence,
+                                                                                          np.ndarray))):
+        return [p]
+    return p
+
+
 @dataclass(frozen=True)
 class Step:
     """One generated token of one sequence, with the text it completes (valid UTF-8, maybe '')."""

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpt2_onnx.tokenizer import check_text
-from gpt2_onnx.types import GenerationOptions
+from gpt2_onnx.types import GenerationOptions, as_prompts
 
 MAX_PROMPTS = 64
 MAX_STOPS = 4
@@ -96,8 +96,7 @@ class CompletionRequest(BaseModel):
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list (a list of ids is one prompt)."""
-        p = self.prompt
-        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        return as_prompts(self.prompt)
 
     @property
     def include_usage(self) -> bool:
