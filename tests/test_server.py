@@ -171,13 +171,18 @@ def test_api_key_queue_full_and_requests_that_can_never_fit(tiny, monkeypatch):
         assert post(s.url, {"prompt": "x"}, headers={"authorization": "Bearer nope"}).status_code == 401
         r = post(s.url, {"prompt": "x", "n": 2}, headers=auth)  # 2 sequences, a queue of 1: never fits
         assert r.status_code == 400 and r.json()["error"]["param"] == "n"
-        with ThreadPoolExecutor(2) as pool:
-            busy = [pool.submit(post, s.url, {"prompt": "x", "max_tokens": 5, "temperature": 0}, headers=auth)
-                    for _ in range(2)]
+        def until(field: str) -> None:
             deadline = time.time() + 30
-            while httpx.get(s.url + "/health").json()["queue_depth"] < 1:  # one runs (held), one waits
-                assert time.time() < deadline
+            while httpx.get(s.url + "/health").json()[field] < 1:
+                assert time.time() < deadline, field
                 time.sleep(0.01)
+
+        with ThreadPoolExecutor(2) as pool:
+            busy = []
+            for field in ("active", "queue_depth"):  # one runs (held), then one waits: sent together, the
+                busy.append(pool.submit(post, s.url, {"prompt": "x", "max_tokens": 5, "temperature": 0},
+                                        headers=auth))  # second could find the first still queued (429)
+                until(field)
             r = post(s.url, {"prompt": "x"}, headers=auth)
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
             assert httpx.get(s.url + "/health").status_code == 200  # health stays open
