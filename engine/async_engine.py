@@ -26,6 +26,7 @@ import numpy as np
 
 from gpt2_onnx.core import Core
 from gpt2_onnx.errors import Cancelled, InvalidInput, QueueFull, ReadTimeout, ShuttingDown
+from gpt2_onnx.sequence import workers
 from gpt2_onnx.types import GenerationOptions, GenerationResult, Prefix, Step, as_prompts
 
 if TYPE_CHECKING:
@@ -248,15 +249,21 @@ class AsyncEngine:
         input, QueueFull when max_queue sequences already wait, ShuttingDown while draining."""
         if not isinstance(options, GenerationOptions):
             raise InvalidInput("options must be a GenerationOptions", "options")
+        width = options.width
+        if width > self.core.slots:
+            name = "num_beams" if options.num_beams > 1 else "best_of" if width > options.rows else "n"
+            raise InvalidInput(f"asks for {width} sequences of one prompt decoding together but the engine runs at "
+                               f"most {self.core.slots} (max_batch); ask for at most {self.core.slots}", name, lead=True)
         seqs = self.engine.sequences(as_prompts(prompt_or_prompts), options, prefix=prefix)
-        if len(seqs) > self.max_queue:
-            raise InvalidInput(f"this request needs {len(seqs)} sequences (prompts x n) but the engine queues at most "
-                               f"{self.max_queue}; send fewer prompts or a smaller n", "n" if options.n > 1 else "prompt")
+        size = len(workers(seqs))
+        if size > self.max_queue:
+            raise InvalidInput(f"this request needs {size} sequences (prompts x n) but the engine queues at most "
+                               f"{self.max_queue}; send fewer prompts or a smaller n", "n" if width > 1 else "prompt")
         request = Request(self, seqs, self.buffer)
         with self.cond:
             if self.stopping:
                 raise ShuttingDown("the engine is shutting down")
-            if len(self.core.waiting) + len(seqs) > self.max_queue:
+            if len(self.core.waiting) + size > self.max_queue:
                 raise QueueFull(f"{len(self.core.waiting)} sequences are already waiting")
             self.core.submit(seqs)
             self.cond.notify()

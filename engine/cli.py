@@ -22,7 +22,12 @@ MODEL_HELP = "exported folder, Hugging Face folder or Hub id (default: the bundl
 FLAGS = {"max_new_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--top-p", "temperature": "--temperature",
          "repetition_penalty": "--repetition-penalty", "seed": "--seed", "threads": "--threads",
          "provider": "--provider", "quantize": "--quantize", "dtype": "--dtype", "window": "--window",
-         "n": "--samples", "stop": "--stop"}
+         "n": "--samples", "stop": "--stop", "min_new_tokens": "--min-new-tokens", "min_p": "--min-p",
+         "typical_p": "--typical-p", "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty",
+         "logit_bias": "--logit-bias", "bad_words": "--bad-word", "bad_words_ids": "--bad-word",
+         "no_repeat_ngram_size": "--no-repeat-ngram-size", "num_beams": "--num-beams", "length_penalty": "--length-penalty",
+         "early_stopping": "--early-stopping", "best_of": "--best-of", "answer_regex": "--vote",
+         "num_return_sequences": "--samples"}
 
 
 def _fail(e: Exception, flags: dict[str, str] = FLAGS) -> None:
@@ -109,17 +114,54 @@ def _print_sample(i: int, samples: int, head: str) -> None:
     sys.stdout.flush()
 
 
+def _logit_bias(pairs: Optional[list[str]]) -> Optional[dict[int, float]]:
+    """--logit-bias ID=BIAS (repeatable) as {id: bias}."""
+    out = {}
+    for pair in pairs or []:
+        tid, _, bias = pair.partition("=")
+        try:
+            out[int(tid)] = float(bias)
+        except ValueError:
+            _fail(ValueError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 198=-100), got {pair!r}"))
+    return out or None
+
+
+def _early_stopping(value: str) -> bool | str:
+    v = value.lower()
+    if v not in ("true", "false", "never"):
+        _fail(ValueError(f"--early-stopping must be true, false or never, got {value!r}"))
+    return v == "true" if v != "never" else v
+
+
 @app.command()
 def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read it from stdin"),
              model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
              max_new_tokens: int = typer.Option(64, "-n", "--max-new-tokens", help="tokens to generate at most"),
-             samples: int = typer.Option(1, "--samples", help="samples of the prompt (they share one prefill)"),
+             min_new_tokens: int = typer.Option(0, help="eos and stop ids are masked until this many tokens"),
+             samples: int = typer.Option(1, "--samples", help="samples (or beam hypotheses) of the prompt; they "
+                                                               "share one prefill"),
              stream: bool = typer.Option(False, "--stream/--no-stream", help="print tokens as they arrive"),
              echo: bool = typer.Option(True, "--echo/--no-echo", help="print the prompt before its continuation"),
-             temperature: float = typer.Option(0.0, help="0 = greedy; > 0 samples"),
+             temperature: Optional[float] = typer.Option(None, help="0 = greedy (the default; 0.7 with --vote); "
+                                                                    "> 0 samples"),
              top_k: int = typer.Option(0, help="sample from the k most likely tokens (0 = off)"),
              top_p: float = typer.Option(1.0, help="nucleus sampling mass (1 = off)"),
+             min_p: float = typer.Option(0.0, help="drop tokens less likely than min_p x the top one (0 = off)"),
+             typical_p: float = typer.Option(1.0, help="locally typical sampling mass (1 = off)"),
              repetition_penalty: float = typer.Option(1.0, help="> 1 discourages repeats (1 = off)"),
+             presence_penalty: float = typer.Option(0.0, help="OpenAI's presence penalty, -2..2 (0 = off)"),
+             frequency_penalty: float = typer.Option(0.0, help="OpenAI's frequency penalty, -2..2 (0 = off)"),
+             logit_bias: Optional[list[str]] = typer.Option(None, help="TOKEN_ID=BIAS added to that token's logit, "
+                                                                       "-100..100 (repeatable)"),
+             bad_word: Optional[list[str]] = typer.Option(None, help="a word never to generate (repeatable)"),
+             no_repeat_ngram_size: int = typer.Option(0, help="never repeat an n-gram of this size (0 = off)"),
+             num_beams: int = typer.Option(1, help="beam search with this many beams (1 = off)"),
+             length_penalty: float = typer.Option(1.0, help="beam search: score = sum log p / length ** this"),
+             early_stopping: str = typer.Option("false", help="beam search: true, false or never"),
+             best_of: Optional[int] = typer.Option(None, help="sample this many, keep the --samples most likely"),
+             vote: Optional[str] = typer.Option(None, help="self-consistency: majority answer of the --samples, "
+                                                           "each one's last match of this regex (its first group if "
+                                                           "any); 'number' = the last number"),
              seed: Optional[int] = typer.Option(None, help="seed for reproducible sampling"),
              stop: Optional[list[str]] = typer.Option(None, help="stop string (repeatable); not printed"),
              provider: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -130,6 +172,8 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
 
     Each sample is printed as the prompt (unless --no-echo) and its continuation; several samples are
     labelled and shown one after another, also with --stream (the first live, the others as they finish).
+    Beam search and best_of print their answers when they end; --vote prints the samples, then the
+    majority answer and the counts.
     """
     from gpt2_onnx import GenerationResult
 
@@ -140,8 +184,16 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
             _fail(ValueError(f"the prompt on stdin is not valid UTF-8 text ({e.reason} at byte {e.start})"))
         prompt = prompt.replace("\r\n", "\n").replace("\r", "\n")  # newlines as text-mode stdin reads them
     _check_utf8("PROMPT", prompt)
-    for s in stop or []:
-        _check_utf8("--stop", s)
+    for s in [*(stop or []), *(bad_word or [])]:
+        _check_utf8("--stop / --bad-word", s)
+    options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, top_k=top_k, top_p=top_p,
+                   min_p=min_p, typical_p=typical_p, repetition_penalty=repetition_penalty,
+                   presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                   logit_bias=_logit_bias(logit_bias), bad_words=tuple(bad_word or ()),
+                   no_repeat_ngram_size=no_repeat_ngram_size, num_beams=num_beams, length_penalty=length_penalty,
+                   early_stopping=_early_stopping(early_stopping), best_of=best_of, seed=seed, stop=stop or None)
+    if temperature is not None or vote is None:
+        options["temperature"] = 0.0 if temperature is None else temperature
     head = prompt if echo else ""
     steps: dict[int, list] = {i: [] for i in range(samples)}
     printed = [-1] * samples  # steps of each sample printed so far (-1: not even its header)
@@ -162,25 +214,37 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
             sys.stdout.write("\n")
             shown += 1
 
+    ballot = None
     try:
         engine = _load(model, provider, threads)
         prefix = engine.load_prefix(prefix_adapter) if prefix_adapter is not None else None
-        for step in engine.stream_batch([prompt], max_new_tokens=max_new_tokens, temperature=temperature,
-                                        top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                                        stop=stop or None, n=samples, prefix=prefix):
-            steps[step.row].append(step)
-            if stream:
-                show()
+        if vote is not None:
+            ballot = engine.vote(prompt, n=samples, answer_regex=None if vote == "number" else vote, prefix=prefix,
+                                 **options)
+            results = ballot.samples
+        elif num_beams > 1 or (best_of or samples) > samples:  # answers known only at the end
+            results = engine.generate_batch([prompt], n=samples, prefix=prefix, **options)
+        else:
+            for step in engine.stream_batch([prompt], n=samples, prefix=prefix, **options):
+                steps[step.row].append(step)
+                if stream:
+                    show()
+            results = [GenerationResult.from_steps(steps[i], 0) for i in range(samples)]
     except ValueError as e:
         _fail(e)
-    results = [GenerationResult.from_steps(steps[i], 0) for i in range(samples)]
     for i, r in enumerate(results):
-        if not stream:
+        if not stream or ballot is not None or not steps[i]:
             _print_sample(i, samples, head)
             print(r.text)
+            if ballot is not None:
+                print(f"[answer: {ballot.answers[i]}]")
         if stats:
-            err.print(f"sample {i}: {len(r.token_ids)} tokens, finish={r.finish_reason}, "
+            score = "" if r.score is None else f", score {r.score:.4f}"
+            err.print(f"sample {i}: {len(r.token_ids)} tokens, finish={r.finish_reason}{score}, "
                       f"ttft {r.time_to_first_token * 1e3:.1f} ms, {r.decode_tokens_per_s:.1f} tok/s ({engine.provider})")
+    if ballot is not None:
+        counts = ", ".join(f"{a} x{c}" for a, c in ballot.counts.items()) or "none"
+        print(f"\nanswer: {ballot.answer} ({ballot.counts.get(ballot.answer, 0)} of {samples} samples; {counts})")
 
 
 @app.command()

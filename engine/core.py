@@ -16,9 +16,11 @@ from collections.abc import Sequence as Seq
 
 import numpy as np
 
+from gpt2_onnx.groups import BeamSearch
 from gpt2_onnx.model import DecodeStep, Model
 from gpt2_onnx.prefix_cache import PrefixCache, common_prefix
-from gpt2_onnx.sequence import Sequence
+from gpt2_onnx.processors import process
+from gpt2_onnx.sequence import Sequence, workers
 from gpt2_onnx.types import Prefix, Step
 
 DEFER_MIN = 32  # a sequence waits one step when an admitted one shares this many more tokens than the cache has
@@ -65,10 +67,10 @@ class Core:
             or any(not s.held or s.cancelled for s in self.running)
 
     def submit(self, seqs: Seq[Sequence]) -> None:
-        """Queue sequences (they start at the next step). Each must fit the pool: Engine.sequences checks that
-        against n_positions, the pool's length here."""
+        """Queue sequences (they start at the next step; a group's workers run for its outputs). Each must fit
+        the pool: Engine.sequences checks that against n_positions, the pool's length here."""
         with self.lock:
-            self.waiting.extend(seqs)
+            self.waiting.extend(workers(seqs))
 
     def cancel(self, seqs: Seq[Sequence]) -> None:
         """Stop these sequences: waiting ones leave the queue now, running ones free their rows within one step."""
@@ -124,6 +126,10 @@ class Core:
 
     # ---- a sequence's events ------------------------------------------------------------------
     def _emit(self, seq: Sequence, step: Step, events: list[Step]) -> None:
+        if seq.group is not None:  # a group's worker: the group decides what its outputs see
+            for out, out_step in seq.group.on_step(seq, step):
+                self._emit(out, out_step, events)
+            return
         events.append(step)
         if seq.on_step is not None:
             try:
@@ -136,10 +142,11 @@ class Core:
         if seq.finish_reason != "error":
             self._emit(seq, seq.end("error", error), events)
 
-    def _take(self, token: int, logits: np.ndarray | None, seq: Sequence, events: list[Step]) -> None:
+    def _take(self, token: int, logits: np.ndarray | None, seq: Sequence, events: list[Step],
+              scores: np.ndarray | None = None) -> None:
         """Choose and append one token for seq, isolating its failures."""
         try:
-            step = seq.push(seq.choose(token, logits))
+            step = seq.push(seq.choose(token, logits, scores))
         except Exception as e:
             self._fail(seq, e, events)
             return
@@ -152,21 +159,30 @@ class Core:
         it then reuses that prefix's KV."""
         take, later = [], []
         free, budget = self.slots - len(self.running), MAX_PREFILL_TOKENS
+        lead = None  # where the last unit's first sequence went: one prompt's rows join in one step
         with self.lock:
             while self.waiting and len(take) < free:
                 s = self.waiting.popleft()
                 ids = np.array(s.context, np.int64)
                 cached, entry = self.prefixes.match(ids, s.prefix)
+                if s.join == 0 and lead is not None:
+                    lead.append((s, cached, entry) if lead is take else s)
+                    continue
+                if s.join > free - len(take):
+                    self.waiting.appendleft(s)
+                    break
                 shared = max((min(common_prefix(np.array(t.context, np.int64), ids), len(ids) - 1)
                               for t, _, _ in take if t.context != s.context), default=0)
                 if self.prefixes.max_bytes and shared >= cached + DEFER_MIN:
                     later.append(s)
+                    lead = later
                     continue
                 if take and len(s.context) - cached > budget:
                     self.waiting.appendleft(s)
                     break
                 budget -= len(s.context) - cached
                 take.append((s, cached, entry))
+                lead = take
             self.waiting.extendleft(reversed(later))
         return take
 
@@ -232,6 +248,14 @@ class Core:
                 self._start(s, *src.first, events)
             except Exception as e:
                 self._fail(s, e, events)
+        beams = {id(s.group): s.group for s in order if isinstance(s.group, BeamSearch)}
+        for g in beams.values():
+            firsts = [w.first for w in g.running]
+            if all(f is not None and f[1] is not None for f in firsts):
+                self._beam_step(g, np.stack([f[1] for f in firsts]), events)
+            else:
+                for w in g.running:
+                    self._fail(w, RuntimeError("a beam's prefill failed"), events)
         self._remember([s for g in groups for s in g] + [s for s, _, _ in hits])
         self.prefixes.misses += sum(len(g) for g in groups)
         for s in order:
@@ -241,6 +265,8 @@ class Core:
     def _start(self, s: Sequence, greedy: int, logits: np.ndarray | None, events: list[Step]) -> None:
         """A joining sequence's first token, from its prefill's (greedy id, logits)."""
         s.first = greedy, logits
+        if isinstance(s.group, BeamSearch):  # the beams take their first step together, after admission
+            return
         if s.options.max_new_tokens == 0:  # scored only
             self._emit(s, s.end("length"), events)
         else:
@@ -316,9 +342,54 @@ class Core:
                     self._fail(s, e, events)
             return
         rows = {int(i): k for k, i in enumerate(want)}
+        scored = [seqs[i] for i in want]
+        try:  # every row's processors at once
+            scores = process(lg, scored) if any(s.options.processed for s in scored) else None
+        except Exception as e:
+            for s in scored:
+                self._fail(s, e, events)
+            return
+        beams: dict[int, BeamSearch] = {}
         for i, s in enumerate(seqs):
-            if not hold[i]:
-                self._take(int(nxt[i]), lg[rows[i]] if i in rows else None, s, events)
+            if isinstance(s.group, BeamSearch):
+                beams[id(s.group)] = s.group
+            elif not hold[i]:
+                k = rows.get(i)
+                self._take(int(nxt[i]), None if k is None else lg[k],
+                           s, events, None if k is None or scores is None else scores[k])
+        for g in beams.values():
+            if not g.ended:
+                self._beam_step(g, lg[[rows[w.slot] for w in g.running]], events)
+
+    def _beam_step(self, g: BeamSearch, logits: np.ndarray, events: list[Step]) -> None:
+        """Advance a beam search from its beams' logits (B, V): each next beam continues its parent's row
+        (a parent's first child keeps the row; other children take rows of dropped beams, forked on the
+        device), or the search ends and its outputs get the best hypotheses."""
+        try:
+            moves = g.advance(logits)
+            if g.done:
+                for out, step in g.finish():
+                    self._emit(out, step, events)
+                return
+            old = g.running
+            tokens = [list(w.tokens) for w in old]
+            new: list[Sequence | None] = [None] * len(moves)
+            kept = set()
+            for j, (k, _) in enumerate(moves):
+                if k not in kept:
+                    kept.add(k)
+                    new[j] = old[k]
+            spare = [w for k, w in enumerate(old) if k not in kept]
+            for j, (k, t) in enumerate(moves):
+                if new[j] is None:
+                    new[j] = spare.pop()
+                    self.model.copy_kv(self.pool, old[k].slot, self.pool, new[j].slot,
+                                       int(self.pool.lengths[old[k].slot]))
+                new[j].tokens = tokens[k] + [t]
+            g.running = new
+        except Exception as e:
+            for w in g.workers:
+                self._fail(w, e, events)
 
     def _release(self) -> None:
         """Drop finished rows and move the last live rows into the gaps, so live rows stay packed."""

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from gpt2_onnx.core import Core
+from gpt2_onnx.sequence import workers
 from gpt2_onnx.types import GenerationOptions, Prefix, Step
 
 if TYPE_CHECKING:
@@ -29,7 +30,8 @@ class Generator:
                  *, prefix: Prefix | None = None):
         self.sequences = engine.sequences(prompts, options, prefix=prefix)
         longest = max(len(s.context) for s in self.sequences)
-        self.core = Core(engine.model, slots=len(self.sequences), max_length=longest + options.max_new_tokens)
+        self.core = Core(engine.model, slots=len(workers(self.sequences)),
+                         max_length=longest + options.max_new_tokens)
         self.core.submit(self.sequences)
 
     def is_done(self) -> bool:

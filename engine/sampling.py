@@ -1,4 +1,4 @@
-"""Token choice apart from the model: greedy or sampled (temperature, top-k, top-p), repetition penalty,
+"""Token choice apart from the model: greedy or sampled (temperature, top-k, top-p, min-p, typical-p),
 log-probabilities. Each function reads the options it needs from a GenerationOptions."""
 
 from __future__ import annotations
@@ -25,19 +25,9 @@ def top_n(lp: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(i), float(lp[i])) for i in ids)
 
 
-def penalize(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
-    """HF/CTRL repetition penalty on the ids in `seen`: positive logits / p, negative * p."""
-    if penalty == 1.0 or not len(seen):
-        return logits
-    out = logits.astype(np.float64)  # a copy, wide enough that dividing by the penalty cannot overflow
-    ids = np.unique(seen)
-    v = out[ids]
-    out[ids] = np.where(v > 0, v / penalty, v * penalty)
-    return out
-
-
 def filter_logits(logits: np.ndarray, p: GenerationOptions) -> tuple[np.ndarray, np.ndarray]:
-    """Temperature, then top-k, then top-p; returns (candidate ids, their probabilities).
+    """Temperature, then top-k, top-p, min-p and typical-p (transformers' warpers, in that order); returns
+    (candidate ids, their probabilities), most likely first.
 
     Softmax with the maximum subtracted, so any temperature >= GREEDY_BELOW stays finite.
     """
@@ -50,21 +40,38 @@ def filter_logits(logits: np.ndarray, p: GenerationOptions) -> tuple[np.ndarray,
     zs = z[ids]
     order = np.argsort(-zs, kind="stable")
     ids, zs = ids[order], zs[order]
+    finite = int(np.isfinite(zs).sum())  # masked tokens (processors: -inf) are never candidates
+    ids, zs = ids[: max(finite, 1)], zs[: max(finite, 1)]
     probs = np.exp(zs - zs[0])
     probs /= probs.sum()
     if p.top_p < 1.0:
         # smallest prefix whose mass reaches top_p (the token that crosses it is kept)
         keep = int(np.searchsorted(np.cumsum(probs), p.top_p, side="left")) + 1
         ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+    if p.min_p > 0:  # tokens less likely than min_p x the most likely one go
+        keep = int((probs >= p.min_p * probs[0]).sum())
+        ids, probs = ids[:keep], probs[:keep] / probs[:keep].sum()
+    if p.typical_p < 1.0:  # the tokens whose surprise is closest to the entropy, up to typical_p of the mass
+        lp = np.log(probs)
+        shift = np.abs(-lp - -(probs * lp).sum())
+        by = np.argsort(shift, kind="stable")
+        last = min(int((np.cumsum(probs[by]) < p.typical_p).sum()), len(by) - 1)
+        kept = shift <= shift[by[last]]
+        kept[by[0]] = True
+        ids, probs = ids[kept], probs[kept] / probs[kept].sum()
     return ids, probs
 
 
 def choose(logits: np.ndarray, p: GenerationOptions, rng: np.random.Generator | None,
-           seen: np.ndarray | None = None) -> int:
-    """Pick one token id from logits (V,) for one row; ValueError if the logits are not finite."""
+           scores: np.ndarray | None = None) -> int:
+    """Pick one token id for one row from its logits (V,), or from its processed scores when given;
+    ValueError if the logits are not finite or the processors leave no token."""
     if not np.isfinite(logits).all():
         raise ValueError("the model produced non-finite logits (NaN or infinity); check the model and its dtype")
-    z = penalize(logits, seen if seen is not None else np.empty(0, np.int64), p.repetition_penalty)
+    z = logits if scores is None else scores
+    if scores is not None and not np.isfinite(scores).any():
+        raise ValueError("the logits processors masked every token (bad_words, logit_bias, no_repeat_ngram_size, "
+                         "min_new_tokens): loosen them")
     if p.greedy:
         return int(np.argmax(z))
     ids, probs = filter_logits(z, p)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence as Seq
 
 import numpy as np
 
+from gpt2_onnx.processors import process
 from gpt2_onnx.sampling import choose, log_softmax, top_n
 from gpt2_onnx.tokenizer import TextStream, Tokenizer
 from gpt2_onnx.types import GenerationOptions, GenerationResult, Prefix, Step
@@ -51,8 +52,14 @@ class Sequence:
 
     def __init__(self, context: list[int], options: GenerationOptions, *, row: int, eos_token_id: int | None,
                  tokenizer: Tokenizer | None = None, on_step: Callable[[Step], None] | None = None,
-                 prefix: Prefix | None = None):
+                 prefix: Prefix | None = None, banned: tuple[tuple[int, ...], ...] = ()):
         self.context, self.options, self.row = context, options, row
+        self.banned = banned  # bad words as token id sequences
+        self.group = None  # the Group (beam search, best_of) it decodes for, if any
+        self.workers = [self]  # the sequences the core runs for this one (its group's, once per group)
+        self.join = 1  # this and the next join - 1 waiting sequences join the core in one step (0: follows one)
+        self.cumulative_logprob = 0.0  # sum of log p of the new tokens (kept for best_of and beams)
+        self.score: float | None = None  # a beam hypothesis' score, or best_of's cumulative log p
         self.prefix = prefix  # the KV of context's first tokens, computed once (prefill, a prefix adapter)
         self.virtual = prefix.virtual if prefix is not None else 0  # no text, no repetition penalty
         self.enders = set(options.stop_token_ids) | ({eos_token_id} if eos_token_id is not None
@@ -76,13 +83,21 @@ class Sequence:
         self.prompt_top_logprobs: list[tuple[tuple[int, float], ...] | None] = []
         self.finish_reason: str | None = None
         self.error: Exception | None = None
-        self.cancelled = False
+        self._cancelled = False
         self.t_submit = time.perf_counter()
         self.t_first: float | None = None
         self.t_last: float | None = None
         # plain greedy needs no logits on the host: the graph's argmax output is enough
-        self.needs_logits = (not options.greedy or options.repetition_penalty != 1.0
-                             or options.logprobs is not None)
+        self.needs_logits = not options.greedy or options.processed or options.logprobs is not None
+
+    @property
+    def cancelled(self) -> bool:
+        """Cancelled by its caller, or (a group's worker) its group's outputs were."""
+        return self._cancelled or (self.group is not None and self.group.cancelled)
+
+    @cancelled.setter
+    def cancelled(self, value: bool) -> None:
+        self._cancelled = value
 
     @property
     def done(self) -> bool:
@@ -92,17 +107,24 @@ class Sequence:
     def text(self) -> str:
         return "".join(self.text_parts)
 
-    def choose(self, greedy_id: int, logits: np.ndarray | None) -> int:
-        """The next token: the graph's argmax, or a choice from this row's logits (V,)."""
+    def history(self) -> np.ndarray:
+        """(L,) the real context ids and the new tokens (what repetition processors look at)."""
+        return np.array(self.context[self.virtual:] + self.tokens, np.int64)
+
+    def choose(self, greedy_id: int, logits: np.ndarray | None, scores: np.ndarray | None = None) -> int:
+        """The next token: the graph's argmax, or a choice from this row's logits (V,) after its processors
+        (`scores`, when the step computed them for all its rows together)."""
         if logits is None:
             return int(greedy_id)
-        seen = (np.array(self.context[self.virtual:] + self.tokens, np.int64)
-                if self.options.repetition_penalty != 1.0 else None)
-        tok = choose(logits, self.options, self.rng, seen)
-        if self.options.logprobs is not None:  # under the model's own distribution, before sampling filters
+        if scores is None and self.options.processed:
+            scores = process(logits[None], [self])[0]
+        tok = choose(logits, self.options, self.rng, scores)
+        if self.options.logprobs is not None or self.group is not None:  # under the model's own distribution
             lp = log_softmax(logits)
-            self.logprobs.append(float(lp[tok]))
-            self.top_logprobs.append(top_n(lp, self.options.logprobs))
+            self.cumulative_logprob += float(lp[tok])
+            if self.options.logprobs is not None:
+                self.logprobs.append(float(lp[tok]))
+                self.top_logprobs.append(top_n(lp, self.options.logprobs))
         return tok
 
     def score_prompt(self, logits: np.ndarray, skip: int = 0) -> None:
@@ -141,6 +163,19 @@ class Sequence:
         return Step(self.row, len(self.tokens) - 1, tok, delta, self.finish_reason, now - self.t_submit,
                     self.logprobs[-1] if on else None, self.top_logprobs[-1] if on else None)
 
+    def adopt(self, other: "Sequence") -> None:
+        """Take another (finished) sequence's tokens, text, log-probabilities and end (best_of)."""
+        self.tokens, self.text_parts = list(other.tokens), list(other.text_parts)
+        self.logprobs, self.top_logprobs = list(other.logprobs), list(other.top_logprobs)
+        self.finish_reason, self.error = other.finish_reason, other.error
+        self.t_first, self.t_last, self.cumulative_logprob = other.t_first, other.t_last, other.cumulative_logprob
+
+    def replay(self, tokens: list[int], t_first: float | None) -> None:
+        """Push a whole hypothesis (beam search): its text and finish reason, as if decoded here."""
+        for t in tokens:
+            self.push(t)
+        self.t_first = t_first or self.t_first
+
     def end(self, reason: str, error: Exception | None = None) -> Step:
         """Finish without a token (failure, cancellation, or max_new_tokens 0)."""
         self.finish_reason, self.error = reason, error
@@ -152,10 +187,21 @@ class Sequence:
         span = (self.t_last - self.t_first) if n > 1 else 0.0
         lps, scored = self.options.logprobs is not None, self.options.prompt_logprobs is not None
         return GenerationResult(
-            text=self.text, token_ids=list(self.tokens), prompt_tokens=len(self.context),
+            text=self.text, token_ids=list(self.tokens), prompt_tokens=len(self.context), score=self.score,
             finish_reason=self.finish_reason or "length",
             time_to_first_token=(self.t_first - self.t_submit) if self.t_first else 0.0,
             decode_tokens_per_s=(n - 1) / span if span > 0 else 0.0,
             logprobs=list(self.logprobs) if lps else None, top_logprobs=list(self.top_logprobs) if lps else None,
             prompt_logprobs=list(self.prompt_logprobs) if scored else None,
             prompt_top_logprobs=list(self.prompt_top_logprobs) if scored else None)
+
+
+def workers(seqs: Seq[Sequence]) -> list[Sequence]:
+    """The sequences the core runs for these: each one's own, or its group's workers (once per group)."""
+    out, seen = [], set()
+    for s in seqs:
+        for w in s.workers:
+            if id(w) not in seen:
+                seen.add(id(w))
+                out.append(w)
+    return out

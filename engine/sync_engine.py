@@ -15,21 +15,35 @@ from typing_extensions import Unpack
 from gpt2_onnx import config as C
 from gpt2_onnx.errors import ContextTooLong, InvalidInput, option_error
 from gpt2_onnx.generator import Generator
+from gpt2_onnx.groups import BeamSearch, BestOf
 from gpt2_onnx.model import Model
 from gpt2_onnx.resolve import read_prefix_adapter, resolve
 from gpt2_onnx.sequence import Sequence as Seq
 from gpt2_onnx.tokenizer import Tokenizer, check_text
 from gpt2_onnx.types import GenerateKwargs, GenerationOptions, GenerationResult, Prefix, Score, Step, virtual_ids
+from gpt2_onnx.vote import Vote, vote
 
 Prompt = str | Sequence[int]
 
 
 def _single(options: dict) -> GenerationOptions:
     """GenerationOptions of a one-prompt call (n belongs to the batch calls)."""
-    if options.get("n", 1) != 1:
-        raise option_error("n", "is for generate_batch / stream_batch (n samples per prompt); generate and stream "
-                                "make one sequence")
+    for name in ("n", "num_return_sequences"):
+        if options.get(name, 1) != 1:
+            raise option_error(name, "is for generate_batch / stream_batch (n sequences per prompt); generate and "
+                                     "stream make one sequence")
     return GenerationOptions(**options)
+
+
+def _streamable(options: GenerationOptions) -> GenerationOptions:
+    """Options of a streaming call: beam search and best_of choose their answers only at the end."""
+    if options.num_beams > 1:
+        raise option_error("num_beams", "> 1 cannot stream (beams change until the search ends); use generate or "
+                                        "generate_batch")
+    if options.width > options.rows:
+        raise option_error("best_of", "cannot stream (the best samples are known only at the end); use generate or "
+                                      "generate_batch")
+    return options
 
 
 class Engine:
@@ -109,9 +123,41 @@ class Engine:
             ids = self.encode(p, empty_ok=prefix is not None and not prefix.virtual)
             self.check_length(len(ids), options.max_new_tokens, before)
             contexts.append(list(prefix.token_ids) + ids if prefix is not None else ids)
-        n, eos = options.n, self.config.eos_token_id
-        return [Seq(c, options, row=p * n + i, eos_token_id=eos, tokenizer=self.tokenizer, prefix=prefix)
-                for p, c in enumerate(contexts) for i in range(n)]
+        banned = self.bad_words(options)
+        rows, width = options.rows, options.width
+        grouped = options.num_beams > 1 or width > rows
+
+        def seq(c: list[int], row: int) -> Seq:
+            return Seq(c, options, row=row, eos_token_id=self.config.eos_token_id, tokenizer=self.tokenizer,
+                       prefix=prefix, banned=banned)
+
+        out = []
+        for p, c in enumerate(contexts):
+            outputs = [seq(c, p * rows + i) for i in range(rows)]
+            units = [seq(c, p * width + i) for i in range(width)] if grouped else outputs
+            units[0].join = len(units)  # one prompt's rows join the core together
+            for w in units[1:]:
+                w.join = 0
+            if grouped:
+                (BeamSearch if options.num_beams > 1 else BestOf)(units, outputs)
+            out += outputs
+        return out
+
+    def bad_words(self, options: GenerationOptions) -> tuple[tuple[int, ...], ...]:
+        """bad_words_ids and bad_words as token id sequences; a word counts with and without a leading space."""
+        ids = list(options.bad_words_ids)
+        for w in options.bad_words:
+            for text in (w.strip(), " " + w.strip()):
+                t = tuple(self.tokenizer.encode(text))
+                if t and t not in ids:
+                    ids.append(t)
+        bad = sorted({t for w in ids for t in w if t >= self.config.vocab_size})
+        if bad:
+            raise option_error("bad_words_ids", f"has ids {bad[:5]} outside the vocabulary [0, {self.config.vocab_size})")
+        bias = [t for t in (options.logit_bias or {}) if t >= self.config.vocab_size]
+        if bias:
+            raise option_error("logit_bias", f"has ids {bias[:5]} outside the vocabulary [0, {self.config.vocab_size})")
+        return tuple(ids)
 
     # ---- generation -------------------------------------------------------------------------
     def prefill(self, prefix: Prompt) -> Prefix:
@@ -151,12 +197,12 @@ class Engine:
 
         Options as in GenerationOptions; prefix (from prefill or load_prefix) is reused without recomputation.
         """
-        return self._drain(Generator(self, prompts, GenerationOptions(**options), prefix=prefix))
+        return self._drain(Generator(self, prompts, _streamable(GenerationOptions(**options)), prefix=prefix))
 
     def stream(self, prompt: Prompt, *, prefix: Prefix | None = None,
                **options: Unpack[GenerateKwargs]) -> Iterator[Step]:
         """Generate for one prompt, yielding a Step per token (options as in GenerationOptions)."""
-        return self._drain(Generator(self, [prompt], _single(options), prefix=prefix))
+        return self._drain(Generator(self, [prompt], _streamable(_single(options)), prefix=prefix))
 
     def generate_batch(self, prompts: Sequence[Prompt], *, prefix: Prefix | None = None,
                        **options: Unpack[GenerateKwargs]) -> list[GenerationResult]:
@@ -167,6 +213,13 @@ class Engine:
                  **options: Unpack[GenerateKwargs]) -> GenerationResult:
         """Generate for one prompt; returns text, ids and timings (options as in GenerationOptions)."""
         return self._collect(Generator(self, [prompt], _single(options), prefix=prefix))[0]
+
+    def vote(self, prompt: Prompt, *, n: int = 40, answer_regex: str | None = None, prefix: Prefix | None = None,
+             **options: Unpack[GenerateKwargs]) -> Vote:
+        """Self-consistency: n samples of one prompt (one prefill; temperature 0.7 unless given), each one's
+        answer by answer_regex (its last match, first group if any; default: the last number); the
+        majority answer with the counts and the samples."""
+        return vote(self, prompt, n=n, answer_regex=answer_regex, prefix=prefix, options=options)
 
     @staticmethod
     def _drain(gen: Generator) -> Iterator[Step]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gpt2_onnx import SamplingParams
-from gpt2_onnx.sampling import choose, filter_logits, penalize
+from gpt2_onnx.sampling import choose, filter_logits
 from gpt2_onnx.tokenizer import TextStream
 
 
@@ -49,9 +49,14 @@ def test_sampled_frequencies_match_the_softmax(params):
 
 
 def test_repetition_penalty_math():
-    logits = np.array([2.0, -2.0, 1.0, 0.5])
-    out = penalize(logits, np.array([0, 1, 1]), 2.0)
-    assert out.tolist() == [1.0, -4.0, 1.0, 0.5]
+    from types import SimpleNamespace
+
+    from gpt2_onnx.processors import process
+
+    row = SimpleNamespace(options=SamplingParams(repetition_penalty=2.0), tokens=[1], enders=set(), banned=(),
+                          history=lambda: np.array([0, 1, 1]))
+    out = process(np.array([[2.0, -2.0, 1.0, 0.5]]), [row])
+    assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_k=-2), dict(top_p=0), dict(top_p=1.5),

@@ -130,7 +130,23 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
     ({"prompt": "x", "temperature": "hot"}, "temperature", "temperature: Input should be a valid number"),
     ({"prompt": "x", "temperature": 2.5}, "temperature", "temperature: Input should be less than or equal to 2"),
     ({"prompt": "x", "top_p": 0}, "top_p", "top_p: Input should be greater than 0"),
-    ({"prompt": "x", "n": 17}, "n", "n: Input should be less than or equal to 16"),
+    ({"prompt": "x", "n": 17}, "n", "n asks for 17 sequences of one prompt decoding together but the engine runs at "
+                                    "most 8 (max_batch)"),
+    ({"prompt": "x", "best_of": 9, "n": 2}, "best_of", "best_of asks for 9 sequences"),
+    ({"prompt": "x", "use_beam_search": True, "best_of": 9}, "use_beam_search", "use_beam_search asks for 9"),
+    ({"prompt": "x", "best_of": 1, "n": 2}, "best_of", "best_of must be >= n"),
+    ({"prompt": "x", "best_of": 2, "stream": True}, "best_of", "best_of cannot stream"),
+    ({"prompt": "x", "use_beam_search": True, "stream": True}, "use_beam_search", "use_beam_search cannot stream"),
+    ({"prompt": "x", "use_beam_search": True, "temperature": 0.7}, "temperature", "omit temperature or send 0"),
+    ({"prompt": "x", "use_beam_search": True, "n": 3, "best_of": 2}, "n", "at most num_beams (2) hypotheses"),
+    ({"prompt": "x", "logit_bias": {"x": 1}}, "logit_bias", "keys must be token ids"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias", "values must be in [-100, 100]"),
+    ({"prompt": "x", "logit_bias": {"5000": 1}}, "logit_bias", "outside the vocabulary"),
+    ({"prompt": "x", "presence_penalty": 3}, "presence_penalty", "less than or equal to 2"),
+    ({"prompt": "x", "min_p": 1.5}, "min_p", "less than or equal to 1"),
+    ({"prompt": "x", "min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
+    ({"prompt": "x", "bad_words": [""]}, "bad_words", "non-empty words"),
+    ({"prompt": "x", "early_stopping": "sometimes"}, "early_stopping", "early_stopping"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop strings"),
     ({"prompt": []}, "prompt", "prompt must not be an empty list"),
     ({"prompt": ["x"] * 65}, "prompt", "at most 64 prompts"),
@@ -141,7 +157,6 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
     ({"prompt": "x " * 200, "max_tokens": 1}, "prompt", "n_positions 128"),
     ({"prompt": "x", "stream": "yes"}, "stream", "stream: Input should be a valid boolean"),
     ({"prompt": "x", "logprobs": 21}, "logprobs", "logprobs: Input should be less than or equal to 20"),
-    ({"prompt": "x", "best_of": 2}, "best_of", "best_of=2 is not supported"),
 ])
 def test_bad_requests_get_400_naming_the_field(server, body, param, fragment):
     s, _ = server

@@ -194,9 +194,9 @@ def test_sigterm_during_16_streams_ends_each_with_done_or_an_error_event(tmp_pat
 
 
 def _unread_stream(port: int) -> socket.socket:
-    """A client that sends a big streaming request (8 prompts x n=16, logprobs 20: ~10 MB of events) on a
+    """A client that sends a big streaming request (16 prompts x n=8, logprobs 20: ~10 MB of events) on a
     socket with a small receive buffer, and does not read."""
-    body = json.dumps({"prompt": [f"the quick {i}" for i in range(8)], "n": 16, "max_tokens": 120,
+    body = json.dumps({"prompt": [f"the quick {i}" for i in range(16)], "n": 8, "max_tokens": 120,
                        "logprobs": 20, "temperature": 0, "ignore_eos": True, "stream": True}).encode()
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -207,7 +207,7 @@ def _unread_stream(port: int) -> socket.socket:
 
 
 def test_a_streaming_client_that_never_reads_holds_its_rows_not_memory(tiny):
-    """A stream (8 prompts x n=16, logprobs 20: ~10 MB of events) whose client sends the request and never
+    """A stream (16 prompts x n=8, logprobs 20: ~10 MB of events) whose client sends the request and never
     reads: once the sockets' buffers are full the server stops pulling events and each running sequence
     stops at its engine buffer (held, decoding nothing, its memory bounded). Closing the socket ends the
     request and frees every row for the next one."""

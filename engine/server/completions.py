@@ -68,7 +68,7 @@ class Completion:
                                   usage=usage)
 
     def _head(self, s: Sequence) -> str:  # the text before the completion: the prompt with echo
-        return self.echoed[s.row // self.options.n] if self.body.echo else ""
+        return self.echoed[s.row // self.options.rows] if self.body.echo else ""
 
     def _logprobs(self, s: Sequence, steps: list[Step], at: int, with_prompt: bool) -> LogProbs | None:
         """OpenAI's logprobs of the prompt (with_prompt: echo's first part) and of these steps' tokens, text

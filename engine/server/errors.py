@@ -6,7 +6,9 @@ from gpt2_onnx.errors import Cancelled, InvalidInput, QueueFull, ReadTimeout, Sh
 
 MAX_BODY = 1 << 20  # 1 MiB
 # the library's option names as the completions API calls them
-API_NAMES = {"max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs"}
+API_NAMES = {"max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs", "min_new_tokens": "min_tokens",
+             "num_beams": "use_beam_search",
+             "bad_words_ids": "bad_words", "num_return_sequences": "n"}
 ERRORS = {400: "invalid request (the field is named)", 401: "missing or wrong API key", 404: "unknown model",
           413: "request body over 1 MiB", 429: "queue full (Retry-After)", 500: "generation failed",
           503: "shutting down (Retry-After)"}

@@ -7,7 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gpt2_onnx.tokenizer import check_text
-from gpt2_onnx.types import GenerationOptions, as_prompts
+from gpt2_onnx.errors import InvalidInput
+from gpt2_onnx.types import GREEDY_BELOW, GenerationOptions, as_prompts
 
 MAX_PROMPTS = 64
 MAX_STOPS = 4
@@ -38,7 +39,8 @@ class CompletionRequest(BaseModel):
     top_p: float | None = Field(1.0, gt=0, le=1)
     top_k: int | None = Field(0, ge=0, description="0 = off")
     repetition_penalty: float | None = Field(1.0, ge=0.01, le=100, description="1 = off")
-    n: int | None = Field(1, ge=1, le=16, description="samples per prompt")
+    n: int | None = Field(1, ge=1, description="choices per prompt (with best_of, beams: up to the server's "
+                                                 "--max-batch)")
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings (not returned)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1,
                              description="choice k of a request draws from numpy's default_rng([seed, k])")
@@ -51,11 +53,28 @@ class CompletionRequest(BaseModel):
     echo: bool | None = Field(False, description="return the prompt before the completion (with logprobs: the "
                                                  "prompt tokens' too, the first null); max_tokens 0 scores only")
     logprobs: int | None = Field(None, ge=0, le=20, description="log p of each token, and the N most likely")
-    presence_penalty: float | None = Field(0.0, description="only 0 is supported")
-    frequency_penalty: float | None = Field(0.0, description="only 0 is supported")
-    best_of: int | None = Field(None, description="only 1 is supported")
+    presence_penalty: float | None = Field(0.0, ge=-2, le=2, description="OpenAI's: minus this for each token that "
+                                                                         "was generated")
+    frequency_penalty: float | None = Field(0.0, ge=-2, le=2, description="OpenAI's: minus this x the times a token "
+                                                                          "was generated")
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100], added to its "
+                                                                  "logit")
+    best_of: int | None = Field(None, ge=1, description="sample this many per prompt, return the n with the highest "
+                                                        "cumulative log p (not with stream); with use_beam_search: "
+                                                        "the beam width")
+    min_p: float | None = Field(0.0, ge=0, le=1, description="drop tokens less likely than min_p x the top one")
+    typical_p: float | None = Field(1.0, gt=0, le=1, description="locally typical sampling mass (1 = off)")
+    min_tokens: int | None = Field(0, ge=0, description="eos and stop_token_ids are masked until this many new "
+                                                        "tokens (vLLM's)")
+    no_repeat_ngram_size: int | None = Field(0, ge=0, description="never repeat an n-gram of this size (0 = off)")
+    bad_words: list[str] | None = Field(None, description="words never generated, with or without a leading space "
+                                                          "(vLLM's)")
+    use_beam_search: bool | None = Field(False, description="beam search (vLLM's): width best_of or n, the best n "
+                                                            "returned; not with stream")
+    length_penalty: float | None = Field(1.0, description="beam search: score = sum log p / length ** this")
+    early_stopping: bool | Literal["never"] | None = Field(False, description='beam search: true, false or "never" '
+                                                                             "(transformers' meanings)")
     suffix: str | None = Field(None, description="not supported")
-    logit_bias: dict[str, float] | None = Field(None, description="not supported")
 
     @field_validator("prompt")
     @classmethod
@@ -76,22 +95,10 @@ class CompletionRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(v)}")
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _penalty(cls, v, info):
-        _unsupported(info.field_name, v, (None, 0, 0.0))
-        return v
-
-    @field_validator("best_of")
-    @classmethod
-    def _best_of(cls, v):
-        _unsupported("best_of", v, (None, 1))
-        return v
-
-    @field_validator("suffix", "logit_bias")
+    @field_validator("suffix")
     @classmethod
     def _absent(cls, v, info):
-        _unsupported(info.field_name, v, (None, {}))
+        _unsupported(info.field_name, v, (None,))
         return v
 
     def prompts(self) -> list[str | list[int]]:
@@ -107,12 +114,27 @@ class CompletionRequest(BaseModel):
         def pick(v, default):
             return default if v is None else v
 
-        return GenerationOptions(max_new_tokens=pick(self.max_tokens, 16), temperature=pick(self.temperature, 1.0),
-                                 top_p=pick(self.top_p, 1.0), top_k=pick(self.top_k, 0),
-                                 repetition_penalty=pick(self.repetition_penalty, 1.0), n=pick(self.n, 1),
-                                 stop=self.stop, seed=self.seed, logprobs=self.logprobs,
-                                 stop_token_ids=self.stop_token_ids or (), ignore_eos=bool(self.ignore_eos),
-                                 prompt_logprobs=self.logprobs if self.echo else None)
+        n, best_of, beams = pick(self.n, 1), self.best_of, bool(self.use_beam_search)
+        if self.stream and (beams or (best_of or n) > n):
+            name = "use_beam_search" if beams else "best_of"
+            raise InvalidInput(f"{name} cannot stream: the answers are chosen when every candidate has ended; "
+                               "send stream: false", name)
+        temperature = pick(self.temperature, 1.0)
+        if beams:
+            if "temperature" in self.model_fields_set and temperature >= GREEDY_BELOW:
+                raise InvalidInput("use_beam_search is deterministic: omit temperature or send 0", "temperature")
+            temperature = 0.0
+        return GenerationOptions(
+            max_new_tokens=pick(self.max_tokens, 16), min_new_tokens=pick(self.min_tokens, 0), temperature=temperature,
+            top_p=pick(self.top_p, 1.0), top_k=pick(self.top_k, 0), min_p=pick(self.min_p, 0.0),
+            typical_p=pick(self.typical_p, 1.0), repetition_penalty=pick(self.repetition_penalty, 1.0),
+            presence_penalty=pick(self.presence_penalty, 0.0), frequency_penalty=pick(self.frequency_penalty, 0.0),
+            logit_bias=self.logit_bias, bad_words=tuple(self.bad_words or ()),
+            no_repeat_ngram_size=pick(self.no_repeat_ngram_size, 0), n=n,
+            best_of=None if beams else best_of, num_beams=(best_of or n) if beams else 1,
+            length_penalty=pick(self.length_penalty, 1.0), early_stopping=pick(self.early_stopping, False),
+            stop=self.stop, seed=self.seed, logprobs=self.logprobs, stop_token_ids=self.stop_token_ids or (),
+            ignore_eos=bool(self.ignore_eos), prompt_logprobs=self.logprobs if self.echo else None)
 
 
 FinishReason = Literal["stop", "length"]
