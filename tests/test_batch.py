@@ -26,6 +26,8 @@ ROWS = [
     {"id": "1", "prompt": [5, 6, 7], "max_tokens": 9, "temperature": 0, "stop": ["e"]},
     {"id": "n", "prompt": ["to be", "the lazy"], "max_tokens": 6, "temperature": 0.9, "top_k": 40, "seed": 3, "n": 2},
     {"id": "lp", "prompt": "to be", "max_tokens": 4, "temperature": 0, "logprobs": 2, "echo": True},
+    {"id": "beam", "prompt": "the lazy", "max_tokens": 8, "n": 2, "best_of": 3, "use_beam_search": True,
+     "no_repeat_ngram_size": 2, "presence_penalty": 1.0},
     {"id": "s", "context": "the quick brown", "continuation": " fox"},
     {"id": "s-ids", "context": [], "continuation": [3, 4]},
     {"id": "too-long", "prompt": "x", "max_tokens": 1000},
@@ -47,6 +49,8 @@ def test_every_row_gets_the_servers_answer_and_scores_match_the_engine(tiny, tmp
     assert texts("1") == [engine.generate([5, 6, 7], max_new_tokens=9, stop=["e"]).text]
     assert texts("n") == [r.text for r in engine.generate_batch(["to be", "the lazy"], max_new_tokens=6, temperature=0.9,
                                                                top_k=40, seed=3, n=2)]
+    assert texts("beam") == [r.text for r in engine.generate_batch(["the lazy"], max_new_tokens=8, n=2, num_beams=3,
+                                                                  no_repeat_ngram_size=2, presence_penalty=1.0)]
     lp = got['"lp"']["body"]["choices"][0]
     assert lp["text"].startswith("to be") and len(lp["logprobs"]["top_logprobs"][-1]) == 2
     want = engine.score([("the quick brown", " fox"), ([], [3, 4])])

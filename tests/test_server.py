@@ -77,6 +77,62 @@ def test_sampling_n_and_seed_match_the_engine(server):
     assert [c["text"] for c in a["choices"]] == [w.text for w in want]
 
 
+def test_decoding_controls_answer_as_the_library_does_while_batched_with_other_requests(server):
+    """Beam search (vLLM's use_beam_search: width best_of, the top n), best_of, the processors and min_p/typical_p
+    through the official openai client (extra_body for vLLM's fields), all at once with plain greedy
+    requests: each answer equals the library's."""
+    s, engine = server
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+    prompts = ["the quick", [5, 6, 7], "to be or"]
+    cases = [
+        (dict(n=2, best_of=4, extra_body={"use_beam_search": True, "length_penalty": 0.8}),
+         dict(num_beams=4, n=2, length_penalty=0.8)),
+        (dict(n=3, extra_body={"use_beam_search": True, "early_stopping": True}), dict(num_beams=3, n=3,
+                                                                                      early_stopping=True)),
+        (dict(n=2, best_of=5, temperature=0.9, seed=3), dict(n=2, best_of=5, temperature=0.9, seed=3)),
+        (dict(temperature=0, presence_penalty=1.5, frequency_penalty=0.5, logit_bias={"7": 4.0},
+              extra_body={"no_repeat_ngram_size": 2, "min_tokens": 12, "bad_words": ["the"]}),
+         dict(presence_penalty=1.5, frequency_penalty=0.5, logit_bias={7: 4.0}, no_repeat_ngram_size=2,
+              min_new_tokens=12, bad_words=["the"])),
+        (dict(temperature=0.8, seed=1, extra_body={"min_p": 0.1, "typical_p": 0.8}),
+         dict(temperature=0.8, seed=1, min_p=0.1, typical_p=0.8)),
+    ]
+
+    def ask(case):
+        api, _ = case
+        return client.completions.create(model="tiny", prompt=prompts, max_tokens=14, **{"temperature": 0, **api})
+
+    def plain(i):
+        return post(s.url, {"prompt": [i % 50, 3], "max_tokens": 14, "temperature": 0}).json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(12) as pool:
+        others = [pool.submit(plain, i) for i in range(8)]
+        got = list(pool.map(ask, cases))
+        assert [o.result() for o in others] == [engine.generate([i % 50, 3], max_new_tokens=14).text for i in range(8)]
+    for (api, lib), r in zip(cases, got):
+        want = engine.generate_batch(prompts, max_new_tokens=14, **lib)
+        assert [c.text for c in r.choices] == [w.text for w in want], api
+        assert [c.index for c in r.choices] == list(range(len(want)))
+        assert [c.finish_reason for c in r.choices] == [{"eos": "stop"}.get(w.finish_reason, w.finish_reason)
+                                                        for w in want]
+
+
+def test_n_up_to_max_batch_shares_one_prefill(server, monkeypatch):
+    """n (and best_of, beams) may be as large as --max-batch (8 here); one prompt's rows join together and
+    its prompt runs once."""
+    from gpt2_onnx.model import Model
+
+    s, engine = server
+    runs = []
+    real = Model.run
+    monkeypatch.setattr(Model, "run", lambda self, cache, ids, *a, **k: (runs.append(ids.shape), real(self, cache, ids,
+                                                                                                       *a, **k))[1])
+    r = post(s.url, {"prompt": "the quick brown", "max_tokens": 6, "n": 8, "temperature": 1.0, "seed": 2}).json()
+    assert len(r["choices"]) == 8 and len(runs) == 1 and runs[0][0] == 1  # one prefill of one row
+    want = engine.generate_batch(["the quick brown"], max_new_tokens=6, n=8, temperature=1.0, seed=2)
+    assert [c["text"] for c in r["choices"]] == [w.text for w in want]
+
+
 def test_stop_strings_and_prompt_lists(server):
     s, engine = server
     full = engine.generate("the lazy", max_new_tokens=30).text
