@@ -14,11 +14,16 @@ import time
 import numpy as np
 
 from gpt2_onnx.processors import process
-from gpt2_onnx.sampling import log_softmax
 from gpt2_onnx.sequence import Sequence
 from gpt2_onnx.types import Step
 
 DROPPED = -1.0e9  # transformers' score for a continuation that cannot be kept
+
+
+def log_softmax32(x: np.ndarray) -> np.ndarray:
+    """log_softmax over the last axis in float32."""
+    z = x.astype(np.float32) - x.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 class Group:
@@ -95,8 +100,10 @@ class BeamSearch(Group):
     def advance(self, logits: np.ndarray) -> list[tuple[int, int]]:
         """One step from the running beams' logits (B, V): the next beams, best first."""
         B, V = logits.shape
-        lp = process(log_softmax(logits), self.running)  # processors act on log-probabilities, as in transformers
-        acc = (lp + self.scores[:, None]).reshape(-1)  # (B * V,)
+        lp = log_softmax32(logits)  # fp32, as transformers scores beams
+        if any(w.options.processed for w in self.running):  # on log-probabilities, as in transformers
+            lp = process(lp, self.running, np.float32)
+        acc = (lp + self.scores[:, None].astype(np.float32)).reshape(-1)  # (B * V,)
         top = np.argpartition(-acc, self.keep - 1)[: self.keep]
         top = top[np.argsort(-acc[top], kind="stable")]
         top_lp, parent, token = acc[top], top // V, top % V
@@ -104,6 +111,7 @@ class BeamSearch(Group):
         hits = np.isin(token, self.enders) | (g >= self.max_new)
         seqs = [self.running[k].tokens + [int(t)] for k, t in zip(parent, token)]
 
+        top_lp = top_lp.astype(np.float64)
         run_lp = top_lp + hits * DROPPED
         nxt = np.argsort(-run_lp, kind="stable")[: self.B]
         self.scores = run_lp[nxt]

@@ -54,10 +54,10 @@ def banned_ngrams(history: np.ndarray, n: int) -> np.ndarray:
     return np.unique(grams[hit, -1])
 
 
-def process(scores: np.ndarray, rows: list[Row]) -> np.ndarray:
+def process(scores: np.ndarray, rows: list[Row], dtype: type = np.float64) -> np.ndarray:
     """Each row's processors applied to scores (R, V) (logits, or log-probabilities in beam search);
-    returns a float64 copy. Rows whose options enable no processor come back unchanged."""
-    z = scores.astype(np.float64)  # (R, V)
+    returns a copy in dtype. Rows whose options enable no processor come back unchanged."""
+    z = scores.astype(dtype)  # (R, V)
     active = [i for i, r in enumerate(rows) if r.options.processed]
     if not active:
         return z
