@@ -383,8 +383,9 @@ class Core:
             for j, (k, t) in enumerate(moves):
                 if new[j] is None:
                     new[j] = spare.pop()
+                    shared = common_prefix(np.array(tokens[k]), np.array(new[j].tokens))  # KV already equal
                     self.model.copy_kv(self.pool, old[k].slot, self.pool, new[j].slot,
-                                       int(self.pool.lengths[old[k].slot]))
+                                       int(self.pool.lengths[old[k].slot]), start=len(new[j].context) + shared)
                 new[j].tokens = tokens[k] + [t]
             g.running = new
         except Exception as e:

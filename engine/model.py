@@ -167,15 +167,17 @@ class Model:
         """`run` on rows 0..B-1 returning only the logits (B, K, V): for scoring and tests."""
         return self.run(cache, input_ids, n_new, logits_index)[1]
 
-    def copy_kv(self, src: KVCache, src_row: int, dst: KVCache, dst_row: int, length: int) -> None:
-        """dst row <- the first `length` positions of src row, on the device (no trip through host memory)."""
+    def copy_kv(self, src: KVCache, src_row: int, dst: KVCache, dst_row: int, length: int, start: int = 0) -> None:
+        """dst row <- the first `length` positions of src row, on the device (no trip through host memory).
+        `start`: dst already holds src's first `start` positions (a beam forked from a common ancestor); on
+        the CPU only the rest is copied."""
         if not 0 <= length <= min(src.lengths[src_row], dst.max_length):
             raise ValueError(f"cannot copy {length} positions from a row of {src.lengths[src_row]} into a cache of "
                              f"{dst.max_length}")
         self.transfers["kv_rows"] += 1
         if length and self.kv_copy_mode == "numpy":
             for a, b in zip(src._host, dst._host):
-                b[dst_row, :, :length] = a[src_row, :, :length]  # (nh, length, hs)
+                b[dst_row, :, start:length] = a[src_row, :, start:length]  # (nh, length - start, hs)
         elif length:
             self._copy_graph(src, src_row, dst, dst_row, length)
         dst.lengths[dst_row] = length

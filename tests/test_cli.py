@@ -105,6 +105,15 @@ def test_prompt_from_stdin(tiny):
     (["serve", "-m", "{onnx}", "--max-batch", "0"], "--max-batch must be an integer >= 1"),
     (["serve", "-m", "{onnx}", "--api-key", ""], "--api-key is empty"),
     (["generate", "-m", "{onnx}", "x", "--provider", "cuda"], "provider 'cuda' asked for"),
+    (["generate", "-m", "{onnx}", "x", "--num-beams", "2", "--temperature", "0.5"],
+     "--temperature is not supported with num_beams > 1"),
+    (["generate", "-m", "{onnx}", "x", "--early-stopping", "maybe"], "--early-stopping must be true, false or never"),
+    (["generate", "-m", "{onnx}", "x", "--logit-bias", "7"], "--logit-bias takes TOKEN_ID=BIAS"),
+    (["generate", "-m", "{onnx}", "x", "--logit-bias", "7=300"], "--logit-bias values must be in [-100, 100]"),
+    (["generate", "-m", "{onnx}", "x", "--min-p", "2"], "--min-p must be in [0, 1]"),
+    (["generate", "-m", "{onnx}", "x", "--samples", "3", "--vote", "("], "--vote is not a valid regular expression"),
+    (["generate", "-m", "{onnx}", "x", "--samples", "3", "--vote", "number", "--temperature", "0"],
+     "--temperature must be > 0 to vote"),
 ])
 def test_errors_are_one_clear_line(tiny, tmp_path, args, message):
     import onnxruntime as ort
@@ -199,3 +208,27 @@ def test_hub_ids_are_still_hub_ids():
         check_model_spec(spec)  # not a local path: tried on the Hub, as before
     for spec in ("./gpt2", "../gpt2", "/gpt2", "~/gpt2", "a/b/c", ".gpt2", "a--b", "a..b", "org/", "my model"):
         assert not is_hub_id(spec), spec
+
+
+def test_beam_search_best_of_and_vote_print_the_librarys_answers(tiny):
+    """--num-beams and --best-of print the library's answers (--stats their scores); --vote prints each sample
+    with its answer, then the majority answer and the counts, as Engine.vote finds them."""
+    _, engine, _, onnx_dir = tiny
+    r = cli("generate", "-m", onnx_dir, "the quick", "-n", "8", "--num-beams", "3", "--samples", "2",
+            "--no-repeat-ngram-size", "2", "--stats")
+    assert r.returncode == 0, r.stderr
+    want = engine.generate_batch(["the quick"], max_new_tokens=8, num_beams=3, n=2, no_repeat_ngram_size=2)
+    assert r.stdout == "".join(f"{'' if i == 0 else chr(10)}--- sample {i} ---\nthe quick{w.text}\n"
+                               for i, w in enumerate(want))
+    assert f"score {want[0].score:.4f}" in r.stderr
+    r = cli("generate", "-m", onnx_dir, "to be", "-n", "6", "--best-of", "4", "--temperature", "1", "--seed", "2",
+            "--no-echo")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == engine.generate("to be", max_new_tokens=6, best_of=4, temperature=1.0, seed=2).text + "\n"
+    r = cli("generate", "-m", onnx_dir, "the lazy", "-n", "10", "--samples", "6", "--vote", "(\\w+)", "--seed", "1",
+            "--no-echo")
+    assert r.returncode == 0, r.stderr
+    v = engine.vote("the lazy", n=6, answer_regex=r"(\w+)", max_new_tokens=10, seed=1)
+    assert all(f"[answer: {a}]" in r.stdout for a in v.answers)
+    counts = ", ".join(f"{a} x{c}" for a, c in v.counts.items())
+    assert r.stdout.endswith(f"answer: {v.answer} ({v.counts[v.answer]} of 6 samples; {counts})\n")

@@ -621,3 +621,27 @@ def test_beam_search_and_best_of_do_not_stream(tiny):
     with pytest.raises(ValueError) as e:
         next(iter(engine.stream_batch([[1, 2]], max_new_tokens=3, best_of=3, temperature=1.0, seed=1)))
     assert str(e.value).startswith("best_of "), str(e.value)
+
+
+def test_self_consistency_vote_equals_a_vote_by_hand(tiny):
+    """Engine.vote: the same seeded samples as generate_batch(n=...), each one's answer its last regex match
+    (first group), the majority answer first; the default pattern is the last number, commas dropped."""
+    import re
+    from collections import Counter
+
+    from gpt2_onnx.vote import LAST_NUMBER, answer_of
+
+    _, engine, _, _ = tiny
+    v = engine.vote("the quick", n=12, answer_regex=r"\b(\w)", max_new_tokens=10, temperature=0.9, seed=5)
+    samples = engine.generate_batch(["the quick"], n=12, max_new_tokens=10, temperature=0.9, seed=5)
+    assert [s.token_ids for s in v.samples] == [s.token_ids for s in samples]
+    by_hand = [(re.findall(r"\b(\w)", s.text) or [None])[-1] for s in samples]
+    assert v.answers == by_hand
+    counts = Counter(a for a in by_hand if a is not None)
+    assert v.counts == dict(counts.most_common()) and v.answer == counts.most_common(1)[0][0]
+    assert list(v.counts.values()) == sorted(v.counts.values(), reverse=True)
+    assert answer_of("so 1,200 apples, then 7 and finally -3.5 left", re.compile(LAST_NUMBER)) == "-3.5"
+    assert answer_of("12,345 in all.", re.compile(LAST_NUMBER)) == "12345"
+    assert answer_of("no number", re.compile(LAST_NUMBER)) is None
+    with pytest.raises(ValueError, match="answer_regex is not a valid regular expression"):
+        engine.vote("x", n=2, answer_regex="(")
