@@ -38,17 +38,22 @@ def filter_logits(logits: np.ndarray, p: GenerationOptions) -> tuple[np.ndarray,
     V = z.shape[-1]
     if 0 < p.top_k < V:
         ids = np.argpartition(-z, p.top_k - 1)[: p.top_k]
-    elif p.top_p < 1.0 and V > NUCLEUS_FIRST:
-        ids = _nucleus_candidates(z, p.top_p)
+        zs = z[ids]
+        order = np.argsort(-zs, kind="stable")
+        ids, zs = ids[order], zs[order]
+        e, total = np.exp(zs - zs[0]), None
     else:
-        ids = np.arange(V)
-    zs = z[ids]
-    order = np.argsort(-zs, kind="stable")
-    ids, zs = ids[order], zs[order]
-    finite = int(np.isfinite(zs).sum())  # masked tokens (processors: -inf) are never candidates
-    ids, zs = ids[: max(finite, 1)], zs[: max(finite, 1)]
-    probs = np.exp(zs - zs[0])
-    probs /= probs.sum() if len(ids) == V or 0 < p.top_k < V else _total(z, zs[0])
+        e = np.exp(z - z.max())  # (V,); masked tokens (processors: -inf) get 0
+        total, ids = e.sum(), None
+        if p.top_p < 1.0 and V > NUCLEUS_FIRST:  # the nucleus is usually among the most likely 1024: sort those
+            part = np.argpartition(-z, NUCLEUS_FIRST - 1)[:NUCLEUS_FIRST]
+            ids = part if e[part].sum() >= p.top_p * total * (1 + 1e-9) else None
+        ids = np.arange(V) if ids is None else ids
+        ids = ids[np.argsort(-z[ids], kind="stable")]
+        zs, e = z[ids], e[ids]
+    finite = max(int(np.isfinite(zs).sum()), 1)  # masked tokens are never candidates
+    ids, probs = ids[:finite], e[:finite]
+    probs = probs / (probs.sum() if total is None else total)
     if p.top_p < 1.0:
         # smallest prefix whose mass reaches top_p (the token that crosses it is kept)
         keep = int(np.searchsorted(np.cumsum(probs), p.top_p, side="left")) + 1
@@ -65,21 +70,6 @@ def filter_logits(logits: np.ndarray, p: GenerationOptions) -> tuple[np.ndarray,
         kept[by[0]] = True
         ids, probs = ids[kept], probs[kept] / probs[kept].sum()
     return ids, probs
-
-
-def _total(z: np.ndarray, top: float) -> float:
-    """sum(exp(z - top)) over the whole row (the normaliser of a subset's probabilities)."""
-    return float(np.exp(z - top).sum())
-
-
-def _nucleus_candidates(z: np.ndarray, top_p: float) -> np.ndarray:
-    """The NUCLEUS_FIRST most likely ids when they hold top_p of the mass (sorting only those), else all ids:
-    the same nucleus as sorting the whole vocabulary, at a fraction of the cost."""
-    part = np.argpartition(-z, NUCLEUS_FIRST - 1)[:NUCLEUS_FIRST]
-    top = z[part].max()
-    if np.exp(z[part] - top).sum() >= top_p * _total(z, top) * (1 + 1e-9):
-        return part
-    return np.arange(len(z))
 
 
 def choose(logits: np.ndarray, p: GenerationOptions, rng: np.random.Generator | None,
