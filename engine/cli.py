@@ -184,8 +184,9 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
             _fail(ValueError(f"the prompt on stdin is not valid UTF-8 text ({e.reason} at byte {e.start})"))
         prompt = prompt.replace("\r\n", "\n").replace("\r", "\n")  # newlines as text-mode stdin reads them
     _check_utf8("PROMPT", prompt)
-    for s in [*(stop or []), *(bad_word or [])]:
-        _check_utf8("--stop / --bad-word", s)
+    for flag, texts in (("--stop", stop), ("--bad-word", bad_word)):
+        for s in texts or []:
+            _check_utf8(flag, s)
     options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, top_k=top_k, top_p=top_p,
                    min_p=min_p, typical_p=typical_p, repetition_penalty=repetition_penalty,
                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
