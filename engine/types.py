@@ -126,7 +126,8 @@ class GenerationOptions:
              "in [-2, 2] (0 = off)"),
             ("no_repeat_ngram_size", _int(self.no_repeat_ngram_size) and self.no_repeat_ngram_size >= 0,
              "an integer >= 0 (0 = off)"),
-            ("length_penalty", _number(self.length_penalty), "a finite number (1 = score / length)"),
+            ("length_penalty", _number(self.length_penalty) and -50 <= self.length_penalty <= 50,
+             "in [-50, 50] (1 = score / length)"),
             ("early_stopping", isinstance(self.early_stopping, bool) or self.early_stopping == "never",
              'true, false or "never"'),
             ("seed", self.seed is None or (_int(self.seed) and self.seed >= 0), "a non-negative integer"),
@@ -163,6 +164,9 @@ class GenerationOptions:
             raise option_error("num_return_sequences", f"is another name for n: got n={n} and "
                                                        f"num_return_sequences={r}; give one")
         rows = self.rows
+        if self.min_new_tokens > self.max_new_tokens:
+            raise option_error("min_new_tokens", f"must not exceed the most new tokens asked for, got "
+                                                 f"{self.min_new_tokens} > {self.max_new_tokens}")
         if self.best_of is not None and self.best_of < rows:
             raise option_error("best_of", f"must be >= n (the sequences returned), got best_of={self.best_of}, n={rows}")
         if self.num_beams > 1:

@@ -587,6 +587,7 @@ def test_best_of_returns_the_most_likely_samples(tiny):
     (dict(num_beams=2, n=3), "n"), (dict(num_beams=2, best_of=2), "best_of"),
     (dict(num_beams=2, stop=["x"]), "stop"), (dict(num_beams=2, logprobs=0), "logprobs"),
     (dict(early_stopping="sometimes"), "early_stopping"), (dict(length_penalty=float("nan")), "length_penalty"),
+    (dict(length_penalty=2000.0), "length_penalty"), (dict(min_new_tokens=9, max_new_tokens=8), "min_new_tokens"),
     (dict(logit_bias={"x": 1}), "logit_bias"), (dict(logit_bias={3: 101}), "logit_bias"),
     (dict(logit_bias={-1: 1}), "logit_bias"), (dict(logit_bias=[1, 2]), "logit_bias"),
     (dict(bad_words_ids=[[]]), "bad_words_ids"), (dict(bad_words_ids=[[1, -2]]), "bad_words_ids"),

@@ -203,6 +203,8 @@ def test_client_disconnect_mid_stream_frees_its_slot(server):
     ({"prompt": "x", "min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
     ({"prompt": "x", "bad_words": [""]}, "bad_words", "non-empty words"),
     ({"prompt": "x", "early_stopping": "sometimes"}, "early_stopping", "early_stopping"),
+    ({"prompt": "x", "use_beam_search": True, "length_penalty": 2000}, "length_penalty", "less than or equal to 50"),
+    ({"prompt": "x", "min_tokens": 20, "max_tokens": 5}, "min_tokens", "min_tokens must not exceed the most new tokens"),
     ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4 stop strings"),
     ({"prompt": []}, "prompt", "prompt must not be an empty list"),
     ({"prompt": ["x"] * 65}, "prompt", "at most 64 prompts"),

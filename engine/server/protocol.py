@@ -71,7 +71,8 @@ class CompletionRequest(BaseModel):
                                                           "(vLLM's)")
     use_beam_search: bool | None = Field(False, description="beam search (vLLM's): width best_of or n, the best n "
                                                             "returned; not with stream")
-    length_penalty: float | None = Field(1.0, description="beam search: score = sum log p / length ** this")
+    length_penalty: float | None = Field(1.0, ge=-50, le=50, description="beam search: score = sum log p / "
+                                                                          "length ** this")
     early_stopping: bool | Literal["never"] | None = Field(False, description='beam search: true, false or "never" '
                                                                              "(transformers' meanings)")
     suffix: str | None = Field(None, description="not supported")
