@@ -14,16 +14,11 @@ import time
 import numpy as np
 
 from gpt2_onnx.processors import process
+from gpt2_onnx.sampling import log_softmax
 from gpt2_onnx.sequence import Sequence
 from gpt2_onnx.types import Step
 
 DROPPED = -1.0e9  # transformers' score for a continuation that cannot be kept
-
-
-def log_softmax32(x: np.ndarray) -> np.ndarray:
-    """log_softmax over the last axis in float32."""
-    z = x.astype(np.float32) - x.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
 class Group:
@@ -100,7 +95,7 @@ class BeamSearch(Group):
     def advance(self, logits: np.ndarray) -> list[tuple[int, int]]:
         """One step from the running beams' logits (B, V): the next beams, best first."""
         B, V = logits.shape
-        lp = log_softmax32(logits)  # fp32, as transformers scores beams
+        lp = log_softmax(logits, np.float32)  # fp32, as transformers scores beams
         if any(w.options.processed for w in self.running):  # on log-probabilities, as in transformers
             lp = process(lp, self.running, np.float32)
         acc = (lp + self.scores[:, None].astype(np.float32)).reshape(-1)  # (B * V,)

@@ -26,7 +26,7 @@ class Row(Protocol):
     def history(self) -> np.ndarray: ...  # (L,) the real context ids and the new tokens
 
 
-def _scatter(z: np.ndarray, rows: list[int], cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def _scatter(rows: list[int], cols: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Flat (row index, column index) arrays for per-row column lists."""
     r = np.concatenate([np.full(len(c), i, np.int64) for i, c in zip(rows, cols)]) if rows else np.empty(0, np.int64)
     c = np.concatenate(cols).astype(np.int64) if rows else np.empty(0, np.int64)
@@ -45,7 +45,7 @@ def banned_words(row: Row, history: np.ndarray) -> list[int]:
 
 def banned_ngrams(history: np.ndarray, n: int) -> np.ndarray:
     """Tokens that would repeat an n-gram of the history (transformers' NoRepeatNGramLogitsProcessor)."""
-    if len(history) + 1 < n or len(history) < n:
+    if len(history) < n:
         return np.empty(0, np.int64)
     if n == 1:
         return np.unique(history)
@@ -61,11 +61,12 @@ def process(scores: np.ndarray, rows: list[Row], dtype: type = np.float64) -> np
     active = [i for i, r in enumerate(rows) if r.options.processed]
     if not active:
         return z
-    hist = {i: rows[i].history() for i in active}
+    hist = {i: rows[i].history() for i in active  # only the processors that look at the whole history
+            if rows[i].options.repetition_penalty != 1.0 or rows[i].banned or rows[i].options.no_repeat_ngram_size}
 
     pen = [i for i in active if rows[i].options.repetition_penalty != 1.0]
     if pen:
-        ri, ci = _scatter(z, pen, [np.unique(hist[i]) for i in pen])
+        ri, ci = _scatter(pen, [np.unique(hist[i]) for i in pen])
         p = np.array([rows[i].options.repetition_penalty for i in pen])[np.searchsorted(pen, ri)]
         v = z[ri, ci]
         z[ri, ci] = np.where(v < 0, v * p, v / p)
@@ -79,7 +80,7 @@ def process(scores: np.ndarray, rows: list[Row], dtype: type = np.float64) -> np
 
     biased = [i for i in active if rows[i].options.logit_bias]
     if biased:
-        ri, ci = _scatter(z, biased, [np.fromiter(rows[i].options.logit_bias, np.int64) for i in biased])
+        ri, ci = _scatter(biased, [np.fromiter(rows[i].options.logit_bias, np.int64) for i in biased])
         z[ri, ci] += np.concatenate([np.fromiter(rows[i].options.logit_bias.values(), np.float64) for i in biased])
 
     masks: list[tuple[int, np.ndarray]] = []
@@ -92,6 +93,6 @@ def process(scores: np.ndarray, rows: list[Row], dtype: type = np.float64) -> np
         if o.no_repeat_ngram_size:
             masks.append((i, banned_ngrams(hist[i], o.no_repeat_ngram_size)))
     if masks:
-        ri, ci = _scatter(z, [i for i, _ in masks], [c for _, c in masks])
+        ri, ci = _scatter([i for i, _ in masks], [c for _, c in masks])
         z[ri, ci] = -np.inf
     return z

@@ -11,8 +11,8 @@ if TYPE_CHECKING:
     from gpt2_onnx.types import GenerationOptions
 
 
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
+def log_softmax(x: np.ndarray, dtype: type = np.float64) -> np.ndarray:
+    x = x.astype(dtype) - x.max(axis=-1, keepdims=True)
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 

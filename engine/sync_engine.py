@@ -40,7 +40,7 @@ def _streamable(options: GenerationOptions) -> GenerationOptions:
     if options.num_beams > 1:
         raise option_error("num_beams", "> 1 cannot stream (beams change until the search ends); use generate or "
                                         "generate_batch")
-    if options.width > options.rows:
+    if options.grouped:
         raise option_error("best_of", "cannot stream (the best samples are known only at the end); use generate or "
                                       "generate_batch")
     return options
@@ -113,10 +113,11 @@ class Engine:
             raise InvalidInput(f"this prefix was computed by another model (weights {prefix.model or '?'}, this "
                              f"engine's {self.config.weights_digest or '?'}); compute it with this engine's prefill",
                                "prefix")
-        bad = [t for t in options.stop_token_ids if t >= self.config.vocab_size]
-        if bad:
-            raise option_error("stop_token_ids", f"has ids {bad[:5]} outside the vocabulary [0, "
-                                                 f"{self.config.vocab_size})")
+        for name, ids in (("stop_token_ids", options.stop_token_ids), ("logit_bias", options.logit_bias or ()),
+                          ("bad_words_ids", [t for w in options.bad_words_ids for t in w])):
+            bad = [t for t in dict.fromkeys(ids) if t >= self.config.vocab_size]
+            if bad:
+                raise option_error(name, f"has ids {bad[:5]} outside the vocabulary [0, {self.config.vocab_size})")
         before = len(prefix.token_ids) if prefix is not None else 0
         contexts = []
         for p in prompts:
@@ -124,8 +125,7 @@ class Engine:
             self.check_length(len(ids), options.max_new_tokens, before)
             contexts.append(list(prefix.token_ids) + ids if prefix is not None else ids)
         banned = self.bad_words(options)
-        rows, width = options.rows, options.width
-        grouped = options.num_beams > 1 or width > rows
+        rows, width, grouped = options.rows, options.width, options.grouped
 
         def seq(c: list[int], row: int) -> Seq:
             return Seq(c, options, row=row, eos_token_id=self.config.eos_token_id, tokenizer=self.tokenizer,
@@ -151,12 +151,6 @@ class Engine:
                 t = tuple(self.tokenizer.encode(text))
                 if t and t not in ids:
                     ids.append(t)
-        bad = sorted({t for w in ids for t in w if t >= self.config.vocab_size})
-        if bad:
-            raise option_error("bad_words_ids", f"has ids {bad[:5]} outside the vocabulary [0, {self.config.vocab_size})")
-        bias = [t for t in (options.logit_bias or {}) if t >= self.config.vocab_size]
-        if bias:
-            raise option_error("logit_bias", f"has ids {bias[:5]} outside the vocabulary [0, {self.config.vocab_size})")
         return tuple(ids)
 
     # ---- generation -------------------------------------------------------------------------

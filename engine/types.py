@@ -200,6 +200,11 @@ class GenerationOptions:
         return self.num_beams if self.num_beams > 1 else max(self.best_of or 1, self.rows)
 
     @property
+    def grouped(self) -> bool:
+        """Beam search or best_of: the rows returned are chosen among more when all have ended (no streaming)."""
+        return self.num_beams > 1 or self.width > self.rows
+
+    @property
     def processed(self) -> bool:
         """A logits processor is active (the row's logits must come to the host, greedy or not)."""
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0

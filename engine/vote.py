@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gpt2_onnx.errors import option_error
-from gpt2_onnx.types import GenerationResult
+from gpt2_onnx.types import GREEDY_BELOW, GenerationOptions, GenerationResult
 
 if TYPE_CHECKING:
     from gpt2_onnx.sync_engine import Engine, Prompt
@@ -51,10 +51,8 @@ def compile_answer(answer_regex: str | None) -> re.Pattern:
 def vote(engine: Engine, prompt: Prompt, *, n: int, answer_regex: str | None, prefix: Prefix | None,
          options: dict) -> Vote:
     pattern = compile_answer(answer_regex)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise option_error("n", f"must be an integer >= 1 (the samples to vote over), got {n!r}")
     options = {"temperature": 0.7, **options}
-    if options["temperature"] < 1e-5 and n > 1:
+    if GenerationOptions(n=n, **options).temperature < GREEDY_BELOW and n > 1:
         raise option_error("temperature", "must be > 0 to vote: greedy samples are all the same")
     samples = engine.generate_batch([prompt], prefix=prefix, n=n, **options)
     answers = [answer_of(s.text, pattern) for s in samples]

@@ -116,16 +116,12 @@ class CompletionRequest(BaseModel):
             return default if v is None else v
 
         n, best_of, beams = pick(self.n, 1), self.best_of, bool(self.use_beam_search)
-        if self.stream and (beams or (best_of or n) > n):
-            name = "use_beam_search" if beams else "best_of"
-            raise InvalidInput(f"{name} cannot stream: the answers are chosen when every candidate has ended; "
-                               "send stream: false", name)
         temperature = pick(self.temperature, 1.0)
         if beams:
             if "temperature" in self.model_fields_set and temperature >= GREEDY_BELOW:
                 raise InvalidInput("use_beam_search is deterministic: omit temperature or send 0", "temperature")
             temperature = 0.0
-        return GenerationOptions(
+        options = GenerationOptions(
             max_new_tokens=pick(self.max_tokens, 16), min_new_tokens=pick(self.min_tokens, 0), temperature=temperature,
             top_p=pick(self.top_p, 1.0), top_k=pick(self.top_k, 0), min_p=pick(self.min_p, 0.0),
             typical_p=pick(self.typical_p, 1.0), repetition_penalty=pick(self.repetition_penalty, 1.0),
@@ -136,6 +132,11 @@ class CompletionRequest(BaseModel):
             length_penalty=pick(self.length_penalty, 1.0), early_stopping=pick(self.early_stopping, False),
             stop=self.stop, seed=self.seed, logprobs=self.logprobs, stop_token_ids=self.stop_token_ids or (),
             ignore_eos=bool(self.ignore_eos), prompt_logprobs=self.logprobs if self.echo else None)
+        if self.stream and (beams or options.grouped):
+            name = "use_beam_search" if beams else "best_of"
+            raise InvalidInput(f"{name} cannot stream: the answers are chosen when every candidate has ended; "
+                               "send stream: false", name)
+        return options
 
 
 FinishReason = Literal["stop", "length"]
