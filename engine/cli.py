@@ -27,7 +27,18 @@ FLAGS = {"max_new_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--t
          "logit_bias": "--logit-bias", "bad_words": "--bad-word", "bad_words_ids": "--bad-word",
          "no_repeat_ngram_size": "--no-repeat-ngram-size", "num_beams": "--num-beams", "length_penalty": "--length-penalty",
          "early_stopping": "--early-stopping", "best_of": "--best-of", "answer_regex": "--vote",
-         "num_return_sequences": "--samples"}
+         "num_return_sequences": "--samples", "json_schema": "--json-schema", "json_object": "--json-object",
+         "regex": "--regex", "choice": "--choice", "grammar": "--grammar"}
+
+
+def _read_text(flag: str, path: Optional[Path]) -> Optional[str]:
+    """A flag's file as text (None without the flag); one line and exit 2 when it cannot be read."""
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        _fail(ValueError(f"cannot read {flag} {path}: {getattr(e, 'strerror', None) or e}"))
 
 
 def _fail(e: Exception, flags: dict[str, str] = FLAGS) -> None:
@@ -164,6 +175,14 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
                                                            "any); 'number' = the last number"),
              seed: Optional[int] = typer.Option(None, help="seed for reproducible sampling"),
              stop: Optional[list[str]] = typer.Option(None, help="stop string (repeatable); not printed"),
+             json_schema: Optional[Path] = typer.Option(None, help="structured output: a JSON Schema file the "
+                                                                   "output follows (compact JSON)"),
+             json_object: bool = typer.Option(False, "--json-object", help="structured output: any JSON object"),
+             regex: Optional[str] = typer.Option(None, help="structured output: the whole output matches this regex"),
+             choice: Optional[list[str]] = typer.Option(None, help="structured output: one of these strings "
+                                                                   "(repeatable)"),
+             grammar: Optional[Path] = typer.Option(None, help="structured output: a grammar file (llguidance's "
+                                                               "Lark syntax, or GBNF)"),
              provider: str = typer.Option("auto", help="auto | cpu | cuda"),
              threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)"),
              prefix_adapter: Optional[Path] = typer.Option(None, help="a peft prefix-tuning adapter to generate after"),
@@ -184,10 +203,14 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
             _fail(ValueError(f"the prompt on stdin is not valid UTF-8 text ({e.reason} at byte {e.start})"))
         prompt = prompt.replace("\r\n", "\n").replace("\r", "\n")  # newlines as text-mode stdin reads them
     _check_utf8("PROMPT", prompt)
-    for flag, texts in (("--stop", stop), ("--bad-word", bad_word)):
+    for flag, texts in (("--stop", stop), ("--bad-word", bad_word), ("--regex", [regex] if regex else []),
+                        ("--choice", choice)):
         for s in texts or []:
             _check_utf8(flag, s)
-    options = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, top_k=top_k, top_p=top_p,
+    constraint = dict(json_schema=_read_text("--json-schema", json_schema), json_object=json_object, regex=regex,
+                      choice=choice or None, grammar=_read_text("--grammar", grammar))
+    options = dict(**{k: v for k, v in constraint.items() if v not in (None, False)},
+                   max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, top_k=top_k, top_p=top_p,
                    min_p=min_p, typical_p=typical_p, repetition_penalty=repetition_penalty,
                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
                    logit_bias=_logit_bias(logit_bias), bad_words=tuple(bad_word or ()),

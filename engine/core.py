@@ -16,6 +16,7 @@ from collections.abc import Sequence as Seq
 
 import numpy as np
 
+from gpt2_onnx.constraints import prefetch
 from gpt2_onnx.groups import BeamSearch
 from gpt2_onnx.model import DecodeStep, Model
 from gpt2_onnx.prefix_cache import PrefixCache, common_prefix
@@ -334,13 +335,16 @@ class Core:
         tokens = np.array([s.tokens[-1] if s.tokens else 0 for s in seqs], np.int64)
         hold = np.array([s.held or s.done for s in seqs])
         want = np.array([i for i, s in enumerate(seqs) if s.needs_logits and not hold[i]], np.int64)
+        masks = prefetch([seqs[i].constraint for i in want if seqs[i].constraint is not None])  # beside the graph
         try:
             nxt, lg = self.decoder(tokens, want, hold=hold) if hold.any() else self.decoder(tokens, want)
         except Exception as e:
+            masks()
             for s in seqs:
                 if not s.done:
                     self._fail(s, e, events)
             return
+        masks()
         rows = {int(i): k for k, i in enumerate(want)}
         scored = [seqs[i] for i in want]
         try:  # every row's processors at once
@@ -387,6 +391,10 @@ class Core:
                     self.model.copy_kv(self.pool, old[k].slot, self.pool, new[j].slot,
                                        int(self.pool.lengths[old[k].slot]), start=len(new[j].context) + shared)
                 new[j].tokens = tokens[k] + [t]
+            if old[0].constraint is not None:  # each beam's constraint: its parent's, advanced by its token
+                states = [old[k].constraint.child(t) for k, t in moves]
+                for w, c in zip(new, states):
+                    w.constraint = c
             g.running = new
         except Exception as e:
             for w in g.workers:

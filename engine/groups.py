@@ -104,6 +104,8 @@ class BeamSearch(Group):
         top_lp, parent, token = acc[top], top // V, top % V
         g = self.generated + 1  # new tokens in these continuations
         hits = np.isin(token, self.enders) | (g >= self.max_new)
+        if self.running[0].constraint is not None:  # a continuation that completes its constraint ends there
+            hits |= [self.running[k].constraint.completes(int(t)) for k, t in zip(parent, token)]
         seqs = [self.running[k].tokens + [int(t)] for k, t in zip(parent, token)]
 
         top_lp = top_lp.astype(np.float64)

@@ -1,7 +1,7 @@
 """Logits processors of the one core, applied to the rows of a step together, in GenerationOptions' order:
 repetition_penalty, presence and frequency penalties, logit_bias, bad words, min_new_tokens,
-no_repeat_ngram_size. Definitions are transformers' (RepetitionPenalty, NoBadWords, MinNewTokensLength,
-NoRepeatNGram logits processors) and OpenAI's (presence/frequency over the new tokens, logit_bias).
+no_repeat_ngram_size, and last a structured-output constraint's mask. Definitions are transformers'
+(RepetitionPenalty, NoBadWords, MinNewTokensLength, NoRepeatNGram logits processors) and OpenAI's (presence/frequency over the new tokens, logit_bias).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 if TYPE_CHECKING:
+    from gpt2_onnx.constraints import Constraint
     from gpt2_onnx.types import GenerationOptions
 
 
@@ -22,6 +23,7 @@ class Row(Protocol):
     tokens: list[int]  # new tokens
     enders: set[int]  # eos (unless ignore_eos) and stop_token_ids
     banned: tuple[tuple[int, ...], ...]  # bad words as token id sequences
+    constraint: Constraint | None  # structured output: the tokens allowed next
 
     def history(self) -> np.ndarray: ...  # (L,) the real context ids and the new tokens
 
@@ -95,4 +97,7 @@ def process(scores: np.ndarray, rows: list[Row], dtype: type = np.float64) -> np
     if masks:
         ri, ci = _scatter([i for i, _ in masks], [c for _, c in masks])
         z[ri, ci] = -np.inf
+    for i in active:  # structured output: what the constraint does not allow, last, so nothing lifts it
+        if rows[i].constraint is not None:
+            z[i, ~rows[i].constraint.allowed()] = -np.inf
     return z

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence as Seq
 
 import numpy as np
 
+from gpt2_onnx.constraints import Constraint
 from gpt2_onnx.processors import process
 from gpt2_onnx.sampling import choose, log_softmax, top_n
 from gpt2_onnx.tokenizer import TextStream, Tokenizer
@@ -52,9 +53,11 @@ class Sequence:
 
     def __init__(self, context: list[int], options: GenerationOptions, *, row: int, eos_token_id: int | None,
                  tokenizer: Tokenizer | None = None, on_step: Callable[[Step], None] | None = None,
-                 prefix: Prefix | None = None, banned: tuple[tuple[int, ...], ...] = ()):
+                 prefix: Prefix | None = None, banned: tuple[tuple[int, ...], ...] = (),
+                 constraint: Constraint | None = None):
         self.context, self.options, self.row = context, options, row
         self.banned = banned  # bad words as token id sequences
+        self.constraint = constraint  # structured output: the tokens allowed next, advanced by push
         self.group = None  # the Group (beam search, best_of) it decodes for, if any
         self.workers = [self]  # the sequences the core runs for this one (its group's, once per group)
         self.join = 1  # this and the next join - 1 waiting sequences join the core in one step (0: follows one)
@@ -139,10 +142,11 @@ class Sequence:
                 self.prompt_top_logprobs.append(top_n(row, n))
 
     def push(self, tok: int) -> Step:
-        """Append a token and apply the finish rule: a stop string, then eos / a stop token id, then
-        max_new_tokens. An eos or stop token id adds no text."""
+        """Append a token and apply the finish rule: a stop string, then eos / a stop token id, then a
+        complete constraint ("stop"), then max_new_tokens. An eos or stop token id adds no text."""
         self.tokens.append(tok)
         delta, hit = "", False
+        complete = self.constraint is not None and self.constraint.advance(tok)
         ender = tok in self.enders
         if self.stream is not None and not ender:
             delta, hit = self.stop.push(self.stream.push(tok))
@@ -150,6 +154,8 @@ class Sequence:
             self.finish_reason = "stop"
         elif ender:
             self.finish_reason = "eos" if tok == self.eos_token_id else "stop"
+        elif complete:
+            self.finish_reason = "stop"
         elif len(self.tokens) >= self.options.max_new_tokens:
             self.finish_reason = "length"
         if self.finish_reason and not hit and self.stream is not None:  # text held back until now

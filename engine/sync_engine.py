@@ -13,6 +13,7 @@ import numpy as np
 from typing_extensions import Unpack
 
 from gpt2_onnx import config as C
+from gpt2_onnx.constraints import Grammars
 from gpt2_onnx.errors import ContextTooLong, InvalidInput, option_error
 from gpt2_onnx.generator import Generator
 from gpt2_onnx.groups import BeamSearch, BestOf
@@ -51,6 +52,7 @@ class Engine:
 
     def __init__(self, folder: Path, cfg: C.ModelConfig, model: Model, tokenizer: Tokenizer):
         self.folder, self.config, self.model, self.tokenizer = folder, cfg, model, tokenizer
+        self.grammars = Grammars(tokenizer.to_json, cfg.vocab_size, cfg.eos_token_id)  # structured output
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, provider: str = "auto", threads: int | None = None,
@@ -125,11 +127,13 @@ class Engine:
             self.check_length(len(ids), options.max_new_tokens, before)
             contexts.append(list(prefix.token_ids) + ids if prefix is not None else ids)
         banned = self.bad_words(options)
+        grammar = self.grammars.compile(options)
         rows, width, grouped = options.rows, options.width, options.grouped
 
         def seq(c: list[int], row: int) -> Seq:
             return Seq(c, options, row=row, eos_token_id=self.config.eos_token_id, tokenizer=self.tokenizer,
-                       prefix=prefix, banned=banned)
+                       prefix=prefix, banned=banned,
+                       constraint=self.grammars.constraint(grammar) if grammar is not None else None)
 
         out = []
         for p, c in enumerate(contexts):

@@ -43,6 +43,10 @@ class Tokenizer:
         """Ids the tokenizer can produce (added tokens included)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def to_json(self) -> str:
+        """The tokenizer as tokenizer.json text (what llguidance builds its own from)."""
+        return self._tok.to_str()
+
     def encode(self, text: str) -> list[int]:
         if len(text) > 4096:  # encode_batch releases the GIL: a long text does not stall other threads
             return self._tok.encode_batch([text], add_special_tokens=False)[0].ids

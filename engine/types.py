@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -48,6 +49,12 @@ class GenerationOptions:
     return the n with the highest cumulative log p. num_beams > 1: beam search (greedy, as in
     transformers) with length_penalty and early_stopping (True, False or "never"); the n best
     hypotheses are returned, each with its score.
+    Structured output (at most one; needs the `structured` extra, llguidance): json_schema (a JSON Schema,
+    dict or text; compact JSON, no free whitespace), json_object (any JSON object), regex (the whole output
+    matches it), choice (one of these strings), grammar (llguidance's Lark syntax, or GBNF). Tokens the
+    constraint does not allow are masked before every selection (greedy, samplers, processors, beams);
+    a sequence whose constraint is complete ends with finish_reason "stop"; max_new_tokens may end it
+    first ("length": the output is then incomplete).
     """
 
     max_new_tokens: int = 64
@@ -76,6 +83,11 @@ class GenerationOptions:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    json_schema: Mapping | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
         stop = self.stop
@@ -104,6 +116,7 @@ class GenerationOptions:
             raise option_error("bad_words", f"must be a list of non-empty words, got {self.bad_words!r}")
         object.__setattr__(self, "bad_words", bad)
         self._check_bias()
+        self._check_constraint()
         checks = [
             ("max_new_tokens", _int(self.max_new_tokens) and self.max_new_tokens >= 0, "an integer >= 0"),
             ("min_new_tokens", _int(self.min_new_tokens) and self.min_new_tokens >= 0, "an integer >= 0"),
@@ -158,6 +171,33 @@ class GenerationOptions:
             out[int(tid)] = float(v)
         object.__setattr__(self, "logit_bias", MappingProxyType(out))
 
+    def _check_constraint(self) -> None:
+        from gpt2_onnx.constraints import ANY_OBJECT, schema_text
+
+        if self.json_schema is not None:
+            object.__setattr__(self, "json_schema", schema_text(self.json_schema))
+        if self.choice is not None:
+            choice = tuple(self.choice) if isinstance(self.choice, (list, tuple)) else ()
+            if not choice or not all(isinstance(c, str) and c for c in choice):
+                raise option_error("choice", f"must be a non-empty list of non-empty strings, got {self.choice!r}")
+            object.__setattr__(self, "choice", choice)
+        if not isinstance(self.json_object, bool):
+            raise option_error("json_object", f"must be true or false, got {self.json_object!r}")
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, str) and v.strip()):
+                raise option_error(name, f"must be a non-empty string, got {v!r}")
+        given = [name for name in ("json_schema", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, name) not in (None, False)]
+        if len(given) > 1:
+            raise option_error(given[1], "cannot be combined with another constraint: give one of json_schema, "
+                                         "json_object, regex, choice, grammar")
+        key = (("json", self.json_schema) if self.json_schema is not None else ("json", ANY_OBJECT) if self.json_object
+               else ("regex", self.regex) if self.regex is not None
+               else ("choice", json.dumps(list(self.choice))) if self.choice is not None
+               else ("grammar", self.grammar) if self.grammar is not None else None)
+        object.__setattr__(self, "_constraint", key)  # not a field: derived from the five above
+
     def _check_combinations(self) -> None:
         n, r = self.n, self.num_return_sequences
         if n != 1 and r != 1 and n != r:
@@ -205,9 +245,15 @@ class GenerationOptions:
         return self.num_beams > 1 or self.width > self.rows
 
     @property
+    def constraint(self) -> tuple[str, str] | None:
+        """(kind, text) of the structured-output constraint (kind json | regex | choice | grammar), or None."""
+        return self._constraint
+
+    @property
     def processed(self) -> bool:
-        """A logits processor is active (the row's logits must come to the host, greedy or not)."""
-        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0 or self.frequency_penalty != 0
+        """A logits processor or a constraint is active (the row's logits come to the host, greedy or not)."""
+        return (self.constraint is not None or self.repetition_penalty != 1.0 or self.presence_penalty != 0
+                or self.frequency_penalty != 0
                 or self.logit_bias is not None or bool(self.bad_words_ids or self.bad_words)
                 or self.min_new_tokens > 0 or self.no_repeat_ngram_size > 0)
 
@@ -241,6 +287,11 @@ class GenerateKwargs(TypedDict, total=False):
     num_beams: int
     length_penalty: float
     early_stopping: bool | str
+    json_schema: Mapping | str | None
+    json_object: bool
+    regex: str | None
+    choice: Sequence[str] | None
+    grammar: str | None
 
 
 OPTION_NAMES = tuple(f.name for f in fields(GenerationOptions))

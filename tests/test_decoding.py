@@ -48,6 +48,7 @@ class Row:
     tokens: list[int]
     enders: set[int] = field(default_factory=lambda: {EOS})
     banned: tuple[tuple[int, ...], ...] = ()
+    constraint: None = None
 
     def history(self) -> np.ndarray:
         return np.array(self.prompt + self.tokens, np.int64)

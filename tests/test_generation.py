@@ -54,7 +54,7 @@ def test_repetition_penalty_math():
     from gpt2_onnx.processors import process
 
     row = SimpleNamespace(options=SamplingParams(repetition_penalty=2.0), tokens=[1], enders=set(), banned=(),
-                          history=lambda: np.array([0, 1, 1]))
+                          constraint=None, history=lambda: np.array([0, 1, 1]))
     out = process(np.array([[2.0, -2.0, 1.0, 0.5]]), [row])
     assert out.tolist() == [[1.0, -4.0, 1.0, 0.5]]
 

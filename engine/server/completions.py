@@ -184,7 +184,7 @@ async def start(served: Served, body: CompletionRequest) -> Completion:
         request = await asyncio.get_running_loop().run_in_executor(
             None, lambda: served.llm.submit(prompts, options, prefix=prefix))
     except Exception as e:
-        raise ApiError.of(e) from e
+        raise ApiError.of(e, body.option_names()) from e
     tok = served.llm.engine.tokenizer
     echoed = ([p if isinstance(p, str) else tok.decode(list(p)) for p in prompts] if body.echo else [])
     return Completion(served, body, request, echoed)

@@ -31,13 +31,14 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
     @classmethod
-    def of(cls, e: Exception) -> "ApiError":
-        """The answer for an exception from the engine: bad input 400 (its option by the API's name), a full
-        queue 429, shutting down 503, anything else a failed generation 500."""
+    def of(cls, e: Exception, names: dict[str, str] | None = None) -> "ApiError":
+        """The answer for an exception from the engine: bad input 400 (its option by the API's name, or by
+        `names`: the request's own), a full queue 429, shutting down 503, anything else a failed generation 500."""
         if isinstance(e, ApiError):
             return e
         if isinstance(e, InvalidInput):
-            return cls(400, e.named(API_NAMES), API_NAMES.get(e.param, e.param))
+            names = {**API_NAMES, **(names or {})}
+            return cls(400, e.named(names), names.get(e.param, e.param))
         if isinstance(e, QueueFull):
             return cls(429, f"server busy: {e}", kind="rate_limit_error", headers={"Retry-After": "1"})
         if isinstance(e, ReadTimeout):
@@ -61,6 +62,9 @@ def validation_error(errors: list[dict], fields: list[str]) -> ApiError:
         return ApiError(400, f"request body is not valid JSON: {e.get('ctx', {}).get('error', msg)}{where}")
     if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
         return ApiError(400, "the request body must be a JSON object")
+    if kind == "extra_forbidden" and len(loc) > 1:  # inside an object field (structured_outputs, response_format)
+        path = ".".join(str(x) for x in loc)
+        return ApiError(400, f"unknown field {path!r}; see {param}'s fields in /openapi.json", path)
     if kind == "extra_forbidden":
         return ApiError(400, f"unknown field {param!r}; supported: {sorted(fields)}", param)
     if kind == "missing":

@@ -26,6 +26,40 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = False
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one constraint on the output."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    json_: dict | str | None = Field(None, alias="json", description="a JSON Schema (object or its JSON text)")
+    json_object: bool | None = Field(None, description="any JSON object")
+    regex: str | None = Field(None, description="the whole output matches this regex")
+    choice: list[str] | None = Field(None, description="the output is one of these strings")
+    grammar: str | None = Field(None, description="llguidance's Lark syntax, or GBNF")
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's response_format.json_schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    schema_: dict | None = Field(None, alias="schema", description="the JSON Schema (omitted: any JSON object)")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), json_object or json_schema."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+# where a request can put each constraint: (the request's field, the GenerationOptions field)
+CONSTRAINT_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice",
+                     "guided_grammar": "grammar"}
+
+
 class CompletionRequest(BaseModel):
     """POST /v1/completions: OpenAI's completions request; `to_options()` gives the engine's options."""
 
@@ -75,6 +109,13 @@ class CompletionRequest(BaseModel):
                                                                           "length ** this")
     early_stopping: bool | Literal["never"] | None = Field(False, description='beam search: true, false or "never" '
                                                                              "(transformers' meanings)")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's: one of json, json_object, "
+                                                                           "regex, choice, grammar")
+    guided_json: dict | str | None = Field(None, description="vLLM's older name of structured_outputs.json")
+    guided_regex: str | None = Field(None, description="vLLM's older name of structured_outputs.regex")
+    guided_choice: list[str] | None = Field(None, description="vLLM's older name of structured_outputs.choice")
+    guided_grammar: str | None = Field(None, description="vLLM's older name of structured_outputs.grammar")
+    response_format: ResponseFormat | None = Field(None, description="OpenAI's: json_object or json_schema")
     suffix: str | None = Field(None, description="not supported")
 
     @field_validator("prompt")
@@ -110,6 +151,44 @@ class CompletionRequest(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def constraint(self) -> tuple[dict, dict[str, str]]:
+        """The request's structured-output constraint as GenerationOptions keywords (at most one), and the
+        API's name of that option (for errors)."""
+        given: list[tuple[str, str, object]] = []  # (the request's name, the option, value)
+        so = self.structured_outputs
+        if so is not None:
+            for api, opt, v in (("json", "json_schema", so.json_), ("json_object", "json_object", so.json_object),
+                                ("regex", "regex", so.regex), ("choice", "choice", so.choice),
+                                ("grammar", "grammar", so.grammar)):
+                if v is not None and v is not False:
+                    given.append((f"structured_outputs.{api}", opt, v))
+        for api, opt in CONSTRAINT_FIELDS.items():
+            if getattr(self, api) is not None:
+                given.append((api, opt, getattr(self, api)))
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given.append(("response_format", "json_object", True))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None:
+                raise InvalidInput('response_format of type "json_schema" needs json_schema: {"name": ..., '
+                                   '"schema": {...}}', "response_format")
+            schema = rf.json_schema.schema_
+            given.append(("response_format", "json_schema" if schema is not None else "json_object",
+                          schema if schema is not None else True))
+        if len(given) > 1:
+            raise InvalidInput(f"give one constraint, got {given[0][0]} and {given[1][0]}", given[1][0])
+        if so is not None and not given:
+            raise InvalidInput("structured_outputs needs one of json, json_object, regex, choice, grammar",
+                               "structured_outputs")
+        return ({given[0][1]: given[0][2]}, {given[0][1]: given[0][0]}) if given else ({}, {})
+
+    def option_names(self) -> dict[str, str]:
+        """GenerationOptions' names as this request spells them (the constraint's field), for its errors."""
+        try:
+            return self.constraint()[1]
+        except InvalidInput:
+            return {}
+
     def to_options(self) -> GenerationOptions:
         """The engine's GenerationOptions for this request (None means the API default); InvalidInput if bad."""
         def pick(v, default):
@@ -131,7 +210,8 @@ class CompletionRequest(BaseModel):
             best_of=None if beams else best_of, num_beams=(best_of or n) if beams else 1,
             length_penalty=pick(self.length_penalty, 1.0), early_stopping=pick(self.early_stopping, False),
             stop=self.stop, seed=self.seed, logprobs=self.logprobs, stop_token_ids=self.stop_token_ids or (),
-            ignore_eos=bool(self.ignore_eos), prompt_logprobs=self.logprobs if self.echo else None)
+            ignore_eos=bool(self.ignore_eos), prompt_logprobs=self.logprobs if self.echo else None,
+            **self.constraint()[0])
         if self.stream and (beams or options.grouped):
             name = "use_beam_search" if beams else "best_of"
             raise InvalidInput(f"{name} cannot stream: the answers are chosen when every candidate has ended; "
