@@ -1,7 +1,8 @@
 """Logits processors of the one core, applied to the rows of a step together, in GenerationOptions' order:
 repetition_penalty, presence and frequency penalties, logit_bias, bad words, min_new_tokens,
 no_repeat_ngram_size, and last a structured-output constraint's mask. Definitions are transformers'
-(RepetitionPenalty, NoBadWords, MinNewTokensLength, NoRepeatNGram logits processors) and OpenAI's (presence/frequency over the new tokens, logit_bias).
+(RepetitionPenalty, NoBadWords, MinNewTokensLength, NoRepeatNGram logits processors) and OpenAI's
+(presence/frequency over the new tokens, logit_bias).
 """
 
 from __future__ import annotations

@@ -253,8 +253,7 @@ class GenerationOptions:
     def processed(self) -> bool:
         """A logits processor or a constraint is active (the row's logits come to the host, greedy or not)."""
         return (self.constraint is not None or self.repetition_penalty != 1.0 or self.presence_penalty != 0
-                or self.frequency_penalty != 0
-                or self.logit_bias is not None or bool(self.bad_words_ids or self.bad_words)
+                or self.frequency_penalty != 0 or self.logit_bias is not None or bool(self.bad_words_ids or self.bad_words)
                 or self.min_new_tokens > 0 or self.no_repeat_ngram_size > 0)
 
 
