@@ -181,6 +181,10 @@ def schema_text(schema) -> str:
             raise option_error("json_schema", f"is not valid JSON: {e}") from None
     if not isinstance(schema, (dict, bool)):
         raise option_error("json_schema", f"must be a JSON Schema (an object), got {type(schema).__name__}")
+    if schema is False:
+        raise option_error("json_schema", "is false, which no output satisfies: give a schema (true: any JSON)")
+    if schema is True:  # any JSON value, as an object llguidance applies its options to
+        schema = {}
     try:
         return json.dumps(schema, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from gpt2_onnx.errors import InvalidInput
+
 if TYPE_CHECKING:
     from gpt2_onnx.types import GenerationOptions
 
@@ -80,7 +82,7 @@ def choose(logits: np.ndarray, p: GenerationOptions, rng: np.random.Generator | 
         raise ValueError("the model produced non-finite logits (NaN or infinity); check the model and its dtype")
     z = logits if scores is None else scores
     if scores is not None and not np.isfinite(scores).any():
-        raise ValueError("the logits processors masked every token (bad_words, logit_bias, no_repeat_ngram_size, a "
+        raise InvalidInput("the logits processors masked every token (bad_words, logit_bias, no_repeat_ngram_size, a "
                          "constraint, min_new_tokens): loosen them")
     if p.greedy:
         return int(np.argmax(z))

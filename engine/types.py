@@ -190,8 +190,7 @@ class GenerationOptions:
         given = [name for name in ("json_schema", "json_object", "regex", "choice", "grammar")
                  if getattr(self, name) not in (None, False)]
         if len(given) > 1:
-            raise option_error(given[1], "cannot be combined with another constraint: give one of json_schema, "
-                                         "json_object, regex, choice, grammar")
+            raise option_error(given[1], "cannot be combined with another constraint: give only one")
         key = (("json", self.json_schema) if self.json_schema is not None else ("json", ANY_OBJECT) if self.json_object
                else ("regex", self.regex) if self.regex is not None
                else ("choice", json.dumps(list(self.choice))) if self.choice is not None

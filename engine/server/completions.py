@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from gpt2_onnx.async_engine import AsyncEngine, Request
-from gpt2_onnx.errors import Cancelled
+from gpt2_onnx.errors import Cancelled, InvalidInput
 from gpt2_onnx.sequence import Sequence
 from gpt2_onnx.server.errors import ApiError
 from gpt2_onnx.server.protocol import FINISH, CompletionChoice, CompletionRequest, CompletionResponse, LogProbs, Usage
@@ -100,6 +100,8 @@ class Completion:
         """A row's failure (500), or its cancellation by the engine itself, which is shutting down (503)."""
         if step.finish_reason == "cancelled":  # by the engine: shutting down, or a reader too slow (ReadTimeout)
             return ApiError.of(step.error or Cancelled(f"choice {step.row} was cancelled"))
+        if isinstance(step.error, InvalidInput):  # the request's options made the row fail (e.g. every token masked)
+            return ApiError.of(step.error)
         if step.error is not None:
             return ApiError(500, f"generation failed: {type(step.error).__name__}: {step.error}", kind="server_error")
         return None
