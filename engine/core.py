@@ -335,8 +335,9 @@ class Core:
         tokens = np.array([s.tokens[-1] if s.tokens else 0 for s in seqs], np.int64)
         hold = np.array([s.held or s.done for s in seqs])
         want = np.array([i for i, s in enumerate(seqs) if s.needs_logits and not hold[i]], np.int64)
-        masks = prefetch([seqs[i].constraint for i in want if seqs[i].constraint is not None])  # beside the graph
+        masks = prefetch([])
         try:
+            masks = prefetch([seqs[i].constraint for i in want if seqs[i].constraint is not None])  # beside the graph
             nxt, lg = self.decoder(tokens, want, hold=hold) if hold.any() else self.decoder(tokens, want)
         except Exception as e:
             masks()
@@ -346,21 +347,30 @@ class Core:
             return
         masks()
         rows = {int(i): k for k, i in enumerate(want)}
-        scored = [seqs[i] for i in want]
+        for i in want:  # a constraint's failure ends its own row
+            s = seqs[i]
+            if s.constraint is not None:
+                try:
+                    s.constraint.allowed()
+                except Exception as e:
+                    self._fail(s, e, events)
+        scored = [seqs[i] for i in want if not seqs[i].done]
         try:  # every row's processors at once
-            scores = process(lg, scored) if any(s.options.processed for s in scored) else None
+            live = lg if len(scored) == len(want) else lg[[rows[s.slot] for s in scored]]
+            scores = process(live, scored) if any(s.options.processed for s in scored) else None
         except Exception as e:
             for s in scored:
                 self._fail(s, e, events)
             return
+        at = {s.slot: k for k, s in enumerate(scored)}  # row -> its index in scores
         beams: dict[int, BeamSearch] = {}
         for i, s in enumerate(seqs):
             if isinstance(s.group, BeamSearch):
                 beams[id(s.group)] = s.group
-            elif not hold[i]:
+            elif not hold[i] and not s.done:
                 k = rows.get(i)
                 self._take(int(nxt[i]), None if k is None else lg[k],
-                           s, events, None if k is None or scores is None else scores[k])
+                           s, events, None if k is None or scores is None else scores[at[i]])
         for g in beams.values():
             if not g.ended:
                 self._beam_step(g, lg[[rows[w.slot] for w in g.running]], events)
@@ -392,9 +402,12 @@ class Core:
                                        int(self.pool.lengths[old[k].slot]), start=len(new[j].context) + shared)
                 new[j].tokens = tokens[k] + [t]
             if old[0].constraint is not None:  # each beam's constraint: its parent's, advanced by its token
-                states = [old[k].constraint.child(t) for k, t in moves]
-                for w, c in zip(new, states):
+                states = [old[k].constraint if new[j] is old[k] else old[k].constraint.fork()
+                          for j, (k, _) in enumerate(moves)]  # copies first: a parent's own state advances last
+                for w, c, (_, t), alive in zip(new, states, moves, g.alive):
                     w.constraint = c
+                    if alive:  # a dead beam (-inf: its constraint allowed nothing else) never takes a disallowed token
+                        c.advance(t)
             g.running = new
         except Exception as e:
             for w in g.workers:

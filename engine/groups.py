@@ -84,6 +84,7 @@ class BeamSearch(Group):
         self.running = list(workers)
         self.scores = np.full(self.B, DROPPED)  # running beams' sums of log p
         self.scores[0] = 0.0  # the B rows start identical: only the first one's continuations count
+        self.alive = np.ones(self.B, bool)
         self.finished: list[list[int]] = [[] for _ in range(self.B)]
         self.finished_scores = np.full(self.B, DROPPED)
         self.is_finished = np.zeros(self.B, bool)
@@ -105,13 +106,14 @@ class BeamSearch(Group):
         g = self.generated + 1  # new tokens in these continuations
         hits = np.isin(token, self.enders) | (g >= self.max_new)
         if self.running[0].constraint is not None:  # a continuation that completes its constraint ends there
-            hits |= [self.running[k].constraint.completes(int(t)) for k, t in zip(parent, token)]
+            self._completing(hits, parent, token, np.isfinite(top_lp))
         seqs = [self.running[k].tokens + [int(t)] for k, t in zip(parent, token)]
 
         top_lp = top_lp.astype(np.float64)
         run_lp = top_lp + hits * DROPPED
         nxt = np.argsort(-run_lp, kind="stable")[: self.B]
         self.scores = run_lp[nxt]
+        self.alive = np.isfinite(self.scores)  # a beam whose masks left it nothing is -inf: it takes no token
 
         just = hits & (np.arange(self.keep) < self.B)  # only the best B may finish
         cand = top_lp / (g ** self.lp)
@@ -130,6 +132,17 @@ class BeamSearch(Group):
         self.done = not (self.improvable and not (self.is_finished.all() and self.early is True) and not hits.all())
         self.t_first = self.t_first or time.perf_counter()
         return [(int(parent[j]), int(token[j])) for j in nxt]
+
+    def _completing(self, hits: np.ndarray, parent: np.ndarray, token: np.ndarray, finite: np.ndarray) -> None:
+        """Mark (in hits) the candidates, best first, whose token completes their beam's constraint: those
+        that may finish (the best B) and those taken until B continue."""
+        going = 0
+        for j in range(len(hits)):
+            if going >= self.B and j >= self.B:
+                break
+            if not hits[j] and finite[j]:
+                hits[j] = self.running[parent[j]].constraint.completes(int(token[j]))
+            going += not hits[j]
 
     def finish(self) -> list[tuple[Sequence, Step]]:
         """The outputs get the best hypotheses (tokens, text, finish reason, score), best first."""

@@ -127,13 +127,13 @@ class Engine:
             self.check_length(len(ids), options.max_new_tokens, before)
             contexts.append(list(prefix.token_ids) + ids if prefix is not None else ids)
         banned = self.bad_words(options)
-        grammar = self.grammars.compile(options)
+        compiled = self.grammars.compile(options)  # once per request; each row copies its start state
         rows, width, grouped = options.rows, options.width, options.grouped
 
         def seq(c: list[int], row: int) -> Seq:
             return Seq(c, options, row=row, eos_token_id=self.config.eos_token_id, tokenizer=self.tokenizer,
                        prefix=prefix, banned=banned,
-                       constraint=self.grammars.constraint(grammar) if grammar is not None else None)
+                       constraint=self.grammars.constraint(compiled) if compiled is not None else None)
 
         out = []
         for p, c in enumerate(contexts):

@@ -185,7 +185,7 @@ class GenerationOptions:
             raise option_error("json_object", f"must be true or false, got {self.json_object!r}")
         for name in ("regex", "grammar"):
             v = getattr(self, name)
-            if v is not None and not (isinstance(v, str) and v.strip()):
+            if v is not None and not (isinstance(v, str) and (v if name == "regex" else v.strip())):
                 raise option_error(name, f"must be a non-empty string, got {v!r}")
         given = [name for name in ("json_schema", "json_object", "regex", "choice", "grammar")
                  if getattr(self, name) not in (None, False)]

@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
@@ -44,6 +46,15 @@ async def authorized(request: Request) -> None:
     key = request.app.state.api_key
     if key and not secrets.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
         raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
+
+
+STATIC = Path(__file__).parent / "static"  # the playground page, shipped in the package (no CDN)
+
+
+@router.get("/", include_in_schema=False)
+async def playground():
+    """The playground page (open: with an API key it asks for the key and sends it as a Bearer token)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html")
 
 
 @router.get("/health")
@@ -157,6 +168,7 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
     app.state.served, app.state.llm, app.state.api_key = served_, llm, api_key
     app.state.model_id, app.state.metrics = served_.model_id, Metrics(llm)
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     answer = app.state.metrics.answer
     fields = list(CompletionRequest.model_fields)
     app.add_exception_handler(ApiError, lambda request, e: answer(e))

@@ -68,7 +68,8 @@ def validation_error(errors: list[dict], fields: list[str]) -> ApiError:
     if kind == "extra_forbidden":
         return ApiError(400, f"unknown field {param!r}; supported: {sorted(fields)}", param)
     if kind == "missing":
-        return ApiError(400, f"{param} is required", param)
+        path = ".".join(str(x) for x in loc) or param
+        return ApiError(400, f"{path} is required", path)
     if param == "prompt" and kind != "value_error":
         return ApiError(400, "prompt must be a string, a list of strings, a list of token ids or a list of those",
                         param)
