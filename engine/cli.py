@@ -374,6 +374,8 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
           prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
           prefix_adapter: Optional[list[str]] = typer.Option(None, help="NAME=DIR: a peft prefix-tuning adapter "
                                                              "served as model NAME (repeatable)"),
+          chat_template: Optional[str] = typer.Option(None, help="FILE or Jinja text: the chat template of "
+                                                                 "/v1/chat/completions (default: the model's)"),
           grace_period: float = typer.Option(10.0, help="seconds in-flight requests may finish after SIGTERM"),
           read_timeout: float = typer.Option(60.0, help="seconds a stream may stay unread (its KV rows held) before "
                                                         "it ends with an error event (0 = never)"),
@@ -390,7 +392,8 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
                                                                              "to aim for (default: max-batch / 2)"),
           config: Optional[Path] = typer.Option(None, help="YAML/JSON file of Ray serving options (the names of "
                                                            "these flags with underscores); flags override it")):
-    """Serve an OpenAI-compatible /v1/completions API with continuous batching (on Ray Serve with --replicas)."""
+    """Serve an OpenAI-compatible /v1/completions and /v1/chat/completions API with continuous batching (on Ray
+    Serve with --replicas)."""
     if api_key is None and os.environ.get("GPT2_ONNX_API_KEY") == "":  # click reads an empty variable as unset
         _fail(ValueError("GPT2_ONNX_API_KEY is set but empty; set it to the key clients must send, or unset it "
                          "to serve without authentication"))
@@ -442,7 +445,7 @@ def _adapter_specs(specs: list[str] | None) -> dict[str, str]:
 # the serving and batch options' names, as the flags that set them
 SERVE_FLAGS = {**FLAGS, "model": "-m/--model", "served_model_name": "--served-model-name", "api_key": "--api-key",
                "max_batch": "--max-batch", "max_queue": "--max-queue", "prefix_cache_mb": "--prefix-cache-mb",
-               "prefix_adapters": "--prefix-adapter", "grace_period": "--grace-period", "host": "--host",
+               "prefix_adapters": "--prefix-adapter", "chat_template": "--chat-template", "grace_period": "--grace-period", "host": "--host",
                "read_timeout": "--read-timeout",
                "port": "--port", "replicas": "--replicas", "min_replicas": "--min-replicas",
                "max_replicas": "--max-replicas", "target_ongoing_requests": "--target-ongoing-requests",

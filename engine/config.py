@@ -16,6 +16,7 @@ MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
 COPY_MODEL_NAME = "kv_copy.onnx"  # copies KV rows between buffers on the session's device
 TOKENIZER_NAME = "tokenizer.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"  # the checkpoint's chat template, when it has one
 FORMAT_VERSION = 4  # bump when the graph contract changes; the engine refuses other versions
 
 # Graph I/O names. Layer-indexed names come from these templates, never from substring search.

@@ -13,6 +13,7 @@ import numpy as np
 from typing_extensions import Unpack
 
 from gpt2_onnx import config as C
+from gpt2_onnx.chat import folder_template, render
 from gpt2_onnx.constraints import Grammars
 from gpt2_onnx.errors import ContextTooLong, InvalidInput, option_error
 from gpt2_onnx.generator import Generator
@@ -53,6 +54,7 @@ class Engine:
     def __init__(self, folder: Path, cfg: C.ModelConfig, model: Model, tokenizer: Tokenizer):
         self.folder, self.config, self.model, self.tokenizer = folder, cfg, model, tokenizer
         self.grammars = Grammars(tokenizer.to_json, cfg.vocab_size, cfg.eos_token_id)  # structured output
+        self.chat_template = folder_template(folder)  # the checkpoint's, kept by the export (or None)
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, provider: str = "auto", threads: int | None = None,
@@ -211,6 +213,22 @@ class Engine:
                  **options: Unpack[GenerateKwargs]) -> GenerationResult:
         """Generate for one prompt; returns text, ids and timings (options as in GenerationOptions)."""
         return self._collect(Generator(self, [prompt], _single(options), prefix=prefix))[0]
+
+    def chat(self, messages: Sequence[dict], *, chat_template: str | None = None, add_generation_prompt: bool = True,
+             **options: Unpack[GenerateKwargs]) -> GenerationResult:
+        """Generate the next turn of a conversation ([{"role", "content"}, ...]) rendered by chat_template,
+        default the model's own (see chat_prompt); options as in GenerationOptions."""
+        return self.generate(self.chat_prompt(messages, chat_template=chat_template,
+                                              add_generation_prompt=add_generation_prompt), **options)
+
+    def chat_prompt(self, messages: Sequence[dict], *, chat_template: str | None = None,
+                    add_generation_prompt: bool = True) -> str:
+        """The prompt text of messages under chat_template (default: the checkpoint's, which the export keeps),
+        rendered as transformers' apply_chat_template does; ValueError without a template."""
+        tok = self.tokenizer
+        return render(chat_template or self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                      bos_token=tok.token_name(self.config.bos_token_id) or "",
+                      eos_token=tok.token_name(self.config.eos_token_id) or "")
 
     def vote(self, prompt: Prompt, *, n: int = 40, answer_regex: str | None = None, prefix: Prefix | None = None,
              **options: Unpack[GenerateKwargs]) -> Vote:

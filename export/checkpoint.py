@@ -13,7 +13,7 @@ from gpt2_onnx import config as C
 
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
              "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
-             "special_tokens_map.json"]
+             "special_tokens_map.json", "chat_template.jinja"]
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -197,6 +198,24 @@ def write_tokenizer(folder: Path, dest: Path) -> None:
     tok.save(str(dest))
 
 
+def chat_template(folder: Path) -> str | None:
+    """A checkpoint's chat template: chat_template.jinja, else tokenizer_config.json's chat_template (its
+    "default" one when it holds several)."""
+    if (folder / C.CHAT_TEMPLATE_NAME).is_file():
+        return (folder / C.CHAT_TEMPLATE_NAME).read_text(encoding="utf-8")
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        t = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path} is not a JSON object: {e}") from None
+    if isinstance(t, list):  # [{"name": ..., "template": ...}]
+        named = {x.get("name"): x.get("template") for x in t if isinstance(x, dict)}
+        t = named.get("default")
+    return t if isinstance(t, str) and t.strip() else None
+
+
 def weights_digest(proto) -> str:
     """sha256 over the graph's initializers (name, dtype, dims, bytes) in graph order."""
     h = hashlib.sha256()
@@ -263,6 +282,9 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
         save_with_external_data(proto, onnx_path, tmp / DATA_NAME)
         onnx.save_model(build_kv_copy(cfg), str(tmp / C.COPY_MODEL_NAME))
         write_tokenizer(ck.folder, tmp / C.TOKENIZER_NAME)
+        template = chat_template(ck.folder)
+        if template is not None:  # the checkpoint's chat template, for Engine.chat and /v1/chat/completions
+            (tmp / C.CHAT_TEMPLATE_NAME).write_text(template, encoding="utf-8")
         final = C.ModelConfig(**{**cfg.__dict__, "onnx_bytes": onnx_path.stat().st_size, "weights_digest": digest,
                                  "kv_copy_bytes": (tmp / C.COPY_MODEL_NAME).stat().st_size,
                                  "external_data": DATA_NAME, "external_data_bytes": (tmp / DATA_NAME).stat().st_size})

@@ -1,4 +1,4 @@
-"""The routes: POST /v1/completions (SSE streaming), GET /v1/models, /tokenize, /detokenize,
+"""The routes: POST /v1/completions and /v1/chat/completions (SSE streaming), GET /v1/models, /tokenize, /detokenize,
 /tokenizer_info, /health, /metrics.
 
 Each route is a few lines over the completion service (server/completions.py), which submits to the
@@ -22,11 +22,12 @@ from starlette.requests import ClientDisconnect
 
 from gpt2_onnx.async_engine import AsyncEngine
 from gpt2_onnx.errors import InvalidInput
-from gpt2_onnx.server import completions
+from gpt2_onnx.server import chat, completions
 from gpt2_onnx.server.completions import Completion, Served
 from gpt2_onnx.server.errors import ERRORS, MAX_BODY, ApiError, validation_error
 from gpt2_onnx.server.metrics import Metrics
-from gpt2_onnx.server.protocol import (CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
+from gpt2_onnx.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                       CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                                        ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
                                        TokenizerInfo)
 from gpt2_onnx.types import Prefix
@@ -109,6 +110,20 @@ async def create_completion(body: CompletionRequest, request: Request, s: Served
     return await _unless_disconnected(c, request, m)
 
 
+@router.post("/v1/chat/completions", dependencies=[Depends(authorized)], response_model=ChatCompletionResponse,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "the chat completion, or with stream: true server-sent events"}})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, s: Served = Depends(served),
+                                 m: Metrics = Depends(metrics)):
+    c = await chat.start(s, body)
+    m.accepted(c)
+    if body.stream:
+        return StreamingResponse(chat.events(m.streamed(c)), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    out = await _unless_disconnected(c, request, m)
+    return chat.response(out) if isinstance(out, CompletionResponse) else out
+
+
 async def _unless_disconnected(c: Completion, request: Request, m: Metrics):
     """The completion, or 499 as soon as the client hangs up (its rows are freed at once)."""
     answer, gone = asyncio.ensure_future(c.response()), asyncio.ensure_future(_disconnected(request))
@@ -136,7 +151,8 @@ async def _disconnected(request: Request) -> None:
 
 def create_app(engine, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 256, shutdown_timeout: float = 10.0, prefix_cache_mb: float = 512,
-               prefixes: dict[str, Prefix] | None = None, read_timeout: float | None = 60.0) -> FastAPI:
+               prefixes: dict[str, Prefix] | None = None, read_timeout: float | None = 60.0,
+               chat_template: str | None = None) -> FastAPI:
     """The FastAPI app serving an Engine (behind a new AsyncEngine of max_batch rows, max_queue waiting
     sequences and an automatic prefix cache), an AsyncEngine as it is, or a Served (ServeOptions.served).
 
@@ -144,6 +160,7 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
     prefixes: more served models, each the engine after a Prefix (e.g. `engine.load_prefix(peft_dir)`
     for a prefix-tuning adapter), chosen per request by its "model" field, as vLLM selects adapters.
     read_timeout: seconds a stream may stay unread (its rows held) before it ends with an error event.
+    chat_template: the Jinja template of /v1/chat/completions (default: the model's own).
     """
     if api_key == "":
         raise InvalidInput("is empty: pass a non-empty key, or none to serve without authentication", "api_key",
@@ -155,7 +172,8 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
         llm = engine if isinstance(engine, AsyncEngine) else AsyncEngine(
             engine, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
             read_timeout=read_timeout)
-        served_ = Served(llm, model_id or llm.engine.config.name or llm.engine.folder.name, prefixes)
+        served_ = Served(llm, model_id or llm.engine.config.name or llm.engine.folder.name, prefixes,
+                         chat_template=chat_template)
     llm = served_.llm
 
     @asynccontextmanager
@@ -170,10 +188,12 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     answer = app.state.metrics.answer
-    fields = list(CompletionRequest.model_fields)
+    fields = {"/v1/completions": list(CompletionRequest.model_fields),
+              "/v1/chat/completions": list(ChatCompletionRequest.model_fields)}
     app.add_exception_handler(ApiError, lambda request, e: answer(e))
     app.add_exception_handler(ClientDisconnect, lambda request, e: answer(None))
-    app.add_exception_handler(RequestValidationError, lambda request, e: answer(validation_error(e.errors(), fields)))
+    app.add_exception_handler(RequestValidationError, lambda request, e: answer(validation_error(
+        e.errors(), fields.get(request.url.path, fields["/v1/completions"]))))
     app.add_exception_handler(HTTPException, lambda request, e: answer(ApiError(
         e.status_code, f"request body of more than {MAX_BODY} bytes" if e.status_code == 413 else
         "the request body could not be parsed as JSON (invalid UTF-8, nested too deeply, or a number too long)"

@@ -28,6 +28,7 @@ class Served:
     model_id: str
     prefixes: dict[str, Prefix] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
+    chat_template: str | None = None  # for /v1/chat/completions; None: the model's own
 
     def __post_init__(self) -> None:
         if self.model_id in self.prefixes:

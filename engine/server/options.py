@@ -52,6 +52,7 @@ class ServeOptions:
     max_queue: int = 256  # requests waiting for a replica before 429
     prefix_cache_mb: float = 512
     prefix_adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft prefix-tuning folder
+    chat_template: str | None = None  # /v1/chat/completions' template: a file or the Jinja text [default: the model's]
     grace_period: float = 10.0  # seconds a stopping replica lets its requests finish
     read_timeout: float = 60.0  # seconds a stream may stay unread (its rows held) before it is ended; 0 = never
     replicas: int = 1  # the number of replicas; with autoscaling, the initial number
@@ -75,7 +76,7 @@ class ServeOptions:
                 raise OptionError(f"{{{name}}} must be a number >= 0, got {{v}}", name, v=v)
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise OptionError("{port} must be a TCP port 1..65535, got {v}", "port", v=self.port)
-        for name in ("model", "served_model_name", "api_key", "host", "ray_address"):
+        for name in ("model", "served_model_name", "api_key", "host", "ray_address", "chat_template"):
             v = getattr(self, name)
             if (v is not None or name == "host") and not isinstance(v, str):
                 raise OptionError(f"{{{name}}} must be a string, got {{v}}", name, v=v)
@@ -141,7 +142,11 @@ class ServeOptions:
         prefixes = {name: engine.load_prefix(folder) for name, folder in self.prefix_adapters.items()}
         llm = AsyncEngine(engine, max_batch=self.max_batch, max_queue=self.max_queue,
                           prefix_cache_mb=self.prefix_cache_mb, read_timeout=self.read_timeout or None)
-        return Served(llm, self.served_model_name or engine.config.name or engine.folder.name, prefixes)
+        from gpt2_onnx.chat import read_template
+
+        template = read_template(self.chat_template) if self.chat_template is not None else None
+        return Served(llm, self.served_model_name or engine.config.name or engine.folder.name, prefixes,
+                      chat_template=template)
 
     def replica_deployment(self) -> dict:
         """serve.deployment() options of the replicas."""

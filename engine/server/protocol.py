@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
 from gpt2_onnx.tokenizer import check_text
 from gpt2_onnx.errors import InvalidInput
@@ -60,14 +60,12 @@ CONSTRAINT_FIELDS = {"guided_json": "json_schema", "guided_regex": "regex", "gui
                      "guided_grammar": "grammar"}
 
 
-class CompletionRequest(BaseModel):
-    """POST /v1/completions: OpenAI's completions request; `to_options()` gives the engine's options."""
+class SamplingRequest(BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share: the model and the decoding options."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = Field(None, description="the served model id (GET /v1/models); omitted = the one served")
-    prompt: str | list[int] | list[str | list[int]] = Field(
-        description="text, token ids, or a list of either (at most 64 prompts)")
     max_tokens: int | None = Field(16, ge=0, description="new tokens at most; prompt + max_tokens <= n_positions")
     temperature: float | None = Field(1.0, ge=0, le=2, description="0 (or < 1e-5) = greedy")
     top_p: float | None = Field(1.0, gt=0, le=1)
@@ -84,18 +82,12 @@ class CompletionRequest(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    echo: bool | None = Field(False, description="return the prompt before the completion (with logprobs: the "
-                                                 "prompt tokens' too, the first null); max_tokens 0 scores only")
-    logprobs: int | None = Field(None, ge=0, le=20, description="log p of each token, and the N most likely")
     presence_penalty: float | None = Field(0.0, ge=-2, le=2, description="OpenAI's: minus this for each token that "
                                                                          "was generated")
     frequency_penalty: float | None = Field(0.0, ge=-2, le=2, description="OpenAI's: minus this x the times a token "
                                                                           "was generated")
     logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100], added to its "
                                                                   "logit")
-    best_of: int | None = Field(None, ge=1, description="sample this many per prompt, return the n with the highest "
-                                                        "cumulative log p (not with stream); with use_beam_search: "
-                                                        "the beam width")
     min_p: float | None = Field(0.0, ge=0, le=1, description="drop tokens less likely than min_p x the top one")
     typical_p: float | None = Field(1.0, gt=0, le=1, description="locally typical sampling mass (1 = off)")
     min_tokens: int | None = Field(0, ge=0, description="eos and stop_token_ids are masked until this many new "
@@ -116,19 +108,6 @@ class CompletionRequest(BaseModel):
     guided_choice: list[str] | None = Field(None, description="vLLM's older name of structured_outputs.choice")
     guided_grammar: str | None = Field(None, description="vLLM's older name of structured_outputs.grammar")
     response_format: ResponseFormat | None = Field(None, description="OpenAI's: json_object or json_schema")
-    suffix: str | None = Field(None, description="not supported")
-
-    @field_validator("prompt")
-    @classmethod
-    def _prompt(cls, v):
-        if isinstance(v, list):
-            if not v:
-                raise ValueError("prompt must not be an empty list")
-            if isinstance(v[0], (str, list)) and len(v) > MAX_PROMPTS:
-                raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
-        for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
-            check_text(text)
-        return v
 
     @field_validator("stop")
     @classmethod
@@ -136,16 +115,6 @@ class CompletionRequest(BaseModel):
         if isinstance(v, list) and len(v) > MAX_STOPS:
             raise ValueError(f"at most {MAX_STOPS} stop strings, got {len(v)}")
         return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _absent(cls, v, info):
-        _unsupported(info.field_name, v, (None,))
-        return v
-
-    def prompts(self) -> list[str | list[int]]:
-        """The prompts as a list (a list of ids is one prompt)."""
-        return as_prompts(self.prompt)
 
     @property
     def include_usage(self) -> bool:
@@ -189,6 +158,42 @@ class CompletionRequest(BaseModel):
         except InvalidInput:
             return {}
 
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions: OpenAI's completions request; `to_options()` gives the engine's options."""
+
+    prompt: str | list[int] | list[str | list[int]] = Field(
+        description="text, token ids, or a list of either (at most 64 prompts)")
+    echo: bool | None = Field(False, description="return the prompt before the completion (with logprobs: the "
+                                                 "prompt tokens' too, the first null); max_tokens 0 scores only")
+    logprobs: int | None = Field(None, ge=0, le=20, description="log p of each token, and the N most likely")
+    best_of: int | None = Field(None, ge=1, description="sample this many per prompt, return the n with the highest "
+                                                        "cumulative log p (not with stream); with use_beam_search: "
+                                                        "the beam width")
+    suffix: str | None = Field(None, description="not supported")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("prompt must not be an empty list")
+            if isinstance(v[0], (str, list)) and len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(v)}")
+        for text in [v] if isinstance(v, str) else [p for p in v if isinstance(p, str)]:
+            check_text(text)
+        return v
+
+    @field_validator("suffix")
+    @classmethod
+    def _absent(cls, v, info):
+        _unsupported(info.field_name, v, (None,))
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list (a list of ids is one prompt)."""
+        return as_prompts(self.prompt)
+
     def to_options(self) -> GenerationOptions:
         """The engine's GenerationOptions for this request (None means the API default); InvalidInput if bad."""
         def pick(v, default):
@@ -217,6 +222,41 @@ class CompletionRequest(BaseModel):
             raise InvalidInput(f"{name} cannot stream: the answers are chosen when every candidate has ended; "
                                "send stream: false", name)
         return options
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation; fields beyond role and content reach the chat template as they are."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: str
+    content: str | list[dict] | None = Field(None, description="text, or OpenAI's content parts of type text")
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions: OpenAI's chat request. The messages are rendered by the model's chat
+    template (or the server's --chat-template) into a prompt, answered as a completion of it."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0, description="new tokens at most (default: what n_positions leaves)")
+    max_completion_tokens: int | None = Field(None, ge=0, description="OpenAI's newer name of max_tokens")
+    logprobs: bool | None = Field(False, description="log p of each chosen token")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="with logprobs: the N most likely tokens too")
+    add_generation_prompt: bool | None = Field(True, description="end the prompt with the template's assistant "
+                                                                 "turn opening")
+
+    def to_completion(self, prompt: list[int], n_positions: int) -> "CompletionRequest":
+        """The completion request of this chat after its rendered prompt (token ids)."""
+        if self.max_tokens is not None and self.max_completion_tokens is not None \
+                and self.max_tokens != self.max_completion_tokens:
+            raise InvalidInput("give max_tokens or max_completion_tokens, not both", "max_completion_tokens")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidInput("top_logprobs needs logprobs: true", "top_logprobs")
+        most = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        shared = {k: getattr(self, k) for k in SamplingRequest.model_fields if k in self.model_fields_set}
+        return CompletionRequest.model_validate({
+            **shared, "prompt": prompt or "",  # an empty prompt starts from <|endoftext|>
+            "max_tokens": most if most is not None else max(n_positions - len(prompt), 0),
+            "logprobs": (self.top_logprobs or 0) if self.logprobs else None})
 
 
 FinishReason = Literal["stop", "length"]
@@ -252,6 +292,72 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatLogProb(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogProb(ChatLogProb):
+    top_logprobs: list[ChatLogProb] = Field(default_factory=list)
+
+
+class ChatLogProbs(BaseModel):
+    content: list[ChatTokenLogProb] | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogProbs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    """A chat completion."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    """What a chunk adds to a choice's message (the fields it does not set are left out)."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_only(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogProbs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
     usage: Usage | None = None
 
 
