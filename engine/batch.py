@@ -7,6 +7,13 @@ POST /v1/completions takes them, validated with the server's CompletionRequest) 
 the HTTP status and JSON body the server would answer (a completion, or its OpenAI-shaped error), or
 for a scoring row the continuation's log-probabilities. Rows come out as they finish, keyed by id.
 
+A file may instead be in OpenAI's Batch format (as vLLM's run_batch takes it): each line
+`{"custom_id": ..., "method": "POST", "url": "/v1/completions" or "/v1/chat/completions", "body": {...}}`,
+each output line `{"id": "batch_req_...", "custom_id": ..., "response": {"status_code", "request_id", "body"},
+"error": null}`. Such a line is read into the same internal row ({"id": custom_id, "url", "body"}) and
+answered by the same code; its body is checked when it is answered, so a bad request is its own 400
+response (as OpenAI answers it), while a bad envelope is an error naming the line. A file is one format.
+
 Completion rows are answered by the server's completion service (gpt2_onnx.server.completions) over
 one AsyncEngine, so answers are the server's and continuous batching runs across the rows of a batch;
 no HTTP and no fastapi are involved. Without --replicas the job runs here without Ray; with it,
@@ -21,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from gpt2_onnx.errors import option_error
 
 MAX_QUEUE = 1 << 20  # a batch's sequences all wait in the core's queue: no 429 inside a job
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"  # the urls of OpenAI batch requests
+REQUEST = ("custom_id", "method", "url", "body")  # the fields of an OpenAI batch request line
 
 
 @dataclass(frozen=True)
@@ -42,6 +52,7 @@ class Job:
     pending: list[str]  # raw JSON lines still to answer
     dropped_torn_line: bool  # a torn last line (a kill mid-write) was cut from the output
     lock: object = field(default=None, repr=False, compare=False)  # OUTPUT, opened and locked for this job
+    openai: bool = False  # INPUT is in OpenAI's Batch format, and so is OUTPUT
 
     def release(self) -> None:
         """Let another job write OUTPUT (execute does this when it ends)."""
@@ -94,13 +105,41 @@ def _check_row(row, where: str):
     return row_id
 
 
-def read_input(path: Path) -> list[tuple[str, str]]:
-    """(id key, raw line) of every row of INPUT, validated: JSON objects, unique ids, known fields."""
+def _check_request(row: dict, where: str) -> str:
+    """Validate one OpenAI batch request line (not its body: that is answered, a bad one with a 400);
+    returns the internal row."""
+    for name in REQUEST:
+        if name not in row:
+            raise ValueError(f'{where}: the OpenAI batch request has no "{name}"; each line has custom_id, method, '
+                             "url and body")
+    for name in row:
+        if name not in REQUEST:
+            raise ValueError(f"{where}: unknown field {name!r} in an OpenAI batch request; it has custom_id, "
+                             "method, url and body")
+    if not isinstance(row["custom_id"], str):
+        raise ValueError(f'{where}: "custom_id" must be a string, got {row["custom_id"]!r}')
+    if row["method"] != "POST":
+        raise ValueError(f'{where}: "method" must be "POST", got {row["method"]!r}')
+    if row["url"] not in (COMPLETIONS, CHAT):
+        raise ValueError(f'{where}: "url" must be "{COMPLETIONS}" or "{CHAT}", got {row["url"]!r}')
+    if not isinstance(row["body"], dict):
+        raise ValueError(f'{where}: "body" must be a JSON object (the request), got {type(row["body"]).__name__}')
+    if row["url"] == CHAT:
+        try:
+            import gpt2_onnx.server.chat  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f'{where}: "url" {CHAT} is not available in this install ({e})') from None
+    return json.dumps({"id": row["custom_id"], "url": row["url"], "body": row["body"]})
+
+
+def read_input(path: Path) -> tuple[list[tuple[str, str]], bool]:
+    """(id key, internal row) of every row of INPUT, validated: JSON objects, unique ids, known fields; and
+    whether INPUT is in OpenAI's Batch format (a file is one format or the other)."""
     try:
         f = open(path, encoding="utf-8")
     except OSError as e:
         raise ValueError(f"cannot read INPUT {path}: {e.strerror}") from None
-    rows, seen = [], {}
+    rows, seen, first = [], {}, None  # first: (OpenAI format?, line) of the first row
     with f:
         try:
             for n, line in enumerate(f, 1):
@@ -111,20 +150,31 @@ def read_input(path: Path) -> list[tuple[str, str]]:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where} is not JSON ({e.msg} at column {e.colno}); fix or remove it") from None
-                key = _key(_check_row(row, where))
+                openai = isinstance(row, dict) and "custom_id" in row
+                first = first or (openai, n)
+                if openai != first[0]:
+                    kinds = {True: "an OpenAI batch request (custom_id, method, url, body)",
+                             False: 'a gpt2-onnx batch row ({"id", ...})'}
+                    raise ValueError(f"{where} is {kinds[openai]} but line {first[1]} is {kinds[first[0]]}: a file is "
+                                     "one format or the other; put them in two files")
+                name = "custom_id" if openai else "id"
+                internal = _check_request(row, where) if openai else line.strip()
+                key = _key(row[name] if openai else _check_row(row, where))
                 if key in seen:
-                    raise ValueError(f"{where}: id {row['id']!r} is already used on line {seen[key]}; ids must be unique")
+                    raise ValueError(f"{where}: {name} {row[name]!r} is already used on line {seen[key]}; {name}s "
+                                     "must be unique")
                 seen[key] = n
-                rows.append((key, line.strip()))
+                rows.append((key, internal))
         except UnicodeDecodeError as e:
             raise ValueError(f"INPUT {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not rows:
         raise ValueError(f"INPUT {path} has no rows")
-    return rows
+    return rows, first[0]
 
 
-def resume(path: Path, ids: set[str]) -> tuple[set[str], bool]:
-    """Ids already in OUTPUT, after cutting whatever follows its last newline (a torn write)."""
+def resume(path: Path, ids: set[str], openai: bool = False) -> tuple[set[str], bool]:
+    """Ids already in OUTPUT (custom_ids with openai), after cutting whatever follows its last newline (a torn
+    write)."""
     if not path.exists():
         return set(), False
     data = path.read_bytes()
@@ -134,19 +184,23 @@ def resume(path: Path, ids: set[str]) -> tuple[set[str], bool]:
         with open(path, "r+b") as f:
             f.truncate(keep)
     done: set[str] = set()
+    name = "custom_id" if openai else "id"
     for n, line in enumerate(data[:keep].split(b"\n")[:-1], 1):
         where = f"OUTPUT {path} line {n}"
         try:
             row = json.loads(line)
-            key = _key(row["id"])
+            key = _key(row[name])
+            if openai:
+                row["response"]["status_code"]
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{where} is not a row of gpt2-onnx batch; write to another file (-o)") from None
+            what = "an OpenAI batch output line" if openai else "a row of gpt2-onnx batch"
+            raise ValueError(f"{where} is not {what}; write to another file (-o)") from None
         if key not in ids:
-            raise ValueError(f"{where} has id {row['id']!r}, which INPUT does not have: OUTPUT belongs to another "
-                             "job; write to another file (-o)")
+            raise ValueError(f"{where} has {name} {row[name]!r}, which INPUT does not have: OUTPUT belongs to "
+                             "another job; write to another file (-o)")
         if key in done:
-            raise ValueError(f"{where} repeats id {row['id']!r}: OUTPUT was not written by one gpt2-onnx batch job; "
-                             "write to another file (-o)")
+            raise ValueError(f"{where} repeats {name} {row[name]!r}: OUTPUT was not written by one gpt2-onnx batch "
+                             "job; write to another file (-o)")
         done.add(key)
     return done, torn
 
@@ -170,22 +224,30 @@ def lock_output(path: Path):
 
 
 def plan(input_path: Path, output_path: Path) -> Job:
-    rows = read_input(input_path)
+    rows, openai = read_input(input_path)
     lock = lock_output(output_path)
     try:
-        done, torn = resume(output_path, {k for k, _ in rows})
+        done, torn = resume(output_path, {k for k, _ in rows}, openai)
     except BaseException:
         lock.close()
         raise
     return Job(total=len(rows), done=done, pending=[line for k, line in rows if k not in done],
-               dropped_torn_line=torn, lock=lock)
+               dropped_torn_line=torn, lock=lock, openai=openai)
+
+
+def _openai_line(row: dict) -> dict:
+    """An answered row in OpenAI's batch output shape: a request's error is its response (error stays null)."""
+    return {"id": f"batch_req_{secrets.token_hex(16)}", "custom_id": row["id"],
+            "response": {"status_code": row["status"], "request_id": secrets.token_hex(16), "body": row["body"]},
+            "error": None}
 
 
 class Output:
-    """OUTPUT, appended to: each batch's rows written at once, flushed and fsynced; an id is written once."""
+    """OUTPUT, appended to: each batch's rows written at once, flushed and fsynced; an id is written once
+    (openai: in OpenAI's batch output shape)."""
 
-    def __init__(self, path: Path, done: set[str]):
-        self.path, self.seen = path, set(done)
+    def __init__(self, path: Path, done: set[str], openai: bool = False):
+        self.path, self.seen, self.openai = path, set(done), openai
         self.file = open(path, "ab")
         self.written = self.errors = 0
 
@@ -196,7 +258,7 @@ class Output:
             key = _key(row["id"])
             if key not in self.seen:  # a batch Ray ran twice (a lost actor) is written once
                 self.seen.add(key)
-                fresh.append(line)
+                fresh.append(json.dumps(_openai_line(row)) if self.openai else line)
                 self.errors += row["status"] != 200
         if fresh:
             self.file.write("".join(line + "\n" for line in fresh).encode())
@@ -229,20 +291,40 @@ class BatchWorker:
         return {"row": np.array([json.dumps(o) for o in out], dtype=object)}
 
     async def answer(self, rows: list[dict]) -> list[dict]:
-        from gpt2_onnx.server.completions import complete
-        from gpt2_onnx.server.protocol import CompletionRequest
-
         out: list[dict | None] = [None] * len(rows)
-        gens = [i for i, r in enumerate(rows) if "prompt" in r]
-        bodies = [CompletionRequest.model_validate_json(json.dumps({k: v for k, v in rows[i].items() if k != "id"}))
-                  for i in gens]  # validated when the job was planned
-        answers = await asyncio.gather(*[complete(self.served, b) for b in bodies])
+        gens = [i for i, r in enumerate(rows) if "prompt" in r or "url" in r]
+        answers = await asyncio.gather(*[self.request(rows[i]) for i in gens])
         for i, (status, body) in zip(gens, answers):
             out[i] = {"id": rows[i]["id"], "status": status, "body": body}
-        scores = [i for i, r in enumerate(rows) if "prompt" not in r]
+        scores = [i for i, r in enumerate(rows) if "prompt" not in r and "url" not in r]
         for i, answer in zip(scores, self.score([rows[i] for i in scores])):
             out[i] = {"id": rows[i]["id"], **answer}
         return out
+
+    async def request(self, row: dict) -> tuple[int, dict]:
+        """(status, body) the server answers a generation row with: a gpt2-onnx row is a completion request
+        (validated when the job was planned), an OpenAI one {"url", "body"} (a bad body is its 400)."""
+        from pydantic import ValidationError
+
+        from gpt2_onnx.server.errors import ApiError, validation_error
+
+        if "url" in row:
+            url, body = row["url"], row["body"]
+        else:
+            url, body = COMPLETIONS, {k: v for k, v in row.items() if k != "id"}
+        if url == CHAT:
+            from gpt2_onnx.server.chat import complete_chat as complete
+            from gpt2_onnx.server.protocol import ChatCompletionRequest as kind
+        else:
+            from gpt2_onnx.server.completions import complete
+            from gpt2_onnx.server.protocol import CompletionRequest as kind
+        if body.get("stream"):
+            return 400, ApiError(400, "stream is not supported in batch requests; remove it", "stream").body()
+        try:
+            request = kind.model_validate_json(json.dumps(body))
+        except ValidationError as e:
+            return 400, validation_error(e.errors(), list(kind.model_fields)).body()
+        return await complete(self.served, request)
 
     def score(self, rows: list[dict]) -> list[dict]:
         """Engine.score of the rows together (one forward per length group); a bad row fails alone."""
@@ -306,7 +388,7 @@ def execute(job: Job, output_path: Path, *, model: str | None = None, provider: 
             progress: Callable[[int, int], None] | None = None) -> Output:
     """Answer the job's pending rows into OUTPUT: here (replicas None) or on Ray Data with `replicas` actors.
     progress(rows written, rows to do) after each batch."""
-    out = Output(Path(output_path), job.done)
+    out = Output(Path(output_path), job.done, job.openai)
     finished = 0
 
     def on_rows(lines: list[str]) -> None:

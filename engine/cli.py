@@ -466,7 +466,8 @@ def _need_ray(what: str) -> None:
 
 @app.command()
 def batch(input: Path = typer.Argument(..., help="JSONL: one {\"id\": ..., \"prompt\": ..., ...} (completion fields) "
-                                                 "or {\"id\": ..., \"context\": ..., \"continuation\": ...} per line"),
+                                                 "or {\"id\": ..., \"context\": ..., \"continuation\": ...} per line; or "
+                                                 "an OpenAI Batch file (custom_id, method, url, body)"),
           output: Path = typer.Option(..., "-o", "--output", help="JSONL to append {\"id\", \"status\", \"body\"} rows to; "
                                                                  "a rerun skips the ids already there"),
           model: Optional[str] = typer.Option(None, "-m", "--model", help=MODEL_HELP),
