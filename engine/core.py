@@ -299,7 +299,8 @@ class Core:
         try:
             self.model.copy_kv(entry.cache, 0, self.pool, s.slot, m)
             if m == len(s.context):  # a pinned prefix that is the whole context: its logits are known
-                self._start(s, int(np.argmax(entry.last_logits)), entry.last_logits, events)
+                lg = entry.last_logits
+                self._start(s, int(np.argmax(lg)) if np.isfinite(lg).all() else -1, lg, events)
             else:
                 self._start(s, *self._first_logits(s, m), events)
             self.prefixes.hits += 1

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from gpt2_onnx.processors import process
-from gpt2_onnx.sampling import log_softmax
+from gpt2_onnx.sampling import NON_FINITE, log_softmax
 from gpt2_onnx.sequence import Sequence
 from gpt2_onnx.types import Step
 
@@ -96,6 +96,8 @@ class BeamSearch(Group):
     def advance(self, logits: np.ndarray) -> list[tuple[int, int]]:
         """One step from the running beams' logits (B, V): the next beams, best first."""
         B, V = logits.shape
+        if not np.isfinite(logits).all():
+            raise ValueError(NON_FINITE)
         lp = log_softmax(logits, np.float32)  # fp32, as transformers scores beams
         if any(w.options.processed for w in self.running):  # on log-probabilities, as in transformers
             lp = process(lp, self.running, np.float32)

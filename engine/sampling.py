@@ -27,6 +27,7 @@ def top_n(lp: np.ndarray, n: int) -> tuple[tuple[int, float], ...]:
     return tuple((int(i), float(lp[i])) for i in ids)
 
 
+NON_FINITE = "the model produced non-finite logits (NaN or infinity); check the model and its dtype"
 NUCLEUS_FIRST = 1024  # top-p looks at this many most likely tokens first
 
 
@@ -79,7 +80,7 @@ def choose(logits: np.ndarray, p: GenerationOptions, rng: np.random.Generator | 
     """Pick one token id for one row from its logits (V,), or from its processed scores when given;
     ValueError if the logits are not finite or the processors leave no token."""
     if not np.isfinite(logits).all():
-        raise ValueError("the model produced non-finite logits (NaN or infinity); check the model and its dtype")
+        raise ValueError(NON_FINITE)
     z = logits if scores is None else scores
     if scores is not None and not np.isfinite(scores).any():
         raise InvalidInput("the logits processors masked every token (bad_words, logit_bias, no_repeat_ngram_size, a "

@@ -10,7 +10,7 @@ import numpy as np
 
 from gpt2_onnx.constraints import Constraint
 from gpt2_onnx.processors import process
-from gpt2_onnx.sampling import choose, log_softmax, top_n
+from gpt2_onnx.sampling import NON_FINITE, choose, log_softmax, top_n
 from gpt2_onnx.tokenizer import TextStream, Tokenizer
 from gpt2_onnx.types import GenerationOptions, GenerationResult, Prefix, Step
 
@@ -118,6 +118,8 @@ class Sequence:
         """The next token: the graph's argmax, or a choice from this row's logits (V,) after its processors
         (`scores`, when the step computed them for all its rows together)."""
         if logits is None:
+            if greedy_id < 0:  # the graph's mark of a row whose logits are not all finite
+                raise ValueError(NON_FINITE)
             return int(greedy_id)
         if scores is None and self.options.processed:
             scores = process(logits[None], [self])[0]

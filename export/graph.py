@@ -166,7 +166,16 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
     else:
         head = "wte.weight" if head_name == "wte.weight" else W(head_name)
         logits = b.op("FusedMatMul", [h, head], domain=MS, name="lm_head", transB=1)[0]
-    b.op("ArgMax", [logits], name="argmax", outputs=[C.NEXT_TOKEN], axis=-1, keepdims=0)  # (B, K) over every row
+    best = b.op("ArgMax", [logits], name="argmax", axis=-1, keepdims=0)[0]  # (B, K) over every row
+    # next_token is -1 where a row's logits are not all finite (x - x is 0 for finite x, NaN otherwise), so
+    # greedy decoding, which copies no logits, still sees NaN and infinity
+    zeros = b.op("Sub", [logits, logits], name="finite_check")[0]  # (B, K, V)
+    bad = b.op("ReduceSum", [zeros, b.weight("axis_last", np.array([-1], np.int64))], name="finite_sum",
+               keepdims=0)[0]  # (B, K)
+    finite = b.op("Equal", [bad, b.weight(f"zero_{cfg.dtype}", np.zeros((), np.dtype(cfg.dtype)))],
+                  name="finite")[0]
+    b.op("Where", [finite, best, b.weight("minus_one", np.array(-1, np.int64))], name="next_token",
+         outputs=[C.NEXT_TOKEN])
     rows = b.op("Gather", [logits, C.LOGITS_ROWS], name="logits_rows", axis=0)[0]  # (R, K, V): rows that sample
     if cfg.dtype == "float16":  # logits leave the graph in fp32
         b.op("Cast", [rows], name="logits_fp32", outputs=[C.LOGITS], to=TensorProto.FLOAT)
