@@ -267,6 +267,9 @@ def test_engine_load_prefix_generates_as_peft(prefix_adapter):
 
 
 def test_served_prefix_adapters_are_selected_by_model_name(prefix_adapter):
+    import json
+
+    import httpx
     from helpers import Server, post
 
     from gpt2_onnx.server import create_app
@@ -275,14 +278,19 @@ def test_served_prefix_adapters_are_selected_by_model_name(prefix_adapter):
     pre = engine.load_prefix(adapter)
     s = Server(create_app(engine, model_id="base", prefixes={"tuned": pre}))
     try:
-        names = [m["id"] for m in __import__("httpx").get(s.url + "/v1/models").json()["data"]]
+        names = [m["id"] for m in httpx.get(s.url + "/v1/models").json()["data"]]
         assert names == ["base", "tuned"]
         body = {"prompt": IDS, "max_tokens": 8, "temperature": 0}
         tuned = post(s.url, {**body, "model": "tuned"}).json()
         plain = post(s.url, {**body, "model": "base"}).json()
         assert tuned["choices"][0]["text"] == engine.generate(IDS, prefix=pre, max_new_tokens=8).text
         assert plain["choices"][0]["text"] == engine.generate(IDS, max_new_tokens=8).text
-        assert tuned["usage"]["prompt_tokens"] == pre.virtual + len(IDS)
+        assert tuned["usage"]["prompt_tokens"] == len(IDS)  # real tokens only: the virtual ones are the adapter's
+        assert tuned["model"] == "tuned" and plain["model"] == "base"
+        stream = httpx.post(s.url + "/v1/completions", json={**body, "model": "tuned", "stream": True,
+                                                              "stream_options": {"include_usage": True}}).text
+        events = [json.loads(e[6:]) for e in stream.split("\n\n") if e.startswith("data: {")]
+        assert {e["model"] for e in events} == {"tuned"} and events[-1]["usage"]["prompt_tokens"] == len(IDS)
         assert post(s.url, {**body, "model": "other"}).status_code == 404
     finally:
         s.stop()

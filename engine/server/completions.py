@@ -52,6 +52,7 @@ class Completion:
     def __init__(self, served: Served, body: CompletionRequest, request: Request, echoed: list[str]):
         self.served, self.body, self.request, self.echoed = served, body, request, echoed
         self.options = request.sequences[0].options
+        self.model = body.model if body.model in served.prefixes else served.model_id  # an adapter's own name
         self.id, self.t0 = f"cmpl-{secrets.token_hex(12)}", time.perf_counter()
         self.status = "499"  # until it ends otherwise: the client went away
         self.counted = False  # by the server's metrics
@@ -61,11 +62,12 @@ class Completion:
         return self.request.sequences
 
     def usage(self) -> Usage:
-        prompt, done = sum(len(s.context) for s in self.sequences), sum(len(s.tokens) for s in self.sequences)
+        prompt = sum(len(s.context) - s.virtual for s in self.sequences)  # real tokens: a prefix adapter's are not
+        done = sum(len(s.tokens) for s in self.sequences)
         return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
 
     def _response(self, choices: list[CompletionChoice], usage: Usage | None = None) -> CompletionResponse:
-        return CompletionResponse(id=self.id, created=int(time.time()), model=self.served.model_id, choices=choices,
+        return CompletionResponse(id=self.id, created=int(time.time()), model=self.model, choices=choices,
                                   usage=usage)
 
     def _head(self, s: Sequence) -> str:  # the text before the completion: the prompt with echo
