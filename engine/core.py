@@ -49,6 +49,7 @@ class Core:
         self.lock = threading.Lock()
         self.steps = 0  # steps that ran the model
         self.closing = False  # cancel_all was called: whatever runs or joins from now on is cancelled
+        self.submitted = 0  # submit() calls: each request's ticket
 
     @property
     def slots(self) -> int:
@@ -69,8 +70,12 @@ class Core:
 
     def submit(self, seqs: Seq[Sequence]) -> None:
         """Queue sequences (they start at the next step; a group's workers run for its outputs). Each must fit
-        the pool: Engine.sequences checks that against n_positions, the pool's length here."""
+        the pool: Engine.sequences checks that against n_positions, the pool's length here. One call is one
+        request: requests take free rows in turns (`_fair`)."""
         with self.lock:
+            self.submitted += 1
+            for s in workers(seqs):
+                s.ticket = self.submitted
             self.waiting.extend(workers(seqs))
 
     def cancel(self, seqs: Seq[Sequence]) -> None:
@@ -162,6 +167,7 @@ class Core:
         free, budget = self.slots - len(self.running), MAX_PREFILL_TOKENS
         lead = None  # where the last unit's first sequence went: one prompt's rows join in one step
         with self.lock:
+            self._fair()
             while self.waiting and len(take) < free:
                 s = self.waiting.popleft()
                 ids = np.array(s.context, np.int64)
@@ -186,6 +192,31 @@ class Core:
                 lead = take
             self.waiting.extendleft(reversed(later))
         return take
+
+    def _fair(self) -> None:
+        """Order the waiting units (a sequence with the ones that join with it) round-robin by request, counting
+        the units each request already runs: a request with none running goes first, then each one's next
+        unit in turn. So a new request's first unit waits only for the rows to free up (and for the first
+        unit of each request queued before it with nothing running), however many prompts and samples the
+        requests ahead of it have."""
+        units: list[list[Sequence]] = []
+        for s in self.waiting:
+            if s.join != 0 or not units:
+                units.append([s])
+            else:
+                units[-1].append(s)
+        rank: dict[int, int] = {}
+        for s in self.running:
+            if s.join != 0 and not s.done:
+                rank[s.ticket] = rank.get(s.ticket, -1) + 1
+        order = []
+        for i, u in enumerate(units):
+            t = u[0].ticket
+            rank[t] = rank.get(t, -1) + 1
+            order.append((rank[t], i))
+        if any(a > b for a, b in zip(order, order[1:])):
+            self.waiting.clear()
+            self.waiting.extend(s for _, i in sorted(order) for s in units[i])
 
     def _plan(self, new: list[tuple[Sequence, int, Prefix | None]]):
         """Split joining sequences into fresh prompts (in prefill groups), cache hits (sequence, cached

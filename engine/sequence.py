@@ -61,6 +61,7 @@ class Sequence:
         self.group = None  # the Group (beam search, best_of) it decodes for, if any
         self.workers = [self]  # the sequences the core runs for this one (its group's, once per group)
         self.join = 1  # this and the next join - 1 waiting sequences join the core in one step (0: follows one)
+        self.ticket = 0  # the request (Core.submit call) it came with: requests take free rows in turns
         self.cumulative_logprob = 0.0  # sum of log p of the new tokens (kept for best_of and beams)
         self.score: float | None = None  # a beam hypothesis' score, or best_of's cumulative log p
         self.prefix = prefix  # the KV of context's first tokens, computed once (prefill, a prefix adapter)

@@ -446,3 +446,46 @@ def test_a_prefix_that_is_the_whole_context_reuses_its_logits(tiny, monkeypatch)
     monkeypatch.setattr(engine.model, "run", lambda *a, **kw: runs.append(1) or real(*a, **kw))
     got = engine.generate([], prefix=pre, max_new_tokens=6)
     assert got.token_ids == want.token_ids and got.prompt_tokens == len(ids) and runs == []  # no prefill ran
+
+
+def test_requests_take_free_rows_in_turns_so_a_small_one_is_not_stuck_behind_a_huge_one(tiny):
+    """Fair admission: a one-prompt request queued behind 16 prompts x n=4 joins at the first free row, not after
+    the 64 sequences ahead of it; the big request's answers are unchanged; the bound is one unit of each request
+    queued before it."""
+    _, engine, _, _ = tiny
+    opts = GenerationOptions(max_new_tokens=6, temperature=0, ignore_eos=True)
+    core = Core(engine.model, slots=4, max_length=64)
+    big = engine.sequences([[5, 6, 7 + i] for i in range(16)], dataclasses.replace(opts, n=4))
+    small = engine.sequences([[9, 9, 9]], opts)
+    third = engine.sequences([[4, 4]], opts)
+    core.submit(big)
+    core.step()  # the big request fills the 4 rows
+    core.submit(small)
+    core.submit(third)
+    steps = 0
+    while not (small[0].tokens and third[0].tokens):
+        core.step()
+        steps += 1
+    # both joined as soon as the first unit's 4 rows freed (after its 6 tokens), not after 64 sequences
+    assert steps <= opts.max_new_tokens
+    assert sum(s.done for s in big) == 4
+    while core.busy:
+        core.step()
+    assert [s.tokens for s in small] == [r.token_ids for r in engine.generate_batch([[9, 9, 9]], **{
+        "max_new_tokens": 6, "temperature": 0, "ignore_eos": True})]
+    want = engine.generate_batch([[5, 6, 7 + i] for i in range(16)], n=4, max_new_tokens=6, temperature=0,
+                                 ignore_eos=True)
+    assert [s.tokens for s in big] == [r.token_ids for r in want]
+
+
+def test_fifo_order_holds_within_one_request(tiny):
+    _, engine, _, _ = tiny
+    opts = GenerationOptions(max_new_tokens=2, temperature=0)
+    core = Core(engine.model, slots=2, max_length=32)
+    seqs = engine.sequences([[3 + i] for i in range(6)], opts)
+    core.submit(seqs)
+    order = []
+    while core.busy:
+        core.step()
+        order += [s.row for s in core.running if s.row not in order]
+    assert order == sorted(order)
