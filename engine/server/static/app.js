@@ -79,7 +79,7 @@ el.keyForm.addEventListener("submit", (event) => {
 });
 
 // ---- the request --------------------------------------------------------------------------------
-function unescape(s) {
+function unescapeStop(s) {
   return s.replace(/\\(.)/g, (_, c) => ({ n: "\n", t: "\t", r: "\r" })[c] ?? c);
 }
 
@@ -90,7 +90,7 @@ function request() {
     if (input.value.trim() === "") continue; // the server's default
     body[input.name] = INTS.has(input.name) ? parseInt(input.value, 10) : Number(input.value);
   }
-  const stops = el.stop.value.split("\n").filter((s) => s !== "").map(unescape);
+  const stops = el.stop.value.split("\n").filter((s) => s !== "").map(unescapeStop);
   if (stops.length) body.stop = stops;
   return body;
 }
@@ -176,7 +176,6 @@ class Run {
       span.title = describe(this.pending);
       const p = Math.exp(this.pending[this.pending.length - 1].logprob);
       span.style.setProperty("--p", Number.isFinite(p) ? p.toFixed(3) : "1");
-      if (p < 0.1) span.classList.add("unlikely");
       this.pending = [];
     }
     el.output.append(span);
@@ -223,6 +222,7 @@ async function generate() {
   controller = new AbortController();
   el.generate.disabled = true;
   el.stopButton.disabled = false;
+  el.transcript.setAttribute("aria-busy", "true");
   const run = new Run();
   run.stats("running");
   let state = "done";
@@ -246,6 +246,7 @@ async function generate() {
   } finally {
     run.end(state);
     controller = null;
+    el.transcript.setAttribute("aria-busy", "false");
     el.generate.disabled = false;
     el.stopButton.disabled = true;
   }
