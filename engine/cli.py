@@ -13,7 +13,7 @@ from rich.markup import escape
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Fast GPT-2 inference with ONNX Runtime: export, generate, eval, bench, serve, info, cache.")
-cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="List or clear the export cache.")
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="List, clear or verify the export cache.")
 app.add_typer(cache_app, name="cache")
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -366,7 +366,8 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
           host: str = typer.Option("127.0.0.1", help="address to bind (loopback by default)"),
           port: int = typer.Option(8000, help="TCP port"),
           api_key: Optional[str] = typer.Option(None, envvar="GPT2_ONNX_API_KEY",
-                                                help="require Authorization: Bearer KEY on /v1/*"),
+                                                help="require Authorization: Bearer KEY on /v1/*, /tokenize, /detokenize, "
+                                                     "/tokenizer_info (printable ASCII)"),
           served_model_name: Optional[str] = typer.Option(None, help="model id clients send (default: the "
                                                                      "model's name, e.g. tiny-shakespeare or gpt2)"),
           max_batch: int = typer.Option(16, help="sequences decoded together (KV rows)"),
@@ -374,6 +375,16 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
           prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
           prefix_adapter: Optional[list[str]] = typer.Option(None, help="NAME=DIR: a peft prefix-tuning adapter "
                                                              "served as model NAME (repeatable)"),
+          max_connections: int = typer.Option(512, help="open connections; one more gets a JSON 503 with Retry-After"),
+          header_timeout: float = typer.Option(10.0, help="seconds a request's line and headers may take from their "
+                                                          "first byte (a new connection: from the connect); then a JSON "
+                                                          "408"),
+          idle_timeout: float = typer.Option(15.0, help="seconds a connection may stay silent between requests "
+                                                        "(keep-alive) or within a request's body"),
+          max_header_bytes: int = typer.Option(32768, help="bytes of a request's line and headers (beyond: a JSON "
+                                                           "431)"),
+          metrics_auth: bool = typer.Option(False, "--metrics-auth/--no-metrics-auth",
+                                            help="with --api-key, /metrics, /docs and /openapi.json need the key too"),
           chat_template: Optional[str] = typer.Option(None, help="FILE or Jinja text: the chat template of "
                                                                  "/v1/chat/completions (default: the model's)"),
           grace_period: float = typer.Option(10.0, help="seconds in-flight requests may finish after SIGTERM"),
@@ -424,11 +435,11 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
         _fail(ValueError(f"the server needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
     try:
         app_ = create_app(options.served(_load(options.model, options.provider, options.threads)),
-                          api_key=options.api_key)
+                          api_key=options.api_key, metrics_auth=options.metrics_auth)
     except ValueError as e:
         _serve_fail(e)
     err.print(f"serving {escape(app_.state.model_id)} on http://{options.host}:{options.port}/v1")
-    run_server(app_, host=options.host, port=options.port, grace=options.grace_period)
+    run_server(app_, host=options.host, port=options.port, grace=options.grace_period, **options.connection_limits())
 
 
 def _adapter_specs(specs: list[str] | None) -> dict[str, str]:
@@ -445,7 +456,10 @@ def _adapter_specs(specs: list[str] | None) -> dict[str, str]:
 # the serving and batch options' names, as the flags that set them
 SERVE_FLAGS = {**FLAGS, "model": "-m/--model", "served_model_name": "--served-model-name", "api_key": "--api-key",
                "max_batch": "--max-batch", "max_queue": "--max-queue", "prefix_cache_mb": "--prefix-cache-mb",
-               "prefix_adapters": "--prefix-adapter", "chat_template": "--chat-template", "grace_period": "--grace-period", "host": "--host",
+               "prefix_adapters": "--prefix-adapter", "chat_template": "--chat-template",
+               "max_connections": "--max-connections", "header_timeout": "--header-timeout",
+               "idle_timeout": "--idle-timeout", "max_header_bytes": "--max-header-bytes",
+               "metrics_auth": "--metrics-auth", "grace_period": "--grace-period", "host": "--host",
                "read_timeout": "--read-timeout",
                "port": "--port", "replicas": "--replicas", "min_replicas": "--min-replicas",
                "max_replicas": "--max-replicas", "target_ongoing_requests": "--target-ongoing-requests",
@@ -481,54 +495,88 @@ def batch(input: Path = typer.Argument(..., help="JSONL: one {\"id\": ..., \"pro
           provider: str = typer.Option("auto", help="auto | cpu | cuda"),
           threads: Optional[int] = typer.Option(None, help="CPU threads per engine (default: onnxruntime's; with "
                                                            "--replicas: 1)")):
-    """Generate (and score) every row of INPUT into OUTPUT, resumably: every row appears exactly once."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    """Generate (and score) every row of INPUT into OUTPUT, resumably: every row appears exactly once.
 
-    _check_model(model)
+    Ctrl-C ends it with exit code 130, keeping the rows written (a rerun answers the rest)."""
+    todo = None
     try:
-        from gpt2_onnx import batch as job
-    except ImportError as e:
-        _fail(ValueError(f"batch needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
-    if replicas is not None:
-        _need_ray("batch --replicas")
-    options = dict(batch_size=batch_size, max_batch=max_batch, replicas=replicas, ray_address=ray_address)
-    try:
-        todo = job.prepare(input, output, **options)
-    except ValueError as e:
-        _serve_fail(e)
-    note = ", cut a torn last line" if todo.dropped_torn_line else ""
-    err.print(f"{todo.total} rows in {escape(str(input))}: {len(todo.done)} already in {escape(str(output))}{note}, "
-              f"{len(todo.pending)} to do")
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    try:
-        with Progress(*columns, console=err) as bar:
-            task = bar.add_task("answering", total=len(todo.pending))
-            out = job.execute(todo, output, model=model, provider=provider, threads=threads,
-                              prefix_cache_mb=prefix_cache_mb, progress=lambda k, n: bar.update(task, completed=k),
-                              **options)
-    except ValueError as e:
-        _serve_fail(e)
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+            TimeRemainingColumn
+
+        _check_model(model)
+        try:
+            from gpt2_onnx import batch as job
+        except ImportError as e:
+            _fail(ValueError(f"batch needs the serve extra ({e.name} is missing): pip install 'gpt2-onnx[serve]'"))
+        if replicas is not None:
+            _need_ray("batch --replicas")
+        options = dict(batch_size=batch_size, max_batch=max_batch, replicas=replicas, ray_address=ray_address)
+        try:
+            todo = job.prepare(input, output, **options)
+        except ValueError as e:
+            _serve_fail(e)
+        note = ", cut a torn last line" if todo.dropped_torn_line else ""
+        err.print(f"{todo.total} rows in {escape(str(input))}: {len(todo.done)} already in {escape(str(output))}"
+                  f"{note}, {len(todo.pending)} to do")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        try:
+            with Progress(*columns, console=err) as bar:
+                task = bar.add_task("answering", total=len(todo.pending))
+                out = job.execute(todo, output, model=model, provider=provider, threads=threads,
+                                  prefix_cache_mb=prefix_cache_mb, progress=lambda k, n: bar.update(task, completed=k),
+                                  **options)
+        except ValueError as e:
+            _serve_fail(e)
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (flushed and fsynced); a rerun answers the rest
+        # straight to the process's stderr: the interrupt may have left rich's console (or its Live redirection of
+        # sys.stderr) mid-way
+        sys.__stderr__.write(_interrupted(output, todo) + "\n")
+        sys.__stderr__.flush()
+        raise typer.Exit(130) from None
     err.print(f"wrote {out.written} rows ({out.errors} with an error status) to {escape(str(output))}")
+
+
+def _interrupted(output: Path, todo) -> str:
+    """What an interrupted batch job leaves: the rows OUTPUT holds (whole lines: each batch is written at once)."""
+    if todo is None:
+        return f"interrupted before any row was answered; {output} is unchanged"
+    held = None
+    try:
+        if output.is_file():  # never a pipe or a device: reading one would wait or never end
+            with open(output, "rb") as f:
+                held = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except OSError:
+        pass
+    if held is None:
+        return f"interrupted: the rows written to {output} are kept; run the same command again to answer the rest"
+    return (f"interrupted: {output} holds {held} of the {todo.total} rows (flushed and fsynced); run the same command "
+            f"again to answer the other {todo.total - held}")
 
 
 @cache_app.command("list")
 def cache_list():
-    """Exports in the cache (GPT2_ONNX_CACHE): name, size, source."""
+    """Exports in the cache (GPT2_ONNX_CACHE): name, size, source; incomplete ones say so."""
     from gpt2_onnx.config import cache_root
     from gpt2_onnx.resolve import cache_entries
 
-    entries = cache_entries()
+    try:
+        entries = cache_entries()
+    except ValueError as e:
+        _fail(e)
     print(f"{cache_root()}: {len(entries)} export(s), {sum(e['bytes'] for e in entries) / 1e6:.1f} MB")
     for e in entries:
+        if e["problem"]:
+            print(f"{e['name']:48} {e['bytes'] / 1e6:9.1f} MB  {e['problem']}; remove it: gpt2-onnx cache clear "
+                  f"{e['name']}")
+            continue
         q = f" {e['quantization']}" if e["quantization"] else ""
         print(f"{e['name']:48} {e['bytes'] / 1e6:9.1f} MB  {e['dtype']}{q}  {e['source']}")
 
 
 @cache_app.command("clear")
 def cache_clear(name: Optional[str] = typer.Argument(None, help="one export (see cache list); default: all")):
-    """Delete exports from the cache (they are made again when next needed)."""
+    """Delete exports from the cache, incomplete ones included (they are made again when next needed)."""
     from gpt2_onnx.resolve import clear_cache
 
     try:
@@ -536,6 +584,31 @@ def cache_clear(name: Optional[str] = typer.Argument(None, help="one export (see
     except ValueError as e:
         _fail(e)
     print(f"deleted {len(gone)} export(s)" + "".join(f"\n  {g}" for g in gone))
+
+
+@cache_app.command("verify")
+def cache_verify(name: Optional[str] = typer.Argument(None, help="one export (see cache list); default: all")):
+    """Check that each export's weights match the digest its manifest recorded at export (exit 2 if not)."""
+    from gpt2_onnx.resolve import verify_cache
+
+    try:
+        results = verify_cache(name)
+    except ValueError as e:
+        _fail(e)
+    bad = 0
+    for entry, problem in results:
+        if problem is None:
+            print(f"{entry}: ok")
+        else:
+            bad += 1
+            err.print(f"[bold red]error:[/] {escape(entry)}: {escape(problem)}; remove it with `gpt2-onnx cache clear "
+                      f"{escape(entry)}` (it is exported again when next needed)")
+    if not results:
+        from gpt2_onnx.config import cache_root
+
+        print(f"{cache_root()}: no exports")
+    if bad:
+        raise typer.Exit(2)
 
 
 def _closed_pipe() -> None:
@@ -555,6 +628,10 @@ def main() -> None:  # console-script entry point
         app()
     except BrokenPipeError:
         _closed_pipe()
+    except OSError as e:  # a failure no command foresaw (a full disk, an I/O error): one line, never a traceback
+        where = f" ({e.filename})" if e.filename else ""
+        err.print(f"[bold red]error:[/] {escape(e.strerror or str(e))}{escape(where)}")
+        raise SystemExit(2) from None
     except SystemExit as e:  # click turns EPIPE into exit code 1, raised while handling the BrokenPipeError
         if e.code == 1 and isinstance(e.__context__, BrokenPipeError):
             _closed_pipe()

@@ -9,6 +9,7 @@ numpy, onnxruntime and tokenizers alone.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,9 @@ def resolve(model: str | Path | None = None, *, dtype: str = "float32", quantize
                              "(pass the Hugging Face folder or Hub id instead)")
         return path
     if (path / C.MODEL_NAME).is_file():  # an exported folder that lost its manifest: no checkpoint to export
+        if path.resolve().parent == C.cache_root().expanduser().resolve():
+            raise ValueError(f"the cached export {path} has no {C.MANIFEST_NAME}: it is incomplete or damaged; remove "
+                             f"it with `gpt2-onnx cache clear {path.resolve().name}` and load its checkpoint again")
         C.ModelConfig.load(path)  # raises ValueError naming manifest.json
     from gpt2_onnx.export.cache import resolve_model  # the exporter, only now
 
@@ -62,32 +66,62 @@ def read_prefix_adapter(adapter: str | Path, cfg: C.ModelConfig) -> list:
     return read(adapter, cfg)
 
 
+# A cache entry's name ends with the 16 hex digits of its fingerprint (export.cache); temp folders of exports
+# (`.NAME.xxxxxxxx`) and lock files (`.NAME.lock`) never do.
+ENTRY = re.compile(r".+-[0-9a-f]{16}")
+
+
+def _is_entry(folder: Path) -> bool:
+    """An export in the cache: a folder named as the cache names them (with or without its manifest: a damaged
+    one is listed so that it can be cleared; a dot-named one made by older versions too), or any other folder
+    with a manifest.json whose name is not a dot-name (a temp folder)."""
+    if not folder.is_dir():
+        return False
+    return bool(ENTRY.fullmatch(folder.name)) or (not folder.name.startswith(".")
+                                                  and (folder / C.MANIFEST_NAME).is_file())
+
+
 def cache_entries() -> list[dict]:
-    """The exports in the cache: name, folder, bytes, and the manifest's source, dtype and quantization."""
+    """The exports in the cache: name, folder, bytes, the manifest's source, dtype and quantization, and
+    `problem`: None, or why the entry cannot be used (no manifest.json, or one that cannot be read)."""
     root, out = C.cache_root(), []
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        if folder.name.startswith(".") or not (folder / C.MANIFEST_NAME).is_file():
-            continue  # temporary folders of exports under way, and anything that is not an export
+    try:
+        folders = sorted(f for f in root.iterdir() if _is_entry(f)) if root.is_dir() else []
+    except OSError as e:
+        raise C.read_error(root, e) from e
+    for folder in folders:
+        problem = None
         try:
             m = json.loads((folder / C.MANIFEST_NAME).read_text())
+            m = m if isinstance(m, dict) else {}
+        except FileNotFoundError:
+            m, problem = {}, f"incomplete: no {C.MANIFEST_NAME}"
         except (OSError, ValueError):
-            m = {}
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            m, problem = {}, f"damaged: {C.MANIFEST_NAME} cannot be read as JSON"
+        try:
+            size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        except OSError:
+            size = 0
         out.append({"name": folder.name, "folder": str(folder), "bytes": size, "source": m.get("source", "?"),
-                    "dtype": m.get("dtype", "?"), "quantization": m.get("quantization")})
+                    "dtype": m.get("dtype", "?"), "quantization": m.get("quantization"), "problem": problem})
     return out
 
 
-def clear_cache(name: str | None = None) -> list[str]:
-    """Delete every export in the cache, or the one called `name`, and the temp folders that killed
-    exports left (an export under way keeps its own); returns the names deleted."""
-    from gpt2_onnx.export.cache import clear_orphans  # no onnx: the cache's locks only
-
+def _named(name: str | None) -> list[dict]:
     entries = cache_entries()
     if name is not None:
         entries = [e for e in entries if e["name"] == name]
         if not entries:
             raise ValueError(f"no export named {name!r} in {C.cache_root()}; see gpt2-onnx cache list")
+    return entries
+
+
+def clear_cache(name: str | None = None) -> list[str]:
+    """Delete every export in the cache (damaged ones included), or the one called `name`, and the temp folders
+    that killed exports left (an export under way keeps its own); returns the names deleted."""
+    from gpt2_onnx.export.cache import clear_orphans  # no onnx: the cache's locks only
+
+    entries = _named(name)
     for e in entries:
         try:
             shutil.rmtree(e["folder"])
@@ -96,3 +130,14 @@ def clear_cache(name: str | None = None) -> list[str]:
                              f"{C.cache_root()} must be writable to clear it") from err
     clear_orphans(C.cache_root(), name)
     return [e["name"] for e in entries]
+
+
+def verify_cache(name: str | None = None) -> list[tuple[str, str | None]]:
+    """(name, None if its weights match the digest its manifest recorded, else what is wrong) for every export
+    in the cache, or the one called `name`. Reads every weight once (onnx is imported to read the graph)."""
+    entries = _named(name)
+    if not entries:
+        return []
+    from gpt2_onnx.export.exporter import verify_export  # the graph's initializers: onnx, only now
+
+    return [(e["name"], e["problem"] or verify_export(e["folder"])) for e in entries]

@@ -4,7 +4,9 @@ The cache is shared by processes: an export is written into a temp folder `.NAME
 published by one rename, so a complete export (its manifest.json) is read without a lock; exporting
 NAME takes the lock file `.NAME.lock` (fcntl.flock, released by the kernel when its holder dies), so
 concurrent first runs make one export and the others wait for it. Temp folders of killed exports are
-removed by the next holder of the lock, and by `gpt2-onnx cache clear`.
+removed by the next holder of the lock, and by `gpt2-onnx cache clear`. An entry's name never starts with a
+dot (a checkpoint folder `.x` makes `x-<fingerprint>`), so that it is never taken for a temp folder; an entry
+without manifest.json (damaged) is refused with the command that removes it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,6 +27,8 @@ from gpt2_onnx.config import cache_root
 from gpt2_onnx.export import EXPORTER_VERSION
 
 Progress = Callable[[str], None]
+TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}")  # an export's temp folder: `.NAME.` + tempfile.mkdtemp's 8 characters
+LOCK = re.compile(r"\.(.+)\.lock")  # an export's lock file
 
 
 def _files(folder: Path) -> list[str]:
@@ -101,7 +106,7 @@ def clear_orphans(root: Path, name: str | None = None) -> int:
     removed. An export under way holds its lock and keeps its temp folder."""
     if not root.is_dir():
         return 0
-    names = {p.name[1:].rsplit(".", 1)[0] for p in root.iterdir() if p.name.startswith(".")}
+    names = {m.group(1) for p in root.iterdir() for m in [TEMP.fullmatch(p.name) or LOCK.fullmatch(p.name)] if m}
     removed = 0
     for n in sorted(names if name is None else names & {name}):
         with export_lock(root, n, wait=False) as mine:
@@ -124,9 +129,9 @@ def resolve_model(spec: str, *, dtype: str = "float32", quantize: str | None = N
             raise ValueError(f"{spec} is already exported; an adapter is merged at export: pass the base "
                              "checkpoint with the adapter instead")
         return path
-    name = Path(spec).name or "model"
+    name = entry_name(spec)
     if adapter is not None:
-        name += "+" + (Path(adapter).expanduser().resolve().name or "adapter")
+        name += "+" + (Path(adapter).expanduser().resolve().name.lstrip(".") or "adapter")
     root = cache_root()
     out = root / f"{name}-{_fingerprint(spec, dtype, quantize, adapter)}"
     if (out / C.MANIFEST_NAME).is_file():
@@ -134,12 +139,32 @@ def resolve_model(spec: str, *, dtype: str = "float32", quantize: str | None = N
     with export_lock(root, out.name):
         if (out / C.MANIFEST_NAME).is_file():
             return out  # another process exported it while we waited
+        if _has_files(out):  # never half-published (one rename): a damaged entry, which an export must not mask
+            raise ValueError(f"the cached export {out} has no {C.MANIFEST_NAME}: it is incomplete or damaged; remove "
+                             f"it with `gpt2-onnx cache clear {out.name}` and run again (it is then exported anew)")
         for orphan in temp_folders(root, out.name):  # left by a killed export: nobody else holds the lock
             shutil.rmtree(orphan, ignore_errors=True)
         # the first run of a checkpoint takes seconds: say why, once, before the exporter is imported
         what = spec if adapter is None else f"{spec} with the adapter {adapter}"
         if progress is not None:
             progress(f"exporting {what} once into the cache ({root})")
-        from gpt2_onnx.export.exporter import export_model  # onnx and the rest, only to export
+        from gpt2_onnx.export.exporter import WriteError, export_model  # onnx and the rest, only to export
 
-        return export_model(spec, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)
+        try:
+            return export_model(spec, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)
+        except WriteError as e:  # ENOSPC, EIO, EDQUOT: nothing was published, the temp folder is gone
+            raise ValueError(f"cannot write the export of {spec} into the cache {root} ({e.strerror}); free space "
+                             "there, or set GPT2_ONNX_CACHE to a folder with room") from e
+
+
+def entry_name(spec: str) -> str:
+    """The name part of a spec's cache entry: the checkpoint folder's (or Hub repo's) name without leading dots
+    (`.ckpt` -> `ckpt`, `..` -> `model`): a dot-name is a temp folder's, which `cache list` and `clear` skip."""
+    return Path(spec).name.lstrip(".") or "model"
+
+
+def _has_files(folder: Path) -> bool:
+    try:
+        return folder.is_dir() and any(folder.iterdir())
+    except OSError as e:
+        raise C.read_error(folder, e) from e

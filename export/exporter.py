@@ -24,6 +24,15 @@ PAGE = 4096  # external data offsets are multiples of this, so that the file can
 Progress = Callable[[str], None]
 
 
+class WriteError(ValueError):
+    """The export could not be written (ENOSPC, EIO, EDQUOT, ...): nothing was published, the temp folder is gone."""
+
+    def __init__(self, out: Path, e: OSError):
+        self.errno, self.strerror, self.out = e.errno, e.strerror or str(e), out
+        super().__init__(f"cannot write the export {out} ({self.strerror}); nothing was written there: free space in "
+                         f"{out.parent} or choose another folder")
+
+
 # Activations that are the tanh-approximated GELU of GPT-2, which FastGelu computes. gelu_fast writes
 # sqrt(2/pi) as 0.7978845608 and x + 0.044715 x^3 as x (1 + 0.044715 x^2): equal up to fp32 rounding.
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -174,8 +183,13 @@ def write_tokenizer(folder: Path, dest: Path) -> None:
         if (folder / name).is_file():
             checkpoint.check_not_lfs_pointer(folder / name, "tokenizer")
     if (folder / C.TOKENIZER_NAME).is_file():
-        shutil.copyfile(folder / C.TOKENIZER_NAME, dest)
+        shutil.copyfile(folder / C.TOKENIZER_NAME, dest)  # a link (a Hub snapshot's blob) is copied as its file
         return
+    build_tokenizer(folder).save(str(dest))
+
+
+def build_tokenizer(folder: Path):
+    """The tokenizers.Tokenizer of vocab.json + merges.txt and the added tokens, as transformers' GPT2Tokenizer."""
     vocab, merges = folder / "vocab.json", folder / "merges.txt"
     if not (vocab.is_file() and merges.is_file()):
         raise ValueError(f"{folder} has no tokenizer: expected tokenizer.json or vocab.json + merges.txt")
@@ -195,7 +209,33 @@ def write_tokenizer(folder: Path, dest: Path) -> None:
         if declared is not None and tok.token_to_id(t.content) != declared:
             raise ValueError(f"{folder}: added token {t.content!r} is declared with id {declared} but follows "
                              f"the vocabulary as id {tok.token_to_id(t.content)}; the tokenizer files disagree")
-    tok.save(str(dest))
+    return tok
+
+
+def check_tokenizer(folder: Path, vocab_size: int) -> None:
+    """Refuse a tokenizer that does not belong to the checkpoint: one with more tokens (added tokens included)
+    or higher ids than the model's vocabulary. Smaller is fine (GPT-2 models often pad the vocabulary). Checked
+    on the file's content, wherever it lives (a Hub snapshot's tokenizer.json is a link into its blob store)."""
+    from tokenizers import Tokenizer
+
+    path = folder / C.TOKENIZER_NAME
+    if path.is_file():
+        checkpoint.check_not_lfs_pointer(path, "tokenizer")
+        where = f"{path}" + (f" (a link to {path.resolve()})" if path.is_symlink() else "")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises its own Exception for text that is not a tokenizer
+            raise ValueError(f"{where} is not a tokenizer.json that tokenizers can read ({str(e)[:200]}); put the "
+                             "checkpoint's own tokenizer.json there (tokenizer.save_pretrained writes it)") from None
+    else:
+        where, tok = f"{folder / 'vocab.json'} + merges.txt", build_tokenizer(folder)
+    ids = tok.get_vocab(with_added_tokens=True).values()
+    n = max(tok.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
+    if n > vocab_size:
+        raise ValueError(f"{where} has {n} tokens (with its added tokens) but {folder / 'config.json'} gives the "
+                         f"model a vocabulary of {vocab_size} (vocab_size): the tokenizer belongs to another model; "
+                         "put this checkpoint's own tokenizer there (a tokenizer may be smaller than the model's "
+                         "vocabulary, never larger)")
 
 
 def chat_template(folder: Path) -> str | None:
@@ -225,6 +265,72 @@ def weights_digest(proto) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def folder_digest(folder: str | Path) -> str:
+    """weights_digest of an exported folder as its files hold it: model.onnx's initializers, the bytes of those
+    moved to the external data file read from there in chunks (never the whole model in memory). A ValueError
+    names a file that is missing, unreadable or shorter than the graph says."""
+    import onnx
+
+    folder = Path(folder)
+    path = folder / C.MODEL_NAME
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except OSError as e:
+        raise C.read_error(path, e) from None
+    except Exception as e:  # a protobuf DecodeError: not a graph
+        raise ValueError(f"{path} is not an ONNX graph ({type(e).__name__}); the file is damaged") from None
+    h, files = hashlib.sha256(), {}
+    try:
+        for t in proto.graph.initializer:
+            h.update(f"{t.name}\0{t.data_type}\0{list(t.dims)}\0".encode())
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                h.update(t.raw_data)
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            data = (folder / info.get("location", "")).resolve()
+            if data.parent != folder.resolve() or not info.get("location"):
+                raise ValueError(f"{path}: the weight {t.name} lives outside the export ({info.get('location')!r})")
+            if data not in files:
+                try:
+                    files[data] = open(data, "rb")
+                except OSError as e:
+                    raise C.read_error(data, e) from None
+            f, left = files[data], int(info["length"])
+            f.seek(int(info.get("offset", 0)))
+            while left:
+                chunk = f.read(min(left, 1 << 24))
+                if not chunk:
+                    raise ValueError(f"{data} ends before the weight {t.name} does: the file is truncated")
+                h.update(chunk)
+                left -= len(chunk)
+    except OSError as e:  # EIO while reading
+        raise ValueError(f"{folder} cannot be read ({e.strerror})") from None
+    finally:
+        for f in files.values():
+            f.close()
+    return "sha256:" + h.hexdigest()
+
+
+def verify_export(folder: str | Path) -> str | None:
+    """None if the weights of an exported folder match the digest its manifest recorded, else what is wrong."""
+    folder = Path(folder)
+    path = folder / C.MANIFEST_NAME
+    try:
+        recorded = checkpoint.read_json_object(path).get("weights_digest")
+    except ValueError as e:
+        return str(e)
+    if not recorded:
+        return f"{path} records no weights digest (an export from before they were recorded)"
+    try:
+        found = folder_digest(folder)
+    except ValueError as e:
+        return str(e)
+    if found != recorded:
+        return (f"the weights do not match the digest in {path} ({found[:19]}... found, {recorded[:19]}... "
+                "recorded): a file was changed or damaged after the export")
+    return None
+
+
 def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
                  adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
     """Export a GPT-2 checkpoint (Hub id or HF folder) to `out`; returns the folder.
@@ -248,6 +354,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
     cfg, eps, scales = _model_config(ck, dtype, quantize, adapter)
     _check_weights(cfg, ck.weights, ck.folder, ck.config)
+    check_tokenizer(ck.folder, cfg.vocab_size)  # before the graph is built: a wrong tokenizer fails at once
     if adapter:
         from gpt2_onnx.export.adapters import merge_adapter
 
@@ -293,11 +400,15 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
             os.replace(out, old)
         os.replace(tmp, out)  # publish: readers see no folder or the whole export, never a part of it
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not out.exists():  # the publish failed: the previous export goes back
             os.replace(old, out)
             old = None
+        if isinstance(e, OSError) and e.filename and not str(e.filename).startswith(str(tmp)):
+            raise C.read_error(e.filename, e) from e  # a checkpoint file (the chat template) cannot be read
+        if isinstance(e, OSError):  # a full disk (ENOSPC), a quota, an I/O error: one clear error
+            raise WriteError(out, e) from e
         raise
     finally:
         if old is not None:

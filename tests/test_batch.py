@@ -85,12 +85,6 @@ def test_a_torn_last_line_is_cut_and_its_row_answered_again(tiny, tmp_path):
     (['{"prompt": "x"}'], 'line 1: the row has no "id"'),
     (['{"id": 1, "prompt": "x"}', '{"id": 1, "prompt": "y"}'], "id 1 is already used on line 1"),
     (['{"id": true, "prompt": "x"}'], '"id" must be a string or an integer'),
-    (['{"id": 1, "prompt": "x", "max_tokens": -1}'], "line 1: max_tokens"),
-    (['{"id": 1, "prompt": "x", "bogus": 1}'], "unknown field 'bogus'"),
-    (['{"id": 1, "prompt": "x", "stream": true}'], "stream is not supported in batch rows"),
-    (['{"id": 1, "prompt": "x", "context": "y"}'], "not both"),
-    (['{"id": 1, "max_tokens": 3}'], 'neither "prompt"'),
-    (['{"id": 1, "context": "x"}'], "line 1: continuation is required"),
     (["[1, 2]"], "each line must be a JSON object"),
     ([""], "has no rows"),
 ])
@@ -103,6 +97,24 @@ def test_bad_input_is_exit_2_with_one_line_naming_the_row(tmp_path, lines, messa
     r = cli("batch", inp, "-o", tmp_path / "out.jsonl")
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert len([x for x in r.stderr.splitlines() if x.strip()]) == 1, r.stderr
+
+
+@pytest.mark.parametrize("row, param, message", [
+    ({"id": 1, "prompt": "x", "max_tokens": -1}, "max_tokens", "line 1: max_tokens"),
+    ({"id": 1, "prompt": "x", "bogus": 1}, "bogus", "unknown field 'bogus'"),
+    ({"id": 1, "prompt": "x", "stream": True}, "stream", "stream is not supported in batch rows"),
+    ({"id": 1, "prompt": "x", "context": "y"}, "prompt", "not both"),
+    ({"id": 1, "max_tokens": 3}, "prompt", 'neither "prompt"'),
+    ({"id": 1, "context": "x"}, "continuation", "line 1: continuation is required"),
+])
+def test_a_bad_row_is_its_own_400_line_and_needs_no_engine(tmp_path, row, param, message):
+    out = tmp_path / "out.jsonl"
+    done = run(write_rows(tmp_path / "in.jsonl", [row]), out)
+    assert (done.written, done.errors) == (1, 1)
+    got = read_rows(out)["1"]
+    assert got["status"] == 400 and got["body"]["error"]["param"] == param, got
+    assert message in got["body"]["error"]["message"], got
+    assert run(tmp_path / "in.jsonl", out).written == 0
 
 
 def test_an_output_of_another_job_is_refused(tiny, tmp_path):

@@ -142,17 +142,10 @@ PLAIN = '{"id": "b", "prompt": "x"}'
 
 
 @pytest.mark.parametrize("rows, message", [
-    ([GOOD, json.dumps(request("b", {"prompt": "x"}, method="GET"))], 'line 2: "method" must be "POST", got \'GET\''),
-    ([json.dumps(request("a", {"prompt": "x"}, url="/v1/embeddings"))],
-     'line 1: "url" must be "/v1/completions" or "/v1/chat/completions", got \'/v1/embeddings\''),
     ([GOOD, GOOD], "line 2: custom_id 'a' is already used on line 1; custom_ids must be unique"),
     ([GOOD, PLAIN], "line 2 is a gpt2-onnx batch row ({\"id\", ...}) but line 1 is an OpenAI batch request"),
     ([PLAIN, GOOD], "line 2 is an OpenAI batch request (custom_id, method, url, body) but line 1 is a gpt2-onnx"),
-    (['{"custom_id": "a", "method": "POST", "url": "/v1/completions"}'],
-     'line 1: the OpenAI batch request has no "body"'),
-    ([json.dumps(request("a", ["x"]))], 'line 1: "body" must be a JSON object'),
     ([json.dumps(request(7, {"prompt": "x"}))], 'line 1: "custom_id" must be a string, got 7'),
-    ([json.dumps({**request("a", {"prompt": "x"}), "header": {}})], "line 1: unknown field 'header' in an OpenAI"),
 ])
 def test_bad_openai_input_is_exit_2_with_one_line_naming_the_line_and_field(tmp_path, rows, message):
     inp = tmp_path / "in.jsonl"
@@ -212,3 +205,23 @@ def test_chat_rows_are_answered_as_the_chat_route_answers(tiny, tmp_path):
     assert len(content) == 3 and all(1 <= len(t["top_logprobs"]) <= 2 for t in content)  # 2 (fewer texts if alike)
     for k, param in (("empty", "messages"), ("top-alone", "top_logprobs"), ("stream", "stream")):
         assert got[k]["status_code"] == 400 and got[k]["body"]["error"]["param"] == param, got[k]
+
+
+@pytest.mark.parametrize("row, param, message", [
+    (request("b", {"prompt": "x"}, method="GET"), "method", 'line 1: "method" must be "POST", got \'GET\''),
+    (request("a", {"prompt": "x"}, url="/v1/embeddings"), "url",
+     'line 1: "url" must be "/v1/completions" or "/v1/chat/completions", got \'/v1/embeddings\''),
+    ({"custom_id": "a", "method": "POST", "url": "/v1/completions"}, "body",
+     'line 1: the OpenAI batch request has no "body"'),
+    (request("a", ["x"]), "body", 'line 1: "body" must be a JSON object'),
+    ({**request("a", {"prompt": "x"}), "header": {}}, "header", "line 1: unknown field 'header' in an OpenAI"),
+])
+def test_a_bad_envelope_is_its_own_400_line(tmp_path, row, param, message):
+    out = tmp_path / "out.jsonl"
+    done = run(write_rows(tmp_path / "in.jsonl", [row]), out)
+    assert (done.written, done.errors) == (1, 1)
+    (line,) = lines(out)
+    assert line["custom_id"] == row["custom_id"] and line["error"] is None, line
+    r = line["response"]
+    assert r["status_code"] == 400 and r["body"]["error"]["param"] == param, r
+    assert message in r["body"]["error"]["message"], r

@@ -250,6 +250,16 @@ ASKS = [  # (method, path, headers, body): every route, and each way create_app 
     ("POST", "/v1/completions", {**JSON, **AUTH}, {"prompt": "JULIET:", "max_tokens": 8, "temperature": 0.8,
                                                   "seed": 3, "stream": True, "logprobs": 1,
                                                   "stream_options": {"include_usage": True}}),
+    ("POST", "/v1/chat/completions", {**JSON, **AUTH}, {"messages": [{"role": "user", "content": "Good morrow"}],
+                                                       "max_tokens": 6, "temperature": 0, "logprobs": True,
+                                                       "top_logprobs": 2}),
+    ("POST", "/v1/chat/completions", {**JSON, **AUTH}, {"messages": [{"role": "user", "content": "Good morrow"}],
+                                                       "max_tokens": 6, "temperature": 0.8, "seed": 1, "n": 2,
+                                                       "stream": True, "stream_options": {"include_usage": True}}),
+    ("POST", "/v1/chat/completions", {**JSON, **AUTH}, {"messages": [], "echo": True}),
+    ("POST", "/v1/chat/completions", {**JSON, **AUTH}, {"messages": [{"role": "user", "content": "x"}],
+                                                       "guided_regex": "a("}),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, {"prompt": "x", "max_tokens": 4, "guided_choice": ["yes", "no"]}),
 ]
 
 
@@ -258,14 +268,15 @@ def test_a_replica_answers_every_route_as_the_single_process_server(bundled_onnx
     from prometheus_client.parser import text_string_to_metric_families
 
     from gpt2_onnx import AsyncEngine
+    from gpt2_onnx.chat import DIALOGPT
     from gpt2_onnx.distributed import Replica
     from gpt2_onnx.distributed.api import Api
     from gpt2_onnx.server.app import router
     from gpt2_onnx.server.completions import Served as Answering
 
     llm = AsyncEngine(Engine.load(bundled_onnx, provider="cpu", threads=1), max_batch=4)
-    api = Api(Answering(llm, "tiny-shakespeare"), api_key=KEY)
-    assert {r.endpoint for r in router.routes if r.path not in ("/health", "/metrics")} == set(api.calls)
+    api = Api(Answering(llm, "tiny-shakespeare", chat_template=DIALOGPT), api_key=KEY)
+    assert {r.endpoint for r in router.routes if r.path not in ("/health", "/metrics", "/")} == set(api.calls)
     fwd = Forwarder(Local(api), max_queue=7, registry=CollectorRegistry())
 
     async def ingress(scope, receive, send):
@@ -273,7 +284,8 @@ def test_a_replica_answers_every_route_as_the_single_process_server(bundled_onnx
             await fwd.http(scope, receive, send)
 
     on_replica = Server(ingress)
-    alone = Server(create_app(Engine.load(bundled_onnx, provider="cpu", threads=1), api_key=KEY, max_batch=4))
+    alone = Server(create_app(Engine.load(bundled_onnx, provider="cpu", threads=1), api_key=KEY, max_batch=4,
+                              chat_template=DIALOGPT))
     try:
         for method, path, headers, body in ASKS:
             want, got = (_answer(url, method, path, headers, body) for url in (alone.url, on_replica.url))
@@ -647,3 +659,23 @@ def test_a_replica_killed_mid_load_is_restarted_and_no_request_is_lost_or_duplic
         if seen == {"json-503", "stream-error"}:
             break
     assert seen == {"json-503", "stream-error"}, seen
+
+
+def test_the_ingress_serves_the_playground_page_as_the_single_process_server():
+    from gpt2_onnx.distributed.serve import Ingress
+    from gpt2_onnx.server.app import STATIC
+
+    ingress = Ingress.__new__(Ingress)  # its page only: no Ray instance
+    ingress._page = None
+
+    async def get(path):
+        transport = httpx.ASGITransport(app=ingress.page)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ray") as client:
+            return await client.get(path)
+
+    page = asyncio.run(get("/"))
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.text == (STATIC / "index.html").read_text()
+    script = asyncio.run(get("/static/app.js"))
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert asyncio.run(get("/static/nope.js")).status_code == 404

@@ -491,8 +491,7 @@ def test_cli_bad_constraints_exit_2_with_one_line(bundled_onnx, tmp_path, args, 
 
 
 def test_batch_rows_with_bad_constraints(bundled_onnx, tmp_path):
-    """A row whose constraint cannot compile gets the server's 400 in its output line; a malformed field stops the
-    job before it starts (exit 2, one line)."""
+    """A row whose constraint cannot compile gets the server's 400 in its output line; so does a malformed field."""
     from gpt2_onnx.batch import run
 
     rows = [{"id": "ok", "prompt": "ROMEO:\n", "max_tokens": 40, "guided_choice": CHOICES, "temperature": 0},
@@ -505,8 +504,9 @@ def test_batch_rows_with_bad_constraints(bundled_onnx, tmp_path):
     for key, param in (('"bad"', "guided_regex"), ('"two"', "guided_choice")):
         assert got[key]["status"] == 400 and got[key]["body"]["error"]["param"] == param, got[key]
     inp = write_rows(tmp_path / "in2.jsonl", [{"id": 1, "prompt": "x", "structured_outputs": {"jsonn": {}}}])
-    r = cli("batch", inp, "-o", tmp_path / "out2.jsonl", "-m", bundled_onnx)
-    assert r.returncode == 2 and "structured_outputs.jsonn" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    done = run(inp, tmp_path / "out2.jsonl", model=str(bundled_onnx), provider="cpu")
+    got = read_rows(tmp_path / "out2.jsonl")["1"]
+    assert done.errors == 1 and got["status"] == 400 and "structured_outputs.jsonn" in got["body"]["error"]["message"]
 
 
 # ---- 8. compiled constraints are cached by their text ----------------------------------------------------------------

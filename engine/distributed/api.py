@@ -12,18 +12,17 @@ checks it, in the same order: its route (404, 405), its JSON body (400), the API
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import AsyncIterator
 
 from pydantic import BaseModel, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from gpt2_onnx.server import app as routes
-from gpt2_onnx.server import completions
+from gpt2_onnx.server import chat, completions
 from gpt2_onnx.server.completions import Completion, Served
 from gpt2_onnx.server.errors import ApiError, validation_error
 from gpt2_onnx.server.metrics import Metrics
-from gpt2_onnx.server.protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
+from gpt2_onnx.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 # what the ingress passes on of a request's headers
 HEADERS = ("authorization", "content-type")
@@ -56,7 +55,8 @@ class Api:
 
     def __init__(self, served: Served, *, api_key: str | None = None):
         self.served, self.api_key, self.metrics = served, api_key, Metrics(served.llm)
-        self.fields = list(CompletionRequest.model_fields)  # create_app names these for any unknown field
+        self.fields = list(CompletionRequest.model_fields)  # of the request being checked: named for an unknown field
+        self.route_fields = routes.body_fields()
         s = served
         # each route's body model and its call; the router's paths, methods and auth say which applies
         self.calls = {
@@ -65,6 +65,7 @@ class Api:
             routes.detokenize: (DetokenizeRequest, lambda body: routes.detokenize(body, s)),
             routes.tokenizer_info: (None, lambda _: routes.tokenizer_info(s)),
             routes.create_completion: (CompletionRequest, None),
+            routes.create_chat_completion: (ChatCompletionRequest, None),
         }
         self.routes = {r.path: r for r in routes.router.routes}
 
@@ -96,12 +97,15 @@ class Api:
         if route.endpoint not in self.calls:
             raise ApiError(404, f"{request['path']} is answered by the ingress, not by a replica")
         model, call = self.calls[route.endpoint]
+        self.fields = self.route_fields.get(request["path"], [])
         data = self._json(request) if model is not None else None
         self._authorize(request, route)
         body = self._validate(model, data) if model is not None else None
         if call is not None:
             return None, messages(JSONResponse((await call(body)).model_dump(mode="json")))
-        c = await completions.start(self.served, body)
+        c = await (chat.start if route.endpoint is routes.create_chat_completion else completions.start)(self.served,
+                                                                                                       body)
+        c.chat = route.endpoint is routes.create_chat_completion  # answered in the chat shapes
         self.metrics.accepted(c)
         return c, None
 
@@ -125,9 +129,8 @@ class Api:
         """As create_app's `authorized`, on the routes that depend on it."""
         if not self.api_key or not any(d.dependency is routes.authorized for d in route.dependencies):
             return
-        given = request["headers"].get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
+        if not routes.key_matches(request["headers"].get("authorization", ""), self.api_key):
+            raise routes.unauthorized()
 
     def _validate(self, model: type[BaseModel], data):
         if data is None:  # no body: fastapi's error for a missing one
@@ -141,7 +144,8 @@ class Api:
     async def _whole(self, c: Completion) -> list[dict]:
         """A completion's JSON answer (its error's if a row failed), counted when it ends (499 if cancelled)."""
         try:
-            response = JSONResponse((await c.response()).model_dump(mode="json"))
+            out = await c.response()
+            response = JSONResponse((chat.response(out) if c.chat else out).model_dump(mode="json"))
         except ApiError as e:
             response = e.response()
         finally:
@@ -151,7 +155,7 @@ class Api:
     async def _stream(self, c: Completion) -> AsyncIterator[list[dict]]:
         """A completion's events: the head with the first event, one event per list, then the end."""
         head = [{"type": "http.response.start", "status": 200, "headers": list(STREAM_HEADERS)}]
-        events = self.metrics.streamed(c)
+        events = chat.events(self.metrics.streamed(c)) if c.chat else self.metrics.streamed(c)
         try:
             async for event in events:
                 yield [*head, _chunk(event.encode())]

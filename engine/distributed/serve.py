@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from gpt2_onnx.distributed.cluster import connect
-from gpt2_onnx.server.options import ServeOptions
+from gpt2_onnx.server.options import ServeOptions, api_key_problem
 
 APP_NAME = "gpt2-onnx"
 ACCEPTED = "gpt2onnx.accepted"  # the first message of every forwarded call: the replica started it
@@ -51,7 +51,11 @@ class Replica:
 
         o = ServeOptions.from_args(options)
         self.served = o.served(Engine.load(o.model, provider=o.provider, threads=o.replica_threads))
-        self.api = Api(self.served, api_key=o.api_key or os.environ.get("GPT2_ONNX_API_KEY") or None)
+        key = o.api_key or os.environ.get("GPT2_ONNX_API_KEY") or None
+        problem = api_key_problem(key)
+        if problem:
+            raise ValueError(f"--api-key (or GPT2_ONNX_API_KEY) {problem}")
+        self.api = Api(self.served, api_key=key)
         self.id = serve.get_replica_context().replica_id.unique_id
         self.closed = False
 
@@ -91,6 +95,7 @@ class Ingress:
 
         self.options = ServeOptions.from_args(options)
         self.replicas = replicas
+        self._page = None
         ctx = serve.get_replica_context()
         self.id, self.deployment, self.app_name = (ctx.replica_id.unique_id, ctx.replica_id.deployment_id.name,
                                                    ctx.replica_id.deployment_id.app_name)
@@ -125,7 +130,26 @@ class Ingress:
             return await self.health(scope, receive, send)
         if path == "/metrics" and method == "GET":
             return await self.metrics(scope, receive, send)
+        if method == "GET" and (path == "/" or path.startswith("/static/")):  # the playground page
+            return await self.page(scope, receive, send)
         await self.forwarder.http(scope, receive, send)
+
+    @property
+    def page(self):
+        """The playground page and its static files, as the single-process server serves them."""
+        if self._page is None:
+            from starlette.applications import Starlette
+            from starlette.responses import FileResponse
+            from starlette.routing import Mount, Route
+            from starlette.staticfiles import StaticFiles
+
+            from gpt2_onnx.server.app import STATIC
+
+            async def index(request):
+                return FileResponse(STATIC / "index.html", media_type="text/html")
+
+            self._page = Starlette(routes=[Route("/", index), Mount("/static", StaticFiles(directory=STATIC))])
+        return self._page
 
     async def _stats(self, metrics: bool = False) -> list[dict]:
         """Every live replica's stats (a replica that does not answer in 5 s is left out)."""

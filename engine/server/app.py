@@ -4,6 +4,7 @@
 Each route is a few lines over the completion service (server/completions.py), which submits to the
 app's AsyncEngine: continuous batching across requests on a KV pool on the session's device, with an
 automatic prefix cache. Auth is a dependency; every error is OpenAI-shaped JSON (server/errors.py).
+serve() runs an app under the connection limits of server/limits.py, draining on SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -26,6 +28,7 @@ from gpt2_onnx.server import chat, completions
 from gpt2_onnx.server.completions import Completion, Served
 from gpt2_onnx.server.errors import ERRORS, MAX_BODY, ApiError, validation_error
 from gpt2_onnx.server.metrics import Metrics
+from gpt2_onnx.server.options import ServeOptions, api_key_problem
 from gpt2_onnx.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                        CompletionResponse, DetokenizeRequest, DetokenizeResponse,
                                        ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
@@ -43,10 +46,40 @@ def metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def key_matches(authorization: str | None, key: str) -> bool:
+    """Whether an Authorization header's value (as starlette gives it: its bytes read as Latin-1) is `Bearer KEY`:
+    the scheme in any case (RFC 9110), one or more spaces, the key compared byte for byte in constant time (keys
+    are printable ASCII: ServeOptions and create_app refuse others)."""
+    raw = (authorization or "").encode("latin-1", "replace")
+    scheme, _, token = raw.strip(b" \t").partition(b" ")
+    same = secrets.compare_digest(token.strip(b" "), key.encode("ascii", "replace"))
+    return same and scheme.lower() == b"bearer"
+
+
+def unauthorized() -> ApiError:
+    return ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error",
+                    headers={"WWW-Authenticate": "Bearer"})
+
+
 async def authorized(request: Request) -> None:
     key = request.app.state.api_key
-    if key and not secrets.compare_digest(request.headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
-        raise ApiError(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error")
+    if key and not key_matches(request.headers.get("authorization"), key):
+        raise unauthorized()
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose generator is closed when the response ends, also when a disconnect cancels it
+    while it waits to send (starlette leaves that to garbage collection): the request's rows are freed and
+    it is counted at once."""
+
+    def __init__(self, events):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 STATIC = Path(__file__).parent / "static"  # the playground page, shipped in the package (no CDN)
@@ -78,12 +111,14 @@ async def list_models(s: Served = Depends(served)):
 @router.post("/tokenize", dependencies=[Depends(authorized)], response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, s: Served = Depends(served)):
     """Token ids of a text (special-token text is the special token, as in Hugging Face's tokenizers)."""
+    s.prefix(body.model)  # a model not served here: 404, as the completion routes answer
     ids = await asyncio.get_running_loop().run_in_executor(None, s.llm.engine.tokenizer.encode, body.prompt)
     return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=s.llm.engine.config.n_positions)
 
 
 @router.post("/detokenize", dependencies=[Depends(authorized)], response_model=DetokenizeResponse)
 async def detokenize(body: DetokenizeRequest, s: Served = Depends(served)):
+    s.prefix(body.model)
     vocab = s.llm.engine.config.vocab_size
     bad = [t for t in body.tokens if not 0 <= t < vocab]
     if bad:
@@ -106,7 +141,7 @@ async def create_completion(body: CompletionRequest, request: Request, s: Served
     c = await completions.start(s, body)
     m.accepted(c)
     if body.stream:
-        return StreamingResponse(m.streamed(c), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return EventStream(m.streamed(c))
     return await _unless_disconnected(c, request, m)
 
 
@@ -118,8 +153,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     c = await chat.start(s, body)
     m.accepted(c)
     if body.stream:
-        return StreamingResponse(chat.events(m.streamed(c)), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return EventStream(chat.events(m.streamed(c)))
     out = await _unless_disconnected(c, request, m)
     return chat.response(out) if isinstance(out, CompletionResponse) else out
 
@@ -149,10 +183,72 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
+# with metrics_auth, these need the API key too (the playground's / and /static/* stay open: the page asks for it)
+INFO_PATHS = ("/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+class _Guard:
+    """ASGI middleware before the routes: bodies over MAX_BODY are a JSON 413 (by Content-Length before any
+    is read, else once the bytes read pass it: fastapi's own limit answers text/plain), and with metrics_auth
+    the INFO_PATHS need the key."""
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = self.state
+        if state.metrics_auth and state.api_key and scope.get("path") in INFO_PATHS:
+            given = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
+            if not key_matches(given, state.api_key):
+                return await state.metrics.answer(unauthorized())(scope, receive, send)
+        length = next((v for k, v in scope.get("headers", ()) if k == b"content-length"), None)
+        if length is not None and length.strip().isdigit() and int(length) > MAX_BODY:
+            return await state.metrics.answer(_too_large())(scope, receive, send)
+        size = 0
+
+        async def limited():
+            nonlocal size
+            message = await receive()
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > MAX_BODY:  # a chunked body: fastapi re-raises an HTTPException from its body read
+                    raise HTTPException(413)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _too_large() -> ApiError:
+    return ApiError(413, f"request body of more than {MAX_BODY} bytes")
+
+
+def _http_error(e: HTTPException) -> ApiError | None:
+    """What starlette and fastapi raise as HTTPExceptions, as ApiErrors (None: the client left mid-body)."""
+    if isinstance(e.__cause__, ClientDisconnect):  # fastapi turns it into a 400 "error parsing the body"
+        return None
+    if e.status_code == 413:
+        return _too_large()
+    if e.status_code == 400:
+        return ApiError(400, "the request body could not be parsed as JSON (invalid UTF-8, nested too deeply, or a "
+                        "number too long)")
+    return ApiError(e.status_code, str(e.detail), headers=e.headers)
+
+
+def body_fields() -> dict[str, list[str]]:
+    """Each route's body model's fields, by path (named for an unknown field)."""
+    out = {}
+    for r in router.routes:
+        if isinstance(r, APIRoute) and r.dependant.body_params:
+            out[r.path] = list(getattr(r.dependant.body_params[0].field_info.annotation, "model_fields", {}))
+    return out
+
+
 def create_app(engine, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 256, shutdown_timeout: float = 10.0, prefix_cache_mb: float = 512,
                prefixes: dict[str, Prefix] | None = None, read_timeout: float | None = 60.0,
-               chat_template: str | None = None) -> FastAPI:
+               chat_template: str | None = None, metrics_auth: bool = False) -> FastAPI:
     """The FastAPI app serving an Engine (behind a new AsyncEngine of max_batch rows, max_queue waiting
     sequences and an automatic prefix cache), an AsyncEngine as it is, or a Served (ServeOptions.served).
 
@@ -161,9 +257,17 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
     for a prefix-tuning adapter), chosen per request by its "model" field, as vLLM selects adapters.
     read_timeout: seconds a stream may stay unread (its rows held) before it ends with an error event.
     chat_template: the Jinja template of /v1/chat/completions (default: the model's own).
+    api_key: required as `Authorization: Bearer KEY` (the scheme in any case) on /v1/*, /tokenize, /detokenize
+    and /tokenizer_info; printable ASCII, not blank. metrics_auth: on /metrics, /docs and /openapi.json too.
+    /health, the playground page (/) and /static/* stay open.
     """
-    if api_key == "":
-        raise InvalidInput("is empty: pass a non-empty key, or none to serve without authentication", "api_key",
+    problem = api_key_problem(api_key)
+    if api_key is not None and not isinstance(api_key, str):
+        problem = f"must be a string, got {type(api_key).__name__}"
+    if problem:
+        raise InvalidInput(problem, "api_key", lead=True)
+    if metrics_auth and api_key is None:
+        raise InvalidInput("protects /metrics and /docs with the API key: give api_key too", "metrics_auth",
                            lead=True)
     if isinstance(engine, Served):
         served_ = engine
@@ -181,23 +285,20 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
         yield
         await asyncio.get_running_loop().run_in_executor(None, llm.shutdown, shutdown_timeout)
 
-    app = FastAPI(title="gpt2-onnx", version=_version(), lifespan=lifespan, max_body_size=MAX_BODY,
+    app = FastAPI(title="gpt2-onnx", version=_version(), lifespan=lifespan,
                   responses={code: {"model": ErrorResponse, "description": why} for code, why in ERRORS.items()})
     app.state.served, app.state.llm, app.state.api_key = served_, llm, api_key
-    app.state.model_id, app.state.metrics = served_.model_id, Metrics(llm)
+    app.state.model_id, app.state.metrics, app.state.metrics_auth = served_.model_id, Metrics(llm), metrics_auth
     app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(_Guard, state=app.state)
     answer = app.state.metrics.answer
-    fields = {"/v1/completions": list(CompletionRequest.model_fields),
-              "/v1/chat/completions": list(ChatCompletionRequest.model_fields)}
+    fields = body_fields()
     app.add_exception_handler(ApiError, lambda request, e: answer(e))
     app.add_exception_handler(ClientDisconnect, lambda request, e: answer(None))
     app.add_exception_handler(RequestValidationError, lambda request, e: answer(validation_error(
-        e.errors(), fields.get(request.url.path, fields["/v1/completions"]))))
-    app.add_exception_handler(HTTPException, lambda request, e: answer(ApiError(
-        e.status_code, f"request body of more than {MAX_BODY} bytes" if e.status_code == 413 else
-        "the request body could not be parsed as JSON (invalid UTF-8, nested too deeply, or a number too long)"
-        if e.status_code == 400 else str(e.detail))))
+        e.errors(), fields.get(request.url.path, []))))
+    app.add_exception_handler(HTTPException, lambda request, e: answer(_http_error(e)))
     app.add_exception_handler(Exception, lambda request, e: answer(ApiError(  # never a text/plain 500
         500, f"internal error: {type(e).__name__}: {str(e)[:300]}", kind="server_error")))
     return app
@@ -209,20 +310,19 @@ def _version() -> str:
     return __version__
 
 
-def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 10.0) -> None:
-    """Run an app from create_app until SIGINT/SIGTERM, then shut down gracefully: admit nothing new
-    (503 + Retry-After), let in-flight requests finish for `grace` seconds, then end each stream with
-    an error event and each other request with a JSON 503."""
-    import uvicorn
+def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, grace: float = 10.0,
+          max_connections: int = ServeOptions.max_connections, header_timeout: float = ServeOptions.header_timeout,
+          idle_timeout: float = ServeOptions.idle_timeout,
+          max_header_bytes: int = ServeOptions.max_header_bytes) -> None:
+    """Run an app from create_app until SIGINT/SIGTERM, then shut down gracefully: the listener stays open and
+    every new request gets a JSON 503 + Retry-After while in-flight requests finish, for at most `grace` seconds;
+    then each stream still open ends with an error event and each other request with a JSON 503, and the server
+    exits (a second signal: at once). Connections are limited as ServeOptions' fields of these names say
+    (gpt2_onnx.server.limits)."""
+    from gpt2_onnx.server.limits import Limits, server
 
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
-                                           timeout_graceful_shutdown=grace + 5))
-    stop = server.handle_exit
-
-    def handle_exit(sig, frame) -> None:  # uvicorn's signal handler, with the drain first
-        if not app.state.llm.stopping:
-            app.state.llm.drain(grace)
-        stop(sig, frame)
-
-    server.handle_exit = handle_exit
-    server.run()
+    ServeOptions(host=host, port=port, grace_period=grace, max_connections=max_connections,  # checks them
+                 header_timeout=header_timeout, idle_timeout=idle_timeout, max_header_bytes=max_header_bytes)
+    limits = Limits(max_connections=max_connections, header_timeout=header_timeout, idle_timeout=idle_timeout,
+                    max_header_bytes=max_header_bytes)
+    server(app, limits, host=host, port=port, grace=grace).run()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from gpt2_onnx.server import completions
 from gpt2_onnx.server.completions import Completion, Served
@@ -55,9 +55,17 @@ def response(r: CompletionResponse) -> ChatCompletionResponse:
                             finish_reason=c.finish_reason) for c in r.choices])
 
 
-async def events(source: AsyncIterator[str]) -> AsyncIterator[str]:
+async def events(source: AsyncGenerator[str, None]) -> AsyncIterator[str]:
     """A completion's server-sent events as chat chunks: each choice opens with the assistant role."""
     opened: set[int] = set()
+    try:
+        async for event in _chat_chunks(source, opened):
+            yield event
+    finally:  # the completion's events end too (counted, its rows freed), also when the reader left early
+        await source.aclose()
+
+
+async def _chat_chunks(source: AsyncIterator[str], opened: set[int]) -> AsyncIterator[str]:
     async for event in source:
         data = event.removeprefix("data: ").strip()
         if data == "[DONE]" or '"error"' in data[:10]:

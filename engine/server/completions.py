@@ -56,6 +56,7 @@ class Completion:
         self.id, self.t0 = f"cmpl-{secrets.token_hex(12)}", time.perf_counter()
         self.status = "499"  # until it ends otherwise: the client went away
         self.counted = False  # by the server's metrics
+        self.chat = False  # answered in the chat shapes (/v1/chat/completions)
 
     @property
     def sequences(self) -> list[Sequence]:

@@ -10,8 +10,9 @@ API_NAMES = {"max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs", "min
              "num_beams": "use_beam_search",
              "bad_words_ids": "bad_words", "num_return_sequences": "n"}
 ERRORS = {400: "invalid request (the field is named)", 401: "missing or wrong API key", 404: "unknown model",
-          413: "request body over 1 MiB", 429: "queue full (Retry-After)", 500: "generation failed",
-          503: "shutting down (Retry-After)"}
+          408: "the request's headers or body did not arrive in time", 413: "request body over 1 MiB",
+          429: "queue full (Retry-After)", 431: "request headers too large", 500: "generation failed",
+          503: "shutting down, or too many connections (Retry-After)"}
 
 
 class ApiError(Exception):
@@ -67,6 +68,8 @@ def validation_error(errors: list[dict], fields: list[str]) -> ApiError:
         return ApiError(400, f"unknown field {path!r}; see {param}'s fields in /openapi.json", path)
     if kind == "extra_forbidden":
         return ApiError(400, f"unknown field {param!r}; supported: {sorted(fields)}", param)
+    if kind == "missing" and not loc:  # no body at all (fastapi's "Field required" of the body itself)
+        return ApiError(400, "the request body is empty: send a JSON object (content-type: application/json)")
     if kind == "missing":
         path = ".".join(str(x) for x in loc) or param
         return ApiError(400, f"{path} is required", path)

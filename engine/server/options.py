@@ -25,6 +25,26 @@ class OptionError(InvalidInput):
         return self.template.format_map({n: names.get(n, n) for n in _NAMES})
 
 
+def api_key_problem(key) -> str | None:
+    """What makes `key` unusable as an API key (None: nothing, or no key). A key is sent as `Authorization:
+    Bearer KEY`, a header of ASCII text whose ends are stripped, and compared byte for byte: so printable ASCII,
+    not blank, without whitespace at its ends (a non-ASCII key could never match what clients send: HTTP
+    clients send headers in ASCII (httpx, the OpenAI SDK) or Latin-1, not UTF-8)."""
+    if key is None or not isinstance(key, str):
+        return None  # (no key; a non-string is refused as such)
+    if key == "":
+        return "is empty: pass a non-empty key, or none to serve without authentication"
+    if not key.strip():
+        return "is blank (only whitespace): pass a key of visible characters, or none to serve without authentication"
+    bad = next((i for i, c in enumerate(key) if not " " <= c <= "~"), None)
+    if bad is not None:
+        return (f"must be printable ASCII (it is sent in an HTTP header); character {bad + 1} is "
+                f"{'not ASCII' if ord(key[bad]) > 127 else 'a control character'}")
+    if key != key.strip():
+        return "starts or ends with whitespace, which an HTTP header cannot carry: remove it"
+    return None
+
+
 def _literal(value) -> str:  # a value in a template: its braces are not names
     return repr(value).replace("{", "{{").replace("}", "}}")
 
@@ -55,6 +75,15 @@ class ServeOptions:
     chat_template: str | None = None  # /v1/chat/completions' template: a file or the Jinja text [default: the model's]
     grace_period: float = 10.0  # seconds a stopping replica lets its requests finish
     read_timeout: float = 60.0  # seconds a stream may stay unread (its rows held) before it is ended; 0 = never
+    # connection handling of the single-process server (gpt2_onnx.server.limits; Ray Serve's proxy has its own):
+    max_connections: int = 512  # open connections; one more gets a JSON 503 + Retry-After (stays under ulimit -n 1024)
+    header_timeout: float = 10.0  # seconds for a request's line and headers, from its first byte (a new connection's
+    #                               first request: from the connect); then a JSON 408 and the connection is closed
+    idle_timeout: float = 15.0  # seconds a connection may stay silent between requests (keep-alive; over httpx's and
+    #                             the OpenAI client's 5 s pool expiry, so that the client closes first) and within a
+    #                             request's body (then a JSON 408)
+    max_header_bytes: int = 32768  # request line + headers (nginx's 4 x 8k); beyond: a JSON 431
+    metrics_auth: bool = False  # with api_key: /metrics, /docs, /redoc and /openapi.json need the key too
     replicas: int = 1  # the number of replicas; with autoscaling, the initial number
     min_replicas: int | None = None  # either bound turns autoscaling on
     max_replicas: int | None = None
@@ -64,7 +93,8 @@ class ServeOptions:
 
     def __post_init__(self) -> None:
         for name, low in (("threads", 1), ("max_batch", 1), ("max_queue", 1), ("replicas", 0),
-                          ("min_replicas", 0), ("max_replicas", 1)):
+                          ("min_replicas", 0), ("max_replicas", 1), ("max_connections", 1),
+                          ("max_header_bytes", 1024)):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
                 raise OptionError(f"{{{name}}} must be an integer >= {low}, got {{v}}", name, v=v)
@@ -74,6 +104,12 @@ class ServeOptions:
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
                                   or not math.isfinite(v)):
                 raise OptionError(f"{{{name}}} must be a number >= 0, got {{v}}", name, v=v)
+        for name in ("header_timeout", "idle_timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise OptionError(f"{{{name}}} must be a number of seconds > 0, got {{v}}", name, v=v)
+        if not isinstance(self.metrics_auth, bool):
+            raise OptionError("{metrics_auth} must be true or false, got {v}", "metrics_auth", v=self.metrics_auth)
         if isinstance(self.port, bool) or not isinstance(self.port, int) or not 1 <= self.port <= 65535:
             raise OptionError("{port} must be a TCP port 1..65535, got {v}", "port", v=self.port)
         for name in ("model", "served_model_name", "api_key", "host", "ray_address", "chat_template"):
@@ -98,9 +134,17 @@ class ServeOptions:
                 isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.prefix_adapters.items()):
             raise OptionError("{prefix_adapters} must map served names to folders, got {v}", "prefix_adapters",
                               v=self.prefix_adapters)
-        if self.api_key == "":
-            raise OptionError("{api_key} is empty: pass a non-empty key, or none to serve without authentication",
-                              "api_key")
+        problem = api_key_problem(self.api_key)
+        if problem:
+            raise OptionError("{api_key} " + problem.replace("{", "{{").replace("}", "}}"), "api_key")
+        if self.metrics_auth and self.api_key is None:
+            raise OptionError("{metrics_auth} protects /metrics and /docs with the API key: give {api_key} too",
+                              "metrics_auth")
+
+    def connection_limits(self) -> dict:
+        """gpt2_onnx.server.serve()'s connection options."""
+        return {"max_connections": self.max_connections, "header_timeout": self.header_timeout,
+                "idle_timeout": self.idle_timeout, "max_header_bytes": self.max_header_bytes}
 
     @property
     def autoscaling(self) -> bool:
