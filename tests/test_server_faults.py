@@ -239,7 +239,7 @@ def test_a_streaming_client_that_never_reads_holds_its_rows_not_memory(tiny):
 
 def test_a_stream_left_unread_past_read_timeout_ends_with_an_error_event(tiny):
     """--read-timeout: a stream whose client stops reading holds its rows only that long; then the request
-    ends (an error event of type timeout_error, counted as 408) and its rows serve the next request."""
+    ends (an error event of type timeout_error, counted as 499, a client that left) and its rows serve the next request."""
     _, engine, _, _ = tiny
     app = create_app(engine, model_id="t", max_batch=8, read_timeout=0.5)
     s = Server(app)
@@ -261,6 +261,6 @@ def test_a_stream_left_unread_past_read_timeout_ends_with_an_error_event(tiny):
         assert b"not read for 0.5 s" in data and b"[DONE]" not in data
         sock.close()
         metrics = httpx.get(s.url + "/metrics").text
-        assert 'gpt2onnx_requests_total{status="408"} 1.0' in metrics
+        assert 'gpt2onnx_requests_total{status="499"} 1.0' in metrics
     finally:
         s.stop()

@@ -43,7 +43,7 @@ class ApiError(Exception):
         if isinstance(e, QueueFull):
             return cls(429, f"server busy: {e}", kind="rate_limit_error", headers={"Retry-After": "1"})
         if isinstance(e, ReadTimeout):
-            return cls(408, str(e), kind="timeout_error")
+            return cls(499, str(e), kind="timeout_error")  # the client stopped reading: counted as one that left
         if isinstance(e, (ShuttingDown, Cancelled)):
             return cls(503, "the server is shutting down; retry", kind="server_error", headers={"Retry-After": "1"})
         if isinstance(e, ValueError):
