@@ -239,7 +239,8 @@ def test_a_streaming_client_that_never_reads_holds_its_rows_not_memory(tiny):
 
 def test_a_stream_left_unread_past_read_timeout_ends_with_an_error_event(tiny):
     """--read-timeout: a stream whose client stops reading holds its rows only that long; then the request
-    ends (an error event of type timeout_error, counted as 499, a client that left) and its rows serve the next request."""
+    ends (an error event of type timeout_error, counted as 499, a client that left) and its rows serve the next
+    request."""
     _, engine, _, _ = tiny
     app = create_app(engine, model_id="t", max_batch=8, read_timeout=0.5)
     s = Server(app)
