@@ -100,5 +100,5 @@ def process(scores: np.ndarray, rows: list[Row], dtype: type = np.float64) -> np
         z[ri, ci] = -np.inf
     for i in active:  # structured output: what the constraint does not allow, last, so nothing lifts it
         if rows[i].constraint is not None:
-            z[i, ~rows[i].constraint.allowed()] = -np.inf
+            np.putmask(z[i], ~rows[i].constraint.allowed(), -np.inf)  # in place, no index arrays
     return z
