@@ -313,12 +313,15 @@ class AsyncEngine:
         if self.read_timeout is None:
             return
         late = time.monotonic() - self.read_timeout
-        overdue = [s for s in self.core.running if s.held and s.held_since < late and not s.cancelled]
+        tickets = {s.ticket for s in self.core.running if s.held and s.held_since < late and not s.cancelled}
+        if not tickets:
+            return
+        with self.core.lock:  # the whole request ends: its queued sequences too, not only those holding rows
+            overdue = [s for s in [*self.core.running, *self.core.waiting] if s.ticket in tickets and not s.cancelled]
         for s in overdue:
             s.cancel_error = ReadTimeout(f"not read for {self.read_timeout:g} s: the request was ended and its KV "
                                          "rows given to other requests")
-        if overdue:
-            self.core.cancel(overdue)
+        self.core.cancel(overdue)
 
     def _loop(self) -> None:
         while True:

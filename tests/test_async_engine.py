@@ -209,6 +209,21 @@ def test_a_request_left_unread_past_read_timeout_gives_its_rows_to_the_next(tiny
     llm.shutdown()
 
 
+def test_read_timeout_ends_the_whole_request_its_queued_sequences_too(tiny):
+    """A request of more sequences than rows, left unread: one read_timeout ends all of it, instead of each wave
+    of its queued sequences being admitted, decoded until held, and held for another read_timeout."""
+    _, engine, _, _ = tiny
+    llm = AsyncEngine(engine, max_batch=2, buffer=2, read_timeout=0.5)
+    unread = llm.submit([[1], [2], [3], [4], [5], [6]], GenerationOptions(max_new_tokens=60, ignore_eos=True))
+    wait_until(lambda: all(s.held for s in unread.sequences[:2]))
+    t0 = time.monotonic()
+    wait_until(lambda: all(s.done for s in unread.sequences), timeout=10)
+    assert time.monotonic() - t0 < 1.4  # one read_timeout (0.5 s), not three
+    assert all(isinstance(s.error, ReadTimeout) and s.finish_reason == "cancelled" for s in unread.sequences)
+    assert [len(s.tokens) for s in unread.sequences[2:]] == [0, 0, 0, 0]  # the queued ones never ran
+    llm.shutdown()
+
+
 def test_typed_errors(tiny):
     _, engine, _, _ = tiny
     llm = AsyncEngine(engine, max_batch=1, max_queue=1, buffer=1)

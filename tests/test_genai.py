@@ -87,6 +87,32 @@ def test_right_padded_batch_rows_equal_single_runs(genai):
         assert until_eos(row, eos) == until_eos(engine.generate(p, max_new_tokens=NEW).token_ids, eos)
 
 
+def test_prompt_appended_in_two_parts(genai):
+    """Continuous decoding (a chat's next turn): a second append_tokens runs a chunk after the cached tokens."""
+    _, engine, ogm = genai
+    eos, ids = engine.config.eos_token_id, prompt(engine.config.vocab_size, 30)
+    params = og.GeneratorParams(ogm)
+    params.set_search_options(max_length=30 + NEW, do_sample=False)
+    gen = og.Generator(ogm, params)
+    gen.append_tokens(np.array(ids[:12], np.int32))
+    gen.append_tokens(np.array(ids[12:], np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert until_eos(gen.get_sequence(0)[30:].tolist(), eos) == until_eos(og_greedy(ogm, [ids])[0], eos)
+
+
+def test_padded_heads(tmp_path):
+    """A head size that is not a multiple of 8 is zero-padded (graph.pad_heads): genai_config says the padded size."""
+    model = make_checkpoint(tmp_path / "hf", seed=2, vocab_size=300, n_positions=64, n_embd=40, n_layer=2, n_head=4)
+    out = export_genai(str(tmp_path / "hf"), tmp_path / "genai")
+    assert json.loads((out / GENAI_CONFIG).read_text())["model"]["decoder"]["head_size"] == 16
+    ids = prompt(300, 9)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, pad_token_id=0)[0, 9:].tolist()
+    assert until_eos(og_greedy(og_model(out), [ids])[0], 0) == until_eos(ref, 0)
+    assert len(until_eos(ref, 0)) >= 8
+
+
 @pytest.fixture(scope="module")
 def tiny_ck(tiny):
     return tiny[2]
@@ -152,8 +178,9 @@ def test_graph_io_and_config(tiny_ck, tmp_path):
     graph = onnx.load(out / C.MODEL_NAME, load_external_data=False).graph
     cfg = json.loads((out / GENAI_CONFIG).read_text())["model"]
     assert [i.name for i in graph.input][:3] == [C.INPUT_IDS, ATTENTION_MASK, C.POSITION_IDS]
-    assert [i.name for i in graph.input][3:] == [f"past_key_values.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
-    assert [o.name for o in graph.output] == ["logits"] + [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    kv = [(i, t) for i in range(2) for t in ("key", "value")]
+    assert [i.name for i in graph.input][3:] == [f"past_key_values.{i}.{t}" for i, t in kv]
+    assert [o.name for o in graph.output] == ["logits"] + [f"present.{i}.{t}" for i, t in kv]
     assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 1  # og reads a pruned LM head
     assert {n.op_type for n in graph.node} >= {"GroupQueryAttention", "ReduceSum"}
     assert cfg["type"] == "decoder" and cfg["decoder"]["head_size"] == 16 and cfg["decoder"]["num_hidden_layers"] == 2

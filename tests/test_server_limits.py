@@ -398,3 +398,29 @@ def test_serve_options_check_the_connection_limits():
                       ("max_header_bytes", 100), ("header_timeout", float("inf")), ("metrics_auth", "yes")):
         with pytest.raises(ValueError, match=name):
             ServeOptions(**{name: bad})
+
+
+def test_a_client_that_reads_nothing_loses_its_connection_after_send_timeout(tiny):
+    """A stream whose client never reads is ended by the engine's read_timeout; its connection, whose answer can
+    never be written, is dropped send_timeout after the client's socket filled up, freeing its slot."""
+    _, engine, _, _ = tiny
+    app = create_app(engine, max_batch=8, read_timeout=1.0)
+    s = LimitedServer(app, max_connections=1, idle_timeout=1.0, send_timeout=2.0)
+    try:
+        body = json.dumps({"prompt": ["the quick"] * 4, "n": 2, "max_tokens": 120, "logprobs": 20, "stream": True,
+                           "ignore_eos": True, "temperature": 1.0}).encode()
+        sock = s.connect()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills up at once
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)  # and never reads
+        deadline = time.time() + 30
+        while True:  # the only slot is taken until the connection is dropped
+            r = httpx.get(s.url + "/health", timeout=10)
+            if r.status_code == 200:
+                break
+            assert r.status_code == 503 and time.time() < deadline, r.text
+            time.sleep(0.5)
+        assert r.json()["active"] == 0
+        sock.close()
+    finally:
+        s.stop()

@@ -323,6 +323,7 @@ def serve(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, grace: flo
 
     ServeOptions(host=host, port=port, grace_period=grace, max_connections=max_connections,  # checks them
                  header_timeout=header_timeout, idle_timeout=idle_timeout, max_header_bytes=max_header_bytes)
+    read_timeout = app.state.llm.read_timeout  # a stream left unread ends after it; its connection idle_timeout later
     limits = Limits(max_connections=max_connections, header_timeout=header_timeout, idle_timeout=idle_timeout,
-                    max_header_bytes=max_header_bytes)
+                    max_header_bytes=max_header_bytes, send_timeout=read_timeout + idle_timeout if read_timeout else None)
     server(app, limits, host=host, port=port, grace=grace).run()

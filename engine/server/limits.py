@@ -56,6 +56,7 @@ class Limits:
     header_timeout: float = ServeOptions.header_timeout
     idle_timeout: float = ServeOptions.idle_timeout
     max_header_bytes: int = ServeOptions.max_header_bytes
+    send_timeout: float | None = None  # seconds a client may read nothing at all before its connection is dropped
     draining: bool = False  # set on SIGTERM: every new request gets a 503
     count: Callable[[int], None] = field(default=lambda status: None, repr=False)  # answers by status (/metrics)
 
@@ -103,6 +104,7 @@ class LimitedH11Protocol(H11Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._probe_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
         self._head_started = False  # bytes of the pending request's head have come
         self._over_limit = False
         self._error: h11.RemoteProtocolError | None = None
@@ -151,10 +153,10 @@ class LimitedH11Protocol(H11Protocol):
         self._header_timer = self.loop.call_later(self.limits.header_timeout, self._header_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        for timer in (self._header_timer, self._body_timer, self._probe_timer):
+        for timer in (self._header_timer, self._body_timer, self._probe_timer, self._write_timer):
             if timer is not None:
                 timer.cancel()
-        self._header_timer = self._body_timer = self._probe_timer = None
+        self._header_timer = self._body_timer = self._probe_timer = self._write_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -204,7 +206,26 @@ class LimitedH11Protocol(H11Protocol):
             self._probe(0)
         return True
 
+    def pause_writing(self) -> None:  # the client stopped reading: its socket buffer is full
+        super().pause_writing()
+        if self._write_timer is None and self.limits.send_timeout:
+            self._write_timer = self.loop.call_later(self.limits.send_timeout, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
     # ---- timers ----------------------------------------------------------------------------------
+    def _write_timed_out(self) -> None:
+        """The client has read nothing for send_timeout (the engine's read_timeout, after which it ends a stream
+        left unread, plus idle_timeout): drop the connection, so that a client that never reads cannot keep a
+        connection slot after its stream ended (its answer could never be written)."""
+        self._write_timer = None
+        if not self.transport.is_closing():
+            self.transport.abort()
+
     def _header_timed_out(self) -> None:
         self._header_timer = None
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
