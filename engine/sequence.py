@@ -119,7 +119,7 @@ class Sequence:
         """The next token: the graph's argmax, or a choice from this row's logits (V,) after its processors
         (`scores`, when the step computed them for all its rows together)."""
         if logits is None:
-            if greedy_id < 0:  # the graph's mark of a row whose logits are not all finite
+            if greedy_id < 0:  # the graph marks a row whose best logit is not finite
                 raise ValueError(NON_FINITE)
             return int(greedy_id)
         if scores is None and self.options.processed:

@@ -1,6 +1,6 @@
 """Hugging Face GPT-2 checkpoint -> ONNX model folder (model.onnx, kv_copy.onnx, manifest.json, tokenizer.json)."""
 
-EXPORTER_VERSION = "0.6.0"  # part of the export cache key: bump when exports change
+EXPORTER_VERSION = "0.6.1"  # part of the export cache key: bump when exports change
 
 __all__ = ["export_model", "EXPORTER_VERSION"]
 

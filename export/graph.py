@@ -167,13 +167,13 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
         head = "wte.weight" if head_name == "wte.weight" else W(head_name)
         logits = b.op("FusedMatMul", [h, head], domain=MS, name="lm_head", transB=1)[0]
     best = b.op("ArgMax", [logits], name="argmax", axis=-1, keepdims=0)[0]  # (B, K) over every row
-    # next_token is -1 where a row's logits are not all finite (x - x is 0 for finite x, NaN otherwise), so
-    # greedy decoding, which copies no logits, still sees NaN and infinity
-    zeros = b.op("Sub", [logits, logits], name="finite_check")[0]  # (B, K, V)
-    bad = b.op("ReduceSum", [zeros, b.weight("axis_last", np.array([-1], np.int64))], name="finite_sum",
-               keepdims=0)[0]  # (B, K)
-    finite = b.op("Equal", [bad, b.weight(f"zero_{cfg.dtype}", np.zeros((), np.dtype(cfg.dtype)))],
-                  name="finite")[0]
+    # next_token is -1 where a row's best logit is not finite (NaN, which fills a row whose hidden state is NaN, or
+    # an overflow to infinity), so greedy decoding, which copies no logits, still fails on them; O(B) work
+    at = b.op("Unsqueeze", [best, b.weight("axis_last", np.array([-1], np.int64))], name="best_index")[0]  # (B, K, 1)
+    top = b.op("GatherElements", [logits, at], name="best_logit", axis=-1)[0]  # (B, K, 1)
+    zero = b.op("Sub", [top, top], name="finite_check")[0]  # 0 where finite, NaN otherwise
+    finite = b.op("Equal", [zero, b.weight(f"zero_{cfg.dtype}", np.zeros((), np.dtype(cfg.dtype)))], name="finite")[0]
+    finite = b.op("Squeeze", [finite, b.weight("axis_last", np.array([-1], np.int64))], name="finite_rows")[0]
     b.op("Where", [finite, best, b.weight("minus_one", np.array(-1, np.int64))], name="next_token",
          outputs=[C.NEXT_TOKEN])
     rows = b.op("Gather", [logits, C.LOGITS_ROWS], name="logits_rows", axis=0)[0]  # (R, K, V): rows that sample
