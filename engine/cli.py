@@ -26,7 +26,7 @@ FLAGS = {"max_new_tokens": "--max-new-tokens", "top_k": "--top-k", "top_p": "--t
          "typical_p": "--typical-p", "presence_penalty": "--presence-penalty", "frequency_penalty": "--frequency-penalty",
          "logit_bias": "--logit-bias", "bad_words": "--bad-word", "bad_words_ids": "--bad-word",
          "no_repeat_ngram_size": "--no-repeat-ngram-size", "num_beams": "--num-beams", "length_penalty": "--length-penalty",
-         "early_stopping": "--early-stopping", "best_of": "--best-of", "answer_regex": "--vote",
+         "early_stopping": "--early-stopping", "best_of": "--best-of", "answer_regex": "--vote", "format": "--format",
          "num_return_sequences": "--samples", "json_schema": "--json-schema", "json_object": "--json-object",
          "regex": "--regex", "choice": "--choice", "grammar": "--grammar"}
 
@@ -97,13 +97,17 @@ def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...)
            output: Path = typer.Option(..., "-o", "--output", help="folder to write"),
            dtype: str = typer.Option("float32", help="float32 | float16 (float16 is for CUDA)"),
            quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only (MatMulNBits)"),
-           adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder (LoRA, IA3) to merge")):
-    """Export a GPT-2 checkpoint to model.onnx + kv_copy.onnx + manifest.json + tokenizer.json."""
+           adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder (LoRA, IA3) to merge"),
+           format: str = typer.Option("gpt2-onnx", "--format",
+                                      help="gpt2-onnx (this runtime) | genai (onnxruntime-genai: C#, Java, C/C++, "
+                                           "Python; genai_config.json, float16 set for CUDA)")):
+    """Export a GPT-2 checkpoint to model.onnx + kv_copy.onnx + manifest.json + tokenizer.json
+    (--format genai: model.onnx + genai_config.json + tokenizer.json + tokenizer_config.json)."""
     from gpt2_onnx.resolve import export
 
     try:
         with err.status(f"exporting {escape(model)}") as status:
-            out = export(model, output, dtype=dtype, quantize=quantize, adapter=adapter,
+            out = export(model, output, dtype=dtype, quantize=quantize, adapter=adapter, format=format,
                          progress=lambda m: status.update(escape(m)))
     except ValueError as e:
         _fail(e)

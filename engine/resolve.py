@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpt2_onnx import config as C
+from gpt2_onnx.errors import option_error
 
 Progress = Callable[[str], None]
 
@@ -50,10 +51,20 @@ def resolve(model: str | Path | None = None, *, dtype: str = "float32", quantize
                          progress=progress)
 
 
+EXPORT_FORMATS = ("gpt2-onnx", "genai")
+
+
 def export(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
-           adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
-    """Export a checkpoint (Hugging Face folder or Hub id, with a PEFT adapter merged) into the folder `out`."""
+           adapter: str | Path | None = None, progress: Progress | None = None, format: str = "gpt2-onnx") -> Path:
+    """Export a checkpoint (Hugging Face folder or Hub id, with a PEFT adapter merged) into the folder `out`:
+    format "gpt2-onnx", this runtime's folder; "genai", a folder for onnxruntime-genai (export.genai)."""
+    if format not in EXPORT_FORMATS:
+        raise option_error("format", f"must be gpt2-onnx or genai, got {format!r}")
     C.check_model_spec(str(model))  # before the exporter is imported
+    if format == "genai":
+        from gpt2_onnx.export.genai import export_genai  # the exporter, only now
+
+        return export_genai(model, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)
     from gpt2_onnx.export.exporter import export_model  # the exporter, only now
 
     return export_model(model, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)

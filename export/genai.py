@@ -85,7 +85,8 @@ def genai_graph(proto: onnx.ModelProto, cfg: C.ModelConfig) -> onnx.ModelProto:
 
     drop = {C.SEQLENS_K, C.TOTAL_SEQUENCE_LENGTH, C.LOGITS_INDEX, C.LOGITS_ROWS}
     inputs = [i for i in g.input if i.name not in drop]
-    inputs.insert(1, helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence_length"]))
+    mask = helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "total_sequence_length"])
+    inputs.insert(1, mask)
     outputs = [helper.make_tensor_value_info(C.LOGITS, TensorProto.FLOAT, ["batch", 1, cfg.vocab_size])]
     outputs += [o for o in g.output if o.name in cfg.present_names()]
     del g.input[:], g.output[:]
@@ -186,8 +187,7 @@ def export_genai(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
     cfg, eps, scales = exporter._model_config(ck, dtype, quantize, adapter)
     exporter._check_weights(cfg, ck.weights, ck.folder, ck.config)
-    if hasattr(exporter, "check_tokenizer"):
-        exporter.check_tokenizer(ck.folder, cfg.vocab_size)
+    exporter.check_tokenizer(ck.folder, cfg.vocab_size)
     if adapter:
         from gpt2_onnx.export.adapters import merge_adapter
 
@@ -215,11 +215,15 @@ def export_genai(model: str, out: str | Path, *, dtype: str = "float32", quantiz
         for name, data in ((GENAI_CONFIG, genai_config(cfg, ck.folder, provider=provider)),
                            ("tokenizer_config.json", tokenizer_config(cfg, ck.folder, tmp / C.TOKENIZER_NAME))):
             (tmp / name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        if out.exists():  # a previous genai export: moved aside by one rename, removed once the new one is in place
+            os.replace(out, old)
         os.replace(tmp, out)
-    except BaseException:
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and str(e.filename or "").startswith(str(tmp)):  # ENOSPC, EIO, a quota
+            raise exporter.WriteError(out, e) from e
         raise
     say(f"exported for onnxruntime-genai to {out}")
     return out

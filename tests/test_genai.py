@@ -85,6 +85,7 @@ def test_right_padded_batch_rows_equal_single_runs(genai):
     rows = og_greedy(ogm, prompts)
     for p, row in zip(prompts, rows):
         assert until_eos(row, eos) == until_eos(engine.generate(p, max_new_tokens=NEW).token_ids, eos)
+    assert sum(len(until_eos(row, eos)) for row in rows) >= 2 * NEW, "too few tokens before eos to mean much"
 
 
 def test_prompt_appended_in_two_parts(genai):
@@ -99,6 +100,24 @@ def test_prompt_appended_in_two_parts(genai):
     while not gen.is_done():
         gen.generate_next_token()
     assert until_eos(gen.get_sequence(0)[30:].tolist(), eos) == until_eos(og_greedy(ogm, [ids])[0], eos)
+
+
+def test_beam_search_equals_torch(tiny, tmp_path):
+    """og's beam search reorders our KV buffers between steps: 4 beams give transformers' best beam."""
+    model, _, ck, _ = tiny
+    ogm = og_model(export_genai(str(ck), tmp_path / "genai"))
+    ids = prompt(1000, 7)
+    params = og.GeneratorParams(ogm)
+    params.set_search_options(max_length=7 + 16, num_beams=4, do_sample=False, early_stopping=False,
+                              length_penalty=1.0, num_return_sequences=1)
+    gen = og.Generator(ogm, params)
+    gen.append_tokens(np.array(ids, np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=16, num_beams=4, do_sample=False,
+                             early_stopping=False, pad_token_id=0)[0, 7:].tolist()
+    assert until_eos(gen.get_sequence(0)[7:].tolist(), 0) == until_eos(ref, 0)
 
 
 def test_padded_heads(tmp_path):
@@ -189,6 +208,14 @@ def test_graph_io_and_config(tiny_ck, tmp_path):
     ours = onnx.load(export_model(str(tiny_ck), tmp_path / "ours") / C.MODEL_NAME, load_external_data=False).graph
     assert [i.name for i in ours.input][:6] == OUR_INPUTS
     assert [o.name for o in ours.output][:2] == [C.LOGITS, C.NEXT_TOKEN]
+
+
+def test_export_again_replaces_the_folder(tiny_ck, tmp_path):
+    export_genai(str(tiny_ck), tmp_path / "genai", quantize="int4")
+    out = export_genai(str(tiny_ck), tmp_path / "genai")
+    graph = onnx.load(out / C.MODEL_NAME, load_external_data=False).graph
+    assert not any(n.op_type == "MatMulNBits" for n in graph.node)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["genai"]  # no temporary folder left behind
 
 
 def test_refuses_a_folder_that_is_not_a_genai_export(tiny_ck, tmp_path):
