@@ -166,16 +166,29 @@ def optimum(ck: Path, ids, new_tokens, runs, threads, options):
     return res
 
 
+def genai(ck: Path, ids, new_tokens, runs, threads, options):
+    """onnxruntime-genai (its own Python package, as its users run it) on `gpt2-onnx export --format genai`'s
+    folder of the same checkpoint (fp32 or int4), `threads` intra-op threads through its config."""
+    from benchmarks.genai import genai_export, og_generate, og_model
+
+    folder = genai_export(Path(ck), options["variant"])
+    model = og_model(folder, threads)
+    res = measure(lambda batch, n: og_generate(model, batch, n), ids, new_tokens, runs)
+    res["model_bytes"] = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
+    return res
+
+
 SYSTEMS = {"ours": ours, "ours-int8": ours, "ours-int4": ours, "hf-torch": hf, "optimum": optimum,
            "ct2-float32": ct2, "ct2-int8": ct2, "llama.cpp-f32": llama, "llama.cpp-q8_0": llama,
-           "llama.cpp-q4_0": llama}
+           "llama.cpp-q4_0": llama, "genai-fp32": genai, "genai-int4": genai}
 
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
     name = spec["system"]
     opts = {"quantize": {"ours-int8": "int8", "ours-int4": "int4"}.get(name),
-            "compute_type": name.removeprefix("ct2-"), "qtype": name.removeprefix("llama.cpp-")}
+            "compute_type": name.removeprefix("ct2-"), "qtype": name.removeprefix("llama.cpp-"),
+            "variant": name.removeprefix("genai-")}
     opts.update(spec.get("options", {}))
     try:
         res = SYSTEMS[name](Path(spec["checkpoint"]), spec["ids"], spec["new_tokens"], spec["runs"], spec["threads"], opts)
