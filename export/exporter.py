@@ -331,24 +331,16 @@ def verify_export(folder: str | Path) -> str | None:
     return None
 
 
-def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
-                 adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
-    """Export a GPT-2 checkpoint (Hub id or HF folder) to `out`; returns the folder.
-
-    `adapter`: a PEFT LoRA or IA3 adapter folder merged into the weights (export.adapters).
-    The folder is written atomically: a failed export leaves no half-written model behind.
-    """
-    say = progress or (lambda msg: None)
+def check_options(dtype: str, quantize: str | None) -> None:
     if dtype not in ("float32", "float16"):
         raise option_error("dtype", f"must be float32 or float16, got {dtype!r}")
     if quantize not in (None, "int8", "int4"):
         raise option_error("quantize", f"must be int8 or int4, got {quantize!r}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (out / C.MANIFEST_NAME).is_file():
-        raise ValueError(f"{out} is a non-empty folder that is not a gpt2-onnx export; choose another -o")
 
+
+def read_checkpoint(model: str, dtype: str, quantize: str | None, adapter: str | Path | None, say: Progress):
+    """What every export format builds from: the checkpoint (its weights with the adapter merged), its
+    ModelConfig, layer-norm eps, attention scales, and the MatMulNBits quantizer (None without quantize)."""
     say(f"reading checkpoint {model}")
     ck = checkpoint.load(model)
     adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
@@ -360,14 +352,31 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
 
         say(f"merging adapter {adapter}")
         ck.weights = merge_adapter(ck.weights, adapter)
-
     quantizer = None
     if quantize:
         from gpt2_onnx.export.quantize import matmul_nbits
 
         bits = 8 if quantize == "int8" else 4
         quantizer = lambda arr: matmul_nbits(arr, bits=bits, dtype=dtype)  # noqa: E731
+    return ck, cfg, eps, scales, quantizer
 
+
+def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
+                 adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
+    """Export a GPT-2 checkpoint (Hub id or HF folder) to `out`; returns the folder.
+
+    `adapter`: a PEFT LoRA or IA3 adapter folder merged into the weights (export.adapters).
+    The folder is written atomically: a failed export leaves no half-written model behind.
+    """
+    say = progress or (lambda msg: None)
+    check_options(dtype, quantize)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / C.MANIFEST_NAME).is_file():
+        raise ValueError(f"{out} is a non-empty folder that is not a gpt2-onnx export; choose another -o")
+
+    ck, cfg, eps, scales, quantizer = read_checkpoint(model, dtype, quantize, adapter, say)
     say(f"building graph ({cfg.n_layer} layers, n_embd {cfg.n_embd}, {dtype}{', ' + quantize if quantize else ''})")
     proto = build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer)
     del ck.weights

@@ -32,8 +32,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from gpt2_onnx import config as C
-from gpt2_onnx.errors import option_error
-from gpt2_onnx.export import checkpoint, exporter
+from gpt2_onnx.export import exporter
 from gpt2_onnx.export.graph import _Builder, build
 
 GENAI_CONFIG = "genai_config.json"
@@ -173,37 +172,18 @@ def export_genai(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     genai_config.json, tokenizer.json, tokenizer_config.json. provider: the execution provider written into
     genai_config.json, default cuda for float16 and cpu otherwise. The folder is published atomically."""
     say = progress or (lambda msg: None)
-    if dtype not in ("float32", "float16"):
-        raise option_error("dtype", f"must be float32 or float16, got {dtype!r}")
-    if quantize not in (None, "int8", "int4"):
-        raise option_error("quantize", f"must be int8 or int4, got {quantize!r}")
+    exporter.check_options(dtype, quantize)
     provider = provider or ("cuda" if dtype == "float16" else "cpu")
     out = Path(out)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / GENAI_CONFIG).is_file())):
         raise ValueError(f"{out} exists and is not an empty folder or an onnxruntime-genai export; choose another -o")
 
-    say(f"reading checkpoint {model}")
-    ck = checkpoint.load(model)
-    adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
-    cfg, eps, scales = exporter._model_config(ck, dtype, quantize, adapter)
-    exporter._check_weights(cfg, ck.weights, ck.folder, ck.config)
-    exporter.check_tokenizer(ck.folder, cfg.vocab_size)
-    if adapter:
-        from gpt2_onnx.export.adapters import merge_adapter
-
-        say(f"merging adapter {adapter}")
-        ck.weights = merge_adapter(ck.weights, adapter)
-    quantizer = None
-    if quantize:
-        from gpt2_onnx.export.quantize import matmul_nbits
-
-        bits = 8 if quantize == "int8" else 4
-        quantizer = lambda arr: matmul_nbits(arr, bits=bits, dtype=dtype)  # noqa: E731
+    ck, cfg, eps, scales, quantizer = exporter.read_checkpoint(model, dtype, quantize, adapter, say)
     say(f"building the onnxruntime-genai graph ({cfg.n_layer} layers, {dtype}{', ' + quantize if quantize else ''})")
     proto = genai_graph(build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer), cfg)
     del ck.weights
     helper.set_model_props(proto, {"source": cfg.source, "exporter_version": cfg.exporter_version,
-                                   "adapter": adapter or "", "genai_type": GENAI_TYPE})
+                                   "adapter": cfg.adapter or "", "genai_type": GENAI_TYPE})
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
