@@ -226,10 +226,8 @@ def _regular(path: Path) -> bool:
     """Whether OUTPUT is (or will be) a regular file: one that can be read back to resume, and locked."""
     try:
         return stat.S_ISREG(os.stat(path).st_mode)
-    except FileNotFoundError:
+    except OSError:  # not there yet (a regular file will be made), or open says what is wrong
         return True
-    except OSError:
-        return True  # open says what is wrong
 
 
 def resume(path: Path, ids: set[str], openai: bool = False) -> tuple[set[str], bool]:

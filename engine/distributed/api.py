@@ -55,8 +55,6 @@ class Api:
 
     def __init__(self, served: Served, *, api_key: str | None = None):
         self.served, self.api_key, self.metrics = served, api_key, Metrics(served.llm)
-        self.fields = list(CompletionRequest.model_fields)  # of the request being checked: named for an unknown field
-        self.route_fields = routes.body_fields()
         s = served
         # each route's body model and its call; the router's paths, methods and auth say which applies
         self.calls = {
@@ -97,8 +95,7 @@ class Api:
         if route.endpoint not in self.calls:
             raise ApiError(404, f"{request['path']} is answered by the ingress, not by a replica")
         model, call = self.calls[route.endpoint]
-        self.fields = self.route_fields.get(request["path"], [])
-        data = self._json(request) if model is not None else None
+        data = self._json(request, model) if model is not None else None
         self._authorize(request, route)
         body = self._validate(model, data) if model is not None else None
         if call is not None:
@@ -109,8 +106,10 @@ class Api:
         self.metrics.accepted(c)
         return c, None
 
-    def _json(self, request: dict):
-        """The body as fastapi reads it: JSON for a JSON content type, else the bytes; None if empty."""
+    @staticmethod
+    def _json(request: dict, model: type[BaseModel]):
+        """The body as fastapi reads it: JSON for a JSON content type, else the bytes; None if empty (model: the
+        route's body, whose fields an error names)."""
         raw, kind = request["body"], request["headers"].get("content-type", "")
         if not raw:
             return None
@@ -121,7 +120,7 @@ class Api:
             return json.loads(raw)
         except json.JSONDecodeError as e:
             raise validation_error([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
-                                     "input": {}, "ctx": {"error": e.msg}}], self.fields) from None
+                                     "input": {}, "ctx": {"error": e.msg}}], list(model.model_fields)) from None
         except Exception:  # invalid UTF-8, too deep, a number too long
             raise ApiError(400, UNPARSABLE) from None
 
@@ -132,14 +131,16 @@ class Api:
         if not routes.key_matches(request["headers"].get("authorization", ""), self.api_key):
             raise routes.unauthorized()
 
-    def _validate(self, model: type[BaseModel], data):
+    @staticmethod
+    def _validate(model: type[BaseModel], data):
+        fields = list(model.model_fields)  # named for an unknown field, as create_app names the route's body's
         if data is None:  # no body: fastapi's error for a missing one
             raise validation_error([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}],
-                                   self.fields)
+                                   fields)
         try:
             return model.model_validate(data)
         except ValidationError as e:
-            raise validation_error(e.errors(), self.fields) from None
+            raise validation_error(e.errors(), fields) from None
 
     async def _whole(self, c: Completion) -> list[dict]:
         """A completion's JSON answer (its error's if a row failed), counted when it ends (499 if cancelled)."""
