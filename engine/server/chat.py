@@ -68,10 +68,10 @@ async def events(source: AsyncGenerator[str, None]) -> AsyncIterator[str]:
 async def _chat_chunks(source: AsyncIterator[str], opened: set[int]) -> AsyncIterator[str]:
     async for event in source:
         data = event.removeprefix("data: ").strip()
-        if data == "[DONE]" or '"error"' in data[:10]:
+        chunk = None if data == "[DONE]" else json.loads(data)
+        if chunk is None or "error" in chunk:  # the end, or an error event: as the completion says it
             yield event
             continue
-        chunk = json.loads(data)
 
         def out(choices: list[ChatChunkChoice], usage=None) -> str:
             return "data: " + ChatCompletionChunk(id="chat" + chunk["id"], created=chunk["created"],
