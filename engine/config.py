@@ -15,6 +15,7 @@ import numpy as np
 MANIFEST_NAME = "manifest.json"
 MODEL_NAME = "model.onnx"
 COPY_MODEL_NAME = "kv_copy.onnx"  # copies KV rows between buffers on the session's device
+EMBEDS_MODEL_NAME = "embeds.onnx"  # model.onnx entered by input embeddings: the KV of prompt-tuning virtual tokens
 TOKENIZER_NAME = "tokenizer.json"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"  # the checkpoint's chat template, when it has one
 FORMAT_VERSION = 4  # bump when the graph contract changes; the engine refuses other versions
@@ -39,6 +40,9 @@ COPY_SRC = "src.{j}"
 COPY_DST = "dst.{j}"
 COPY_LENGTH = "length"  # (1,) int64: positions to copy
 COPY_PADS = "pads"  # (8,) int64: ONNX Pad pads that grow the copied positions to the destination length
+# embeds.onnx: model.onnx's inputs with INPUTS_EMBEDS (B, S, n_embd) in place of input_ids (wpe is added in the
+# graph) and no logits inputs; outputs the present KV only. Its weights are model.onnx's, in the same data file.
+INPUTS_EMBEDS = "inputs_embeds"
 
 
 def cache_root() -> Path:
@@ -115,6 +119,7 @@ class ModelConfig:
     format_version: int = FORMAT_VERSION
     onnx_bytes: int = 0  # size of model.onnx, to detect truncated copies
     kv_copy_bytes: int = 0  # size of kv_copy.onnx
+    embeds_bytes: int = 0  # size of embeds.onnx (0: an export from before it, which has none)
     external_data: str | None = None  # file holding the weights (page-aligned: onnxruntime maps it)
     external_data_bytes: int = 0
     kv_head_size_padded: int = 0  # 0: heads not padded; else each head zero-padded to this size (a multiple of 8)

@@ -84,6 +84,7 @@ class Model:
         self.cuda_graph = cuda_graph
         self._graph_ids = 0
         self._copy_session: ort.InferenceSession | None = None
+        self._embeds_session: ort.InferenceSession | None = None  # embeds.onnx, opened by the first run_embeds
         # CPU caches copy rows with numpy; device caches with kv_copy.onnx on the device ("graph" also works on CPU)
         self.kv_copy_mode = "numpy" if self.device == "cpu" else "graph"
         self.transfers: Counter = Counter()  # bytes to host memory by kind ("logits"), row copies ("kv_rows")
@@ -166,6 +167,49 @@ class Model:
                 logits_index: np.ndarray) -> np.ndarray:
         """`run` on rows 0..B-1 returning only the logits (B, K, V): for scoring and tests."""
         return self.run(cache, input_ids, n_new, logits_index)[1]
+
+    def run_embeds(self, cache: KVCache, embeds: np.ndarray) -> None:
+        """Run input embeddings (B, T, n_embd) (a prompt-tuning adapter's virtual tokens) into the empty rows
+        0..B-1 of cache at positions 0..T-1, as tokens would be: their KV, through embeds.onnx."""
+        B, T, _ = embeds.shape
+        if cache.lengths[:B].any() or T > cache.max_length:
+            raise ValueError(f"{T} input embeddings need {B} empty rows of a KV cache of at least {T} positions")
+        session = self._embeds_session = self._embeds_session or self._open_embeds()
+        io = session.io_binding()
+        io.bind_cpu_input(C.INPUTS_EMBEDS, np.ascontiguousarray(embeds, dtype=self.cfg.np_dtype))
+        io.bind_cpu_input(C.POSITION_IDS, np.tile(np.arange(T, dtype=np.int64), (B, 1)))  # (B, T)
+        io.bind_cpu_input(C.SEQLENS_K, np.full(B, T - 1, np.int32))
+        io.bind_cpu_input(C.TOTAL_SEQUENCE_LENGTH, np.array(T, dtype=np.int32))
+        self.bind_kv(io, cache, 0, B)
+        session.run_with_iobinding(io)
+        cache.lengths[:B] = T
+
+    def _open_embeds(self) -> ort.InferenceSession:
+        """embeds.onnx's session: its weights are read where model.onnx's data file is mapped (no prepacked
+        copies: it runs once per adapter), so plain use never pays for it."""
+        path = self.folder / C.EMBEDS_MODEL_NAME
+        if not path.is_file():
+            cached = self.folder.resolve().parent == C.cache_root().expanduser().resolve()
+            how = (f"`gpt2-onnx cache clear {self.folder.resolve().name}`, then load its checkpoint again" if cached
+                   else f"`gpt2-onnx export {self.cfg.source or 'CHECKPOINT'} -o {self.folder}`")
+            raise ValueError(f"{self.folder} has no {C.EMBEDS_MODEL_NAME}, which prompt-tuning and P-tuning adapters "
+                             f"run through (it was exported by an older version): re-export it with {how}")
+        _check_file(path, self.cfg.embeds_bytes, "embeddings graph")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = self._opts.graph_optimization_level
+        opts.intra_op_num_threads = self._opts.intra_op_num_threads
+        opts.log_severity_level = 3
+        opts.enable_cpu_mem_arena = self._opts.enable_cpu_mem_arena
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=[PROVIDERS[self.provider]])
+        except Exception as e:
+            raise ValueError(f"onnxruntime could not load {path}: {str(e).strip()[:500]}; re-export the model") from e
+        digest = session.get_modelmeta().custom_metadata_map.get("weights_digest")
+        if digest != self.cfg.weights_digest:
+            raise ValueError(f"{path} belongs to another export (weights {digest}, the manifest's "
+                             f"{self.cfg.weights_digest}); re-export the model with gpt2-onnx export")
+        return session
 
     def copy_kv(self, src: KVCache, src_row: int, dst: KVCache, dst_row: int, length: int, start: int = 0) -> None:
         """dst row <- the first `length` positions of src row, on the device (no trip through host memory).

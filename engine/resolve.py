@@ -70,9 +70,10 @@ def export(model: str, out: str | Path, *, dtype: str = "float32", quantize: str
     return export_model(model, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)
 
 
-def read_prefix_adapter(adapter: str | Path, cfg: C.ModelConfig) -> list:
-    """A peft prefix-tuning adapter's virtual-token KV for the model `cfg` (see export.adapters)."""
-    from gpt2_onnx.export.adapters import read_prefix_adapter as read  # safetensors, only now
+def read_virtual_tokens(adapter: str | Path, cfg: C.ModelConfig) -> tuple[str, list]:
+    """A peft prefix-tuning, prompt-tuning or P-tuning adapter's virtual tokens for the model `cfg`: ("kv", their
+    KV) or ("embeds", [their input embeddings (1, T, n_embd)]) (see export.adapters.read_virtual_tokens)."""
+    from gpt2_onnx.export.adapters import read_virtual_tokens as read  # safetensors, only now
 
     return read(adapter, cfg)
 

@@ -19,7 +19,7 @@ from gpt2_onnx.errors import ContextTooLong, InvalidInput, option_error
 from gpt2_onnx.generator import Generator
 from gpt2_onnx.groups import BeamSearch, BestOf
 from gpt2_onnx.model import Model
-from gpt2_onnx.resolve import read_prefix_adapter, resolve
+from gpt2_onnx.resolve import read_virtual_tokens, resolve
 from gpt2_onnx.sequence import Sequence as Seq
 from gpt2_onnx.tokenizer import Tokenizer, check_text
 from gpt2_onnx.types import GenerateKwargs, GenerationOptions, GenerationResult, Prefix, Score, Step, virtual_ids
@@ -179,16 +179,20 @@ class Engine:
         return score(self, requests)
 
     def load_prefix(self, adapter: str | Path) -> Prefix:
-        """A peft prefix-tuning adapter (PrefixTuningConfig) as a Prefix for generate(..., prefix=).
+        """A peft prefix-tuning, prompt-tuning or P-tuning adapter as a Prefix for generate(..., prefix=).
 
-        Its virtual tokens' KV goes to the device once; prompts follow it from position
+        Its virtual tokens' KV is computed once (prompt and P-tuning embeddings run through the model,
+        at positions 0..num_virtual_tokens-1) and stays on the device; prompts follow it from position
         num_virtual_tokens on, as under peft, and count against n_positions. An empty prompt after it
         starts from <|endoftext|>, as an empty prompt does without a prefix.
         """
-        arrays = read_prefix_adapter(adapter, self.config)
-        T = arrays[0].shape[2]
+        kind, arrays = read_virtual_tokens(adapter, self.config)
+        T = arrays[0].shape[2] if kind == "kv" else arrays[0].shape[1]
         cache = self.model.new_cache(1, T)
-        cache.write(arrays, T)
+        if kind == "kv":
+            cache.write(arrays, T)
+        else:
+            self.model.run_embeds(cache, arrays[0])
         return Prefix(virtual_ids(T), cache, model=self.config.weights_digest, virtual=T, name=str(adapter))
 
     def stream_batch(self, prompts: Sequence[Prompt], *, prefix: Prefix | None = None,

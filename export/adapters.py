@@ -1,4 +1,5 @@
-"""PEFT adapters: LoRA and IA3 merged into the base weights at export; prefix-tuning read as a prefix KV.
+"""PEFT adapters: LoRA and IA3 merged into the base weights at export; prefix-tuning, prompt tuning and P-tuning
+read at run time as their virtual tokens (a prefix KV, or input embeddings that the model turns into one).
 
 An adapter folder is what peft's `PeftModel.save_pretrained` writes: adapter_config.json plus
 adapter_model.safetensors (or adapter_model.bin). Its tensor names are the base model's module
@@ -35,6 +36,33 @@ LORA_REFUSED = {
 BASE_CHANGING_INIT = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 MERGE_ELSEWHERE = ("merge it in peft instead (model.merge_and_unload(), then save_pretrained) and export the "
                    "merged checkpoint")
+# peft types whose virtual tokens load at run time; those merged at export; those peft cannot merge either
+RUN_TIME = {"PREFIX_TUNING": "prefix-tuning", "PROMPT_TUNING": "prompt-tuning", "P_TUNING": "P-tuning"}
+MERGED = ("LORA", "IA3")
+UNMERGEABLE = ("MULTITASK_PROMPT_TUNING", "CPT", "CARTRIDGE", "ADAPTION_PROMPT")  # no merge_and_unload in peft
+LOAD_AT_RUN_TIME = ("load it at run time on the base model's export: Engine.load_prefix(DIR), "
+                    "`gpt2-onnx generate --prefix-adapter DIR` or `gpt2-onnx serve --prefix-adapter NAME=DIR`")
+MERGE_AT_EXPORT = "merge it at export: gpt2-onnx export BASE --adapter DIR (then load that export)"
+SUPPORTED = ("gpt2-onnx merges LORA and IA3 at export (--adapter) and loads PREFIX_TUNING, PROMPT_TUNING and "
+             "P_TUNING at run time (load_prefix, --prefix-adapter)")
+
+
+def refusal(kind, where: str, *, run_time: bool) -> ValueError:
+    """Why an adapter of peft_type `kind` is refused by export --adapter (run_time False) or by load_prefix /
+    --prefix-adapter (run_time True), and the true remedy."""
+    if kind in RUN_TIME and not run_time:
+        return ValueError(f"{where}: a {RUN_TIME[kind]} adapter ({kind}) is not merged into the weights; export the "
+                          f"base model without --adapter and {LOAD_AT_RUN_TIME}")
+    if kind in MERGED and run_time:
+        return ValueError(f"{where}: a {kind} adapter changes the weights, it is not loaded at run time; "
+                          f"{MERGE_AT_EXPORT}")
+    if kind in UNMERGEABLE:
+        return ValueError(f"{where}: peft_type {kind} is not supported: peft cannot merge it (no merge_and_unload) and "
+                          f"gpt2-onnx does not run it; run it with peft ({SUPPORTED})")
+    if run_time:
+        return ValueError(f"{where}: peft_type {kind!r} is not loaded at run time ({SUPPORTED}); {MERGE_ELSEWHERE}")
+    return ValueError(f"{where}: peft_type {kind!r} is not supported; --adapter merges LORA and IA3 adapters "
+                      f"(PREFIX_TUNING, PROMPT_TUNING and P_TUNING load at run time), for others {MERGE_ELSEWHERE}")
 
 
 def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
@@ -78,11 +106,7 @@ def merge_adapter(weights: dict[str, np.ndarray], adapter_dir: str | Path) -> di
         return _merge_lora(weights, config, tensors, where)
     if kind == "IA3":
         return _merge_ia3(weights, config, tensors, where)
-    if kind == "PREFIX_TUNING":
-        raise ValueError(f"{where}: a prefix-tuning adapter is not merged into the weights; it is a prefix KV "
-                         "loaded at run time (export the base model without --adapter)")
-    raise ValueError(f"{where}: peft_type {kind!r} is not supported; --adapter merges LORA and IA3 adapters, "
-                     f"for others {MERGE_ELSEWHERE}")
+    raise refusal(kind, where, run_time=False)
 
 
 def _target(weights: dict[str, np.ndarray], module: str, what: str, where: str) -> str:
@@ -178,6 +202,44 @@ def _merge_ia3(weights, config, tensors, where):
     return out
 
 
+def read_virtual_tokens(adapter_dir: str | Path, cfg: C.ModelConfig) -> tuple[str, list[np.ndarray]]:
+    """A peft adapter that loads at run time, for the exported model `cfg`: ("kv", read_prefix_adapter's arrays)
+    for PREFIX_TUNING; ("embeds", [inputs_embeds (1, T, n_embd)]) for PROMPT_TUNING and P_TUNING, the
+    virtual tokens' input embeddings, which run through the model (wpe added, positions 0..T-1) to give
+    their KV. Other types are a ValueError naming their remedy.
+
+    peft saves both as `prompt_embeddings` (T, n_embd) (get_prompt_embedding_to_save): P-tuning's MLP or
+    LSTM prompt encoder has already run on them, so none runs here; peft feeds them as inputs_embeds
+    = cat(virtual, prompt embeddings), so the prompt's tokens take positions from T on.
+    """
+    config, tensors = read_adapter(adapter_dir)
+    where = str(Path(adapter_dir).expanduser() / ADAPTER_CONFIG)
+    kind = config.get("peft_type")
+    if kind == "PREFIX_TUNING":
+        return "kv", _prefix_kv(config, tensors, cfg, where)
+    if kind not in RUN_TIME:
+        raise refusal(kind, where, run_time=True)
+    n_virtual, emb = _virtual_tokens(config, tensors, cfg, where, cfg.n_embd)
+    return "embeds", [emb.reshape(1, n_virtual, cfg.n_embd)]  # (1, T, n_embd)
+
+
+def _virtual_tokens(config, tensors, cfg, where, width: int) -> tuple[int, np.ndarray]:
+    """(num_virtual_tokens, prompt_embeddings (T, width)) after the checks every run-time type needs."""
+    want = {"num_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "token_dim": cfg.n_embd,
+            "num_transformer_submodules": 1}
+    wrong = {k: config.get(k) for k, v in want.items() if config.get(k, v) != v}
+    if wrong:
+        raise ValueError(f"{where}: {wrong} do not fit this model ({want}); was it trained on another base model?")
+    n_virtual = config.get("num_virtual_tokens")
+    emb = tensors.get("prompt_embeddings")
+    if not isinstance(n_virtual, int) or emb is None or emb.shape != (n_virtual, width):
+        raise ValueError(f"{where}: expected prompt_embeddings of shape ({n_virtual}, {width}), "
+                         f"got {None if emb is None else emb.shape}")
+    if not 0 < n_virtual < cfg.n_positions:
+        raise ValueError(f"{where}: num_virtual_tokens {n_virtual} must be in 1..n_positions-1 ({cfg.n_positions - 1})")
+    return n_virtual, emb
+
+
 def read_prefix_adapter(adapter_dir: str | Path, cfg: C.ModelConfig) -> list[np.ndarray]:
     """A peft prefix-tuning adapter as the KV of its virtual tokens, for the exported model `cfg`.
 
@@ -190,24 +252,17 @@ def read_prefix_adapter(adapter_dir: str | Path, cfg: C.ModelConfig) -> list[np.
     peft saves `prompt_embeddings` (num_virtual_tokens, 2 * n_layer * n_embd) already through its
     prefix_projection MLP when it has one (get_prompt_embedding_to_save), so no MLP runs here.
     """
-    config, tensors = read_adapter(adapter_dir)
-    where = str(Path(adapter_dir).expanduser() / ADAPTER_CONFIG)
-    if config.get("peft_type") != "PREFIX_TUNING":
-        raise ValueError(f"{where}: peft_type is {config.get('peft_type')!r}, not PREFIX_TUNING; LoRA and IA3 "
-                         "adapters are merged at export (gpt2-onnx export BASE --adapter DIR)")
-    want = {"num_layers": cfg.n_layer, "num_attention_heads": cfg.n_head, "token_dim": cfg.n_embd,
-            "num_transformer_submodules": 1}
-    wrong = {k: config.get(k) for k, v in want.items() if config.get(k, v) != v}
-    if wrong:
-        raise ValueError(f"{where}: {wrong} do not fit this model ({want}); was it trained on another base model?")
-    n_virtual = config.get("num_virtual_tokens")
-    emb = tensors.get("prompt_embeddings")
+    kind, arrays = read_virtual_tokens(adapter_dir, cfg)
+    if kind != "kv":
+        raise ValueError(f"{Path(adapter_dir).expanduser() / ADAPTER_CONFIG}: not a prefix-tuning adapter: its virtual "
+                         "tokens are input embeddings (read_virtual_tokens), which Engine.load_prefix runs through "
+                         "the model")
+    return arrays
+
+
+def _prefix_kv(config, tensors, cfg, where) -> list[np.ndarray]:
     L, nh, hs = cfg.n_layer, cfg.n_head, cfg.head_size
-    if not isinstance(n_virtual, int) or emb is None or emb.shape != (n_virtual, 2 * L * cfg.n_embd):
-        raise ValueError(f"{where}: expected prompt_embeddings of shape ({n_virtual}, {2 * L * cfg.n_embd}), "
-                         f"got {None if emb is None else emb.shape}")
-    if not 0 < n_virtual < cfg.n_positions:
-        raise ValueError(f"{where}: num_virtual_tokens {n_virtual} must be in 1..n_positions-1 ({cfg.n_positions - 1})")
+    n_virtual, emb = _virtual_tokens(config, tensors, cfg, where, 2 * L * cfg.n_embd)
     kv = emb.reshape(n_virtual, 2 * L, nh, hs).transpose(1, 2, 0, 3)  # (2L, nh, T, hs): layer-major, key then value
     kv = np.pad(kv, [(0, 0), (0, 0), (0, 0), (0, cfg.kv_head_size - hs)])  # (2L, nh, T, kv_head_size)
     return [np.ascontiguousarray(kv[j][None], dtype=cfg.np_dtype) for j in range(2 * L)]  # each (1, nh, T, hsp)

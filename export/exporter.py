@@ -16,7 +16,7 @@ import numpy as np
 from gpt2_onnx import config as C
 from gpt2_onnx.errors import option_error
 from gpt2_onnx.export import EXPORTER_VERSION, checkpoint
-from gpt2_onnx.export.graph import build, build_kv_copy
+from gpt2_onnx.export.graph import build, build_embeds, build_kv_copy
 
 DATA_NAME = "model.onnx.data"
 PAGE = 4096  # external data offsets are multiples of this, so that the file can be memory-mapped
@@ -328,6 +328,28 @@ def verify_export(folder: str | Path) -> str | None:
     if found != recorded:
         return (f"the weights do not match the digest in {path} ({found[:19]}... found, {recorded[:19]}... "
                 "recorded): a file was changed or damaged after the export")
+    return _embeds_problem(folder)
+
+
+def _embeds_problem(folder: Path) -> str | None:
+    """None if embeds.onnx (when the export has one) holds model.onnx's own weight entries (the same inline
+    bytes, the same places in the data file, which the digest covers), else what is wrong."""
+    import onnx
+
+    path = folder / C.EMBEDS_MODEL_NAME
+    if not path.is_file():
+        return None  # an export from before embeds.onnx
+    try:
+        model = {t.name: t for t in onnx.load(str(folder / C.MODEL_NAME), load_external_data=False).graph.initializer}
+        embeds = onnx.load(str(path), load_external_data=False).graph.initializer
+    except OSError as e:
+        return str(C.read_error(e.filename or path, e))
+    except Exception as e:  # a protobuf DecodeError: not a graph
+        return f"{path} is not an ONNX graph ({type(e).__name__}); the file is damaged"
+    wrong = [t.name for t in embeds if model.get(t.name) != t]
+    if wrong:
+        return (f"{path}: the weights {', '.join(wrong[:4])} differ from model.onnx's: a file was changed or damaged "
+                "after the export")
     return None
 
 
@@ -396,6 +418,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
         onnx.helper.set_model_props(proto, C.ModelConfig(**{**cfg.__dict__, "weights_digest": digest}).graph_facts())
         onnx_path = tmp / C.MODEL_NAME
         save_with_external_data(proto, onnx_path, tmp / DATA_NAME)
+        onnx.save_model(build_embeds(proto, cfg), str(tmp / C.EMBEDS_MODEL_NAME))  # its weights: model.onnx.data's
         onnx.save_model(build_kv_copy(cfg), str(tmp / C.COPY_MODEL_NAME))
         write_tokenizer(ck.folder, tmp / C.TOKENIZER_NAME)
         template = chat_template(ck.folder)
@@ -403,6 +426,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
             (tmp / C.CHAT_TEMPLATE_NAME).write_text(template, encoding="utf-8")
         final = C.ModelConfig(**{**cfg.__dict__, "onnx_bytes": onnx_path.stat().st_size, "weights_digest": digest,
                                  "kv_copy_bytes": (tmp / C.COPY_MODEL_NAME).stat().st_size,
+                                 "embeds_bytes": (tmp / C.EMBEDS_MODEL_NAME).stat().st_size,
                                  "external_data": DATA_NAME, "external_data_bytes": (tmp / DATA_NAME).stat().st_size})
         final.save(tmp)
         if out.exists():  # a previous export: moved aside by one rename, so no reader sees half a folder

@@ -198,6 +198,38 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
     return _model(graph, [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
 
 
+def build_embeds(model: onnx.ModelProto, cfg: C.ModelConfig) -> onnx.ModelProto:
+    """embeds.onnx: the graph `build` returned, entered by `inputs_embeds` (B, S, n_embd) in place of wte's rows.
+
+    The `embed` node adds wpe[position_ids] to them as it adds it to token embeddings; only the present
+    KV leave the graph, so the nodes it does not need (the wte gather, the last layer's MLP, ln_f, the
+    LM head) are left out. Its initializers are copies of `model`'s protos: taken after
+    save_with_external_data they point into the same weights file, so no weight is stored twice.
+    """
+    g = model.graph
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node]
+    embed = next(n for n in nodes if n.name == "embed")
+    embed.input[0] = C.INPUTS_EMBEDS  # (B, S, n_embd) + wpe rows (B, S, n_embd)
+    made = {out: n for n in nodes for out in n.output}
+    keep, todo = set(), list(cfg.present_names())
+    while todo:  # every node the present KV depend on
+        node = made.get(todo.pop())
+        if node is not None and node.name not in keep:
+            keep.add(node.name)
+            todo += node.input
+    nodes = [n for n in nodes if n.name in keep]
+    used = {i for n in nodes for i in n.input}
+    inits = [t for t in g.initializer if t.name in used]
+    past = {i.name: i for i in g.input}
+    onnx_dtype = TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info(C.INPUTS_EMBEDS, onnx_dtype, ["batch", "sequence", cfg.n_embd])]
+    inputs += [past[n] for n in (C.POSITION_IDS, C.SEQLENS_K, C.TOTAL_SEQUENCE_LENGTH, *cfg.past_names())]
+    outputs = [o for o in g.output if o.name in set(cfg.present_names())]
+    out = _model(helper.make_graph(nodes, "gpt2_embeds", inputs, outputs, initializer=inits), model.opset_import)
+    helper.set_model_props(out, {p.key: p.value for p in model.metadata_props})
+    return out
+
+
 def build_kv_copy(cfg: C.ModelConfig) -> onnx.ModelProto:
     """kv_copy.onnx: dst.{j} = Pad(Slice(src.{j}, positions :length), pads) for every KV buffer j.
 
