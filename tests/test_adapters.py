@@ -108,7 +108,8 @@ REFUSED = {
     "lora-on-lm_head": (LoraConfig(r=2, target_modules=["lm_head"]), r"LoRA on lm_head \(lm_head\)"),
     "modules_to_save": (LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["ln_f"]), "modules_to_save"),
     "prefix-tuning": (PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2),
-                      "prefix-tuning adapter is not merged into the weights; it is a prefix KV loaded at run time"),
+                      r"prefix-tuning adapter \(PREFIX_TUNING\) is not merged into the weights; export the base "
+                      r"model without --adapter and load it at run time"),
 }
 
 
@@ -125,7 +126,9 @@ def test_other_peft_types_and_mismatched_bases_are_refused(base, tmp_path):
     save_adapter(base, LoraConfig(r=2, target_modules=["c_attn"]), tmp_path / "lora")
     cfg = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "LOHA"}))
-    with pytest.raises(ValueError, match=r"peft_type 'LOHA' is not supported; --adapter merges LORA and IA3"):
+    with pytest.raises(ValueError, match=r"peft_type 'LOHA' is not supported; --adapter merges LORA and IA3 adapters "
+                                         r"\(PREFIX_TUNING, PROMPT_TUNING and P_TUNING load at run time\), for others "
+                                         r"merge it in peft instead \(model.merge_and_unload\(\)"):
         export_model(str(base), tmp_path / "out", adapter=tmp_path / "lora")
     (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": "pissa"}))
     with pytest.raises(ValueError, match=r"init_lora_weights 'pissa' changes the base model's weights"):
@@ -235,7 +238,8 @@ def test_prefix_adapter_for_another_model_is_refused(prefix_adapter, tmp_path):
     lora.mkdir()
     (lora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (lora / "adapter_model.safetensors").write_bytes((adapter / "adapter_model.safetensors").read_bytes())
-    with pytest.raises(ValueError, match="not PREFIX_TUNING; LoRA and IA3 adapters are merged at export"):
+    with pytest.raises(ValueError, match=r"a LORA adapter changes the weights, it is not loaded at run time; merge it "
+                                         "at export: gpt2-onnx export BASE --adapter DIR"):
         read_prefix_adapter(lora, engine.config)
 
 
