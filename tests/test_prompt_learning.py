@@ -3,7 +3,6 @@ through embeds.onnx once into a prefix KV, then serve as a Prefix (Engine.load_p
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 import subprocess
