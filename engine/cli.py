@@ -189,7 +189,8 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
                                                                "Lark syntax, or GBNF)"),
              provider: str = typer.Option("auto", help="auto | cpu | cuda"),
              threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)"),
-             prefix_adapter: Optional[Path] = typer.Option(None, help="a peft prefix-tuning adapter to generate after"),
+             prefix_adapter: Optional[Path] = typer.Option(None, help="a peft prefix-tuning, prompt-tuning or "
+                                                         "P-tuning adapter to generate after"),
              stats: bool = typer.Option(False, "--stats", help="print tokens, finish reason and timing to stderr")):
     """Generate a continuation of PROMPT (with the bundled Tiny Shakespeare model by default).
 
@@ -377,8 +378,9 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
           max_batch: int = typer.Option(16, help="sequences decoded together (KV rows)"),
           max_queue: int = typer.Option(256, help="waiting sequences before 429"),
           prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
-          prefix_adapter: Optional[list[str]] = typer.Option(None, help="NAME=DIR: a peft prefix-tuning adapter "
-                                                             "served as model NAME (repeatable)"),
+          prefix_adapter: Optional[list[str]] = typer.Option(None, help="NAME=DIR: a peft prefix-tuning, "
+                                                             "prompt-tuning or P-tuning adapter served as model NAME "
+                                                             "(repeatable)"),
           max_connections: int = typer.Option(512, help="open connections; one more gets a JSON 503 with Retry-After"),
           header_timeout: float = typer.Option(10.0, help="seconds a request's line and headers may take from their "
                                                           "first byte (a new connection: from the connect); then a JSON "

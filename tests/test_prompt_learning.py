@@ -25,7 +25,7 @@ from gpt2_onnx import config as C
 from gpt2_onnx.export import export_model
 from gpt2_onnx.export.adapters import read_prefix_adapter, read_virtual_tokens
 from gpt2_onnx.export.exporter import verify_export
-from gpt2_onnx.model import DecodeStep
+from gpt2_onnx.model import DecodeStep, Model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")  # peft's advice
 LENGTHS = (1, 5, len(IDS))  # prompt lengths after the virtual tokens
@@ -113,15 +113,17 @@ def test_logits_and_greedy_ids_match_peft_forward(adapter):
     assert [b.token_ids for b in batch] == [_peft_greedy(loaded, IDS[:n], 6) for n in LENGTHS]
 
 
-def test_the_embeddings_session_opens_with_the_first_prompt_adapter_only(base, tmp_path):
+def test_the_embeddings_graph_opens_for_prompt_adapters_only(base, tmp_path, monkeypatch):
     hf, engine = base
     save_adapter(hf, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2), tmp_path / "prefix")
     save_prompt_adapter(hf, "prompt-random", tmp_path / "prompt")
+    opened, real = [], Model._open_embeds
+    monkeypatch.setattr(Model, "_open_embeds", lambda self: opened.append(self) or real(self))
     e = Engine.load(engine.folder, provider="cpu")
     e.generate(IDS, prefix=e.load_prefix(tmp_path / "prefix"), max_new_tokens=2)
-    assert e.model._embeds_session is None  # plain use and prefix-tuning never open embeds.onnx
+    assert opened == []  # plain use and prefix-tuning never open embeds.onnx
     e.load_prefix(tmp_path / "prompt")
-    assert e.model._embeds_session is not None
+    assert opened == [e.model]
 
 
 def test_served_adapters_batch_with_the_base_model(base, tmp_path, monkeypatch):

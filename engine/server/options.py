@@ -71,7 +71,7 @@ class ServeOptions:
     max_batch: int = 16  # KV rows per replica; also the requests Ray lets a replica run at once
     max_queue: int = 256  # requests waiting for a replica before 429
     prefix_cache_mb: float = 512
-    prefix_adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft prefix-tuning folder
+    prefix_adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft prefix/prompt/P-tuning folder
     chat_template: str | None = None  # /v1/chat/completions' template: a file or the Jinja text [default: the model's]
     grace_period: float = 10.0  # seconds a stopping replica lets its requests finish
     read_timeout: float = 60.0  # seconds a stream may stay unread (its rows held) before it is ended; 0 = never
