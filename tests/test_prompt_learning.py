@@ -273,6 +273,22 @@ def test_an_export_without_embeds_graph_names_the_re_export(base, tmp_path):
 
 # ---- the embeddings graph: its weights are model.onnx's, in every export kind --------------------------------
 
+def assert_token_path_kv(engine, hf, atol):
+    """embeds.onnx fed the token embeddings wte[ids] writes the KV that model.onnx writes for the ids."""
+    wte = load_base(hf).transformer.wte.weight.detach().numpy()
+    by_ids, by_embeds = engine.model.new_cache(1, len(IDS)), engine.model.new_cache(1, len(IDS))
+    engine.model.run(by_ids, np.array([IDS]), np.array([len(IDS)]), np.array([[len(IDS) - 1]]))
+    engine.model.run_embeds(by_embeds, wte[IDS][None])  # (1, S, n_embd)
+    assert by_embeds.lengths.tolist() == by_ids.lengths.tolist() == [len(IDS)]
+    for a, b in zip(by_ids.host_arrays(), by_embeds.host_arrays()):
+        np.testing.assert_allclose(b, a, atol=atol, rtol=0)
+
+
+def test_embeds_graph_fed_token_embeddings_writes_the_token_path_kv(base):
+    hf, engine = base
+    assert_token_path_kv(engine, hf, atol=1e-6)
+
+
 def test_embeds_graph_shares_the_weights_file_and_verify_checks_it(base, tmp_path):
     _, engine = base
     folder = engine.folder
@@ -317,16 +333,18 @@ def variants(tmp_path_factory):
 @pytest.mark.parametrize("variant, corr, top1", [("fp16", 0.9999, 0.95), ("int8", 0.995, 0.85), ("int4", 0.9, 0.45)])
 def test_fp16_and_quantized_exports_run_prompt_adapters_close_to_fp32(variants, variant, corr, top1):
     """As tests/test_quantize.py judges the base model's quantized exports: correlation and top-1 agreement with
-    fp32, here for the logits after the adapter's virtual tokens (the base model's own numbers alongside)."""
+    fp32, here for the logits after the adapter's virtual tokens."""
     fp32, engines, folder = variants
     engine = engines[variant]
     ids = list(np.random.default_rng(1).integers(0, BASE["vocab_size"], 40))
-    got, ref = prompt_logits(engine, engine.load_prefix(folder), ids), prompt_logits(fp32, fp32.load_prefix(folder), ids)
+    got = prompt_logits(engine, engine.load_prefix(folder), ids)
+    ref = prompt_logits(fp32, fp32.load_prefix(folder), ids)
     assert np.isfinite(got).all()
     assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > corr
     assert (got.argmax(-1) == ref.argmax(-1)).mean() > top1
     if variant == "fp16":
         assert np.abs(got - ref).max() < 0.2  # as tests/test_head_padding.py bounds fp16 logits
+        assert_token_path_kv(engine, folder.parent / "hf", atol=0)  # the same fp16 kernels on the same inputs
     assert verify_export(engine.folder) is None
     if variant != "fp16":  # the quantized graph reads the embeddings from GatherBlockQuantized: embeds.onnx does not
         ops = {n.op_type for n in onnx.load(str(engine.folder / C.EMBEDS_MODEL_NAME), load_external_data=False

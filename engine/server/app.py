@@ -253,8 +253,9 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
     sequences and an automatic prefix cache), an AsyncEngine as it is, or a Served (ServeOptions.served).
 
     model_id defaults to the model's name from its manifest (a Hub id as given, a folder's name).
-    prefixes: more served models, each the engine after a Prefix (e.g. `engine.load_prefix(peft_dir)`
-    for a prefix-tuning, prompt-tuning or P-tuning adapter), chosen per request by its "model" field, as vLLM selects adapters.
+    prefixes: more served models, each the engine after a Prefix (e.g. `engine.load_prefix(peft_dir)` for a
+    prefix-tuning, prompt-tuning or P-tuning adapter), chosen per request by its "model" field, as vLLM selects
+    adapters.
     read_timeout: seconds a stream may stay unread (its rows held) before it ends with an error event.
     chat_template: the Jinja template of /v1/chat/completions (default: the model's own).
     api_key: required as `Authorization: Bearer KEY` (the scheme in any case) on /v1/*, /tokenize, /detokenize
