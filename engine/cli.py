@@ -101,7 +101,7 @@ def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...)
            format: str = typer.Option("gpt2-onnx", "--format",
                                       help="gpt2-onnx (this runtime) | genai (onnxruntime-genai: C#, Java, C/C++, "
                                            "Python; genai_config.json, float16 set for CUDA)")):
-    """Export a GPT-2 checkpoint to model.onnx + kv_copy.onnx + manifest.json + tokenizer.json
+    """Export a GPT-2 checkpoint to model.onnx + kv_copy.onnx + embeds.onnx + manifest.json + tokenizer.json
     (--format genai: model.onnx + genai_config.json + tokenizer.json + tokenizer_config.json)."""
     from gpt2_onnx.resolve import export
 

@@ -1,4 +1,5 @@
-"""Hugging Face GPT-2 checkpoint -> ONNX model folder (model.onnx, kv_copy.onnx, manifest.json, tokenizer.json)."""
+"""Hugging Face GPT-2 checkpoint -> ONNX model folder (model.onnx, kv_copy.onnx, embeds.onnx, manifest.json,
+tokenizer.json)."""
 
 EXPORTER_VERSION = "0.6.1"  # part of the export cache key: bump when exports change
 
