@@ -220,10 +220,9 @@ def build_embeds(model: onnx.ModelProto, cfg: C.ModelConfig) -> onnx.ModelProto:
     nodes = [n for n in nodes if n.name in keep]
     used = {i for n in nodes for i in n.input}
     inits = [t for t in g.initializer if t.name in used]
-    past = {i.name: i for i in g.input}
     onnx_dtype = TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info(C.INPUTS_EMBEDS, onnx_dtype, ["batch", "sequence", cfg.n_embd])]
-    inputs += [past[n] for n in (C.POSITION_IDS, C.SEQLENS_K, C.TOTAL_SEQUENCE_LENGTH, *cfg.past_names())]
+    inputs += [i for i in g.input if i.name in used]  # position_ids, seqlens_k, total_sequence_length, past KV
     outputs = [o for o in g.output if o.name in set(cfg.present_names())]
     out = _model(helper.make_graph(nodes, "gpt2_embeds", inputs, outputs, initializer=inits), model.opset_import)
     helper.set_model_props(out, {p.key: p.value for p in model.metadata_props})
