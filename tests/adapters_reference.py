@@ -1,0 +1,55 @@
+"""The `adapters` library's own forward, run in the reference environment (tests/test_bottleneck.py makes it).
+
+    python adapters_reference.py JOB.json
+
+JOB: checkpoint (a local GPT-2 folder), kind (seq_bn | double_seq_bn | par_bn | any name the library knows),
+options (its config fields), seed, adapter_out (save_adapter's folder), safetensors (save it so), whole_out
+(optional: the whole model saved after adapters.init), ids, new, npz. The adapter's parameters are set to
+seeded random values; the logits of every position of `ids` and `new` greedy ids go to the .npz.
+"""
+
+import json
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def main(job: dict) -> None:
+    import adapters
+    from adapters import AdapterConfig
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(job["checkpoint"]).eval()
+    adapters.init(model)
+    model.add_adapter("bn", config=AdapterConfig.load(job["kind"], **job.get("options", {})))
+    model.set_active_adapters("bn")
+    torch.manual_seed(job["seed"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".adapters.bn." not in name:
+                continue
+            if name.endswith("scaling") or "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn_like(p))  # scalings and layer-norm gains around 1
+            else:
+                p.copy_(job.get("scale", 0.3) * torch.randn_like(p))
+    model.eval()
+    model.save_adapter(job["adapter_out"], "bn", use_safetensors=job.get("safetensors", False))
+    if job.get("whole_out"):
+        # ln_before's LayerNorm has two names (adapter_down.0, adapter_norm_before), which safetensors refuses
+        model.save_pretrained(job["whole_out"], safe_serialization=not job["options"].get("ln_before"))
+    ids = torch.tensor([job["ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].numpy()
+        greedy = model.generate(input_ids=ids, max_new_tokens=job["new"], do_sample=False, pad_token_id=0,
+                                attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].numpy()
+        model.set_active_adapters(None)
+        plain = model(input_ids=ids).logits[0].numpy()
+    np.savez(job["npz"], logits=logits, greedy=greedy, plain=plain)
+
+
+if __name__ == "__main__":
+    main(json.loads(open(sys.argv[1]).read()))
