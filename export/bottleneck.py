@@ -252,7 +252,12 @@ def emit(b, site: Site, c: dict, *, prefix: str, proj: str, bias: str, resid: st
     if parallel:  # y = up + up_bias + proj + bias (+ r): both biases in one
         skip = add(proj, resid, "h+r") if c["original_ln_after"] else proj
         return skip_norm(up, skip, W("up_bias+bias", site.up_bias + _value(b, bias)))
-    skip = add(res, resid, "res+r") if c["original_ln_after"] else res
+    if not c["original_ln_after"]:
+        skip = res
+    elif c["original_ln_before"] and res is h:  # res + r = h + r: the sum x already is (seq_bn's default)
+        skip = x_in
+    else:
+        skip = add(res, resid, "res+r")
     return skip_norm(up, skip, W("up.bias", site.up_bias))
 
 
