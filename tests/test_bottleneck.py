@@ -302,3 +302,15 @@ def test_cli_export_and_cache_key(references, tmp_path, monkeypatch):
     weights = adapter / "adapter.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # a retrained adapter
     assert resolve_model(str(base), adapter=str(adapter)) not in (adapted, plain)
+
+
+def test_genai_export_runs_the_adapter_as_the_library_does(references, tmp_path):
+    """--format genai builds the same graph: onnxruntime-genai's own package generates the library's greedy ids."""
+    pytest.importorskip("onnxruntime_genai")
+    from test_genai import og_greedy, og_model, until_eos
+
+    from gpt2_onnx.export.genai import export_genai
+
+    base, adapter, _, npz = references["double_seq_bn-ln-learned", "deep"]
+    ogm = og_model(export_genai(str(base), tmp_path / "genai", adapter=adapter))
+    assert until_eos(og_greedy(ogm, [IDS], new=NEW)[0], 0) == until_eos(np.load(npz)["greedy"].tolist(), 0)
