@@ -1,6 +1,6 @@
 """Bottleneck adapters (the adapters library's seq_bn / double_seq_bn, run as graph nodes): decode tok/s vs the base.
 
-    python -m benchmarks.bottleneck [--checkpoint DIR] [--threads 2] [--runs 7] [--new 64] [--batches 1,8]
+    python -m benchmarks.bottleneck [--checkpoint DIR] [--threads 2] [--runs 31] [--new 16] [--batches 1,8]
                                     [--reduction 16] [--quiet-s 10] [--out DIR] [--name bottleneck]
 
 The base is the 124M GPT-2 shape (real GPT2Config, random init: benchmarks.common.checkpoint) unless --checkpoint.
@@ -12,8 +12,9 @@ loaded with provider cpu on --threads threads.
 
 Decode tok/s of a repetition: batch * (new - 1) / (time(generate new tokens) - time(generate 1 token)), greedy,
 ignore_eos, the same prompts for every system. Systems run interleaved (base, seq_bn, double_seq_bn, then the
-reverse order, ...), --runs repetitions; reported: the median per system and the ratio of medians, with the median
-of the per-repetition ratios beside it. Target (the issue): seq_bn >= 0.95x the base. The CPU is shared and noisy:
+reverse order, ...), --runs short repetitions, so that the load of other processes on a shared CPU falls on every
+system alike; reported: the median per system and the ratio of medians, with the median of the per-repetition
+ratios beside it. Target (the issue): seq_bn >= 0.95x the base. The CPU is shared and noisy:
 compare only the numbers of one run.
 """
 
@@ -78,8 +79,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="HF GPT-2 folder [default: random-init GPT2Config()]")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--runs", type=int, default=7)
-    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=31)
+    ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--reduction", type=int, default=16)
     ap.add_argument("--quiet-s", type=float, default=10.0, help="wait up to this long for a quiet CPU before a run")
@@ -131,12 +132,13 @@ def markdown(r: dict) -> str:
              f"Decode tok/s of greedy generation ({r['new']} new tokens after a 16-token prompt, ignore_eos), base "
              f"{Path(r['checkpoint']).name} vs the same model with a bottleneck adapter of reduction factor "
              f"{r['reduction']} (seq_bn: after every MLP, relu; double_seq_bn: after every attention and MLP, swish) "
-             f"run as graph nodes. Median of {r['runs']} interleaved repetitions (each in brackets); ratio of medians, "
-             f"and the median of the per-repetition ratios. Target: seq_bn >= {r['target']}x the base.", "",
+             f"run as graph nodes. Median of {r['runs']} interleaved repetitions (interquartile range in brackets); ratio "
+             f"of medians, and the median of the per-repetition ratios. Target: seq_bn >= {r['target']}x the base.", "",
              "| batch | system | tok/s | ratio | paired ratio |", "|---|---|---|---|---|"]
     for batch, b in r["batches"].items():
         for name, med in b["median_tok_s"].items():
-            reps = " / ".join(f"{x:.1f}" for x in b["tok_s"][name])
+            q = np.percentile(b["tok_s"][name], [25, 75])
+            reps = f"IQR {q[0]:.1f}-{q[1]:.1f}"
             if name == "base":
                 lines.append(f"| {batch} | base | {med:.1f} ({reps}) | | |")
             else:
