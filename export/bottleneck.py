@@ -115,15 +115,15 @@ def take_from_checkpoint(hf: dict, weights: dict[str, np.ndarray], where: str, n
     """The adapter of a checkpoint saved after adapters.init (config.json's `adapters`), its tensors removed from
     `weights`; None when it holds none."""
     section = hf.get("adapters") or {}
-    names = section.get("adapters") or {} if isinstance(section, dict) else {}
+    names = (section.get("adapters") or {}) if isinstance(section, dict) else {}
     if not names:
         return None
     if section.get("fusions"):
         raise ValueError(f"{where}: AdapterFusion ({', '.join(section['fusions'])}) is not supported; {REMEDY}")
     if len(names) > 1:
         raise ValueError(f"{where}: the checkpoint holds {len(names)} adapters ({', '.join(names)}); save the one to "
-                         "export with model.save_adapter(DIR, NAME), save the base model without adapters, and "
-                         "export that with --adapter DIR")
+                         "export with model.save_adapter(DIR, NAME) and export the base checkpoint it was trained on "
+                         "with --adapter DIR")
     (name, key), = names.items()
     config = (section.get("config_map") or {}).get(key) if isinstance(key, str) else key
     if not isinstance(config, dict):
