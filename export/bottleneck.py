@@ -201,71 +201,77 @@ def _collect(name: str, c: dict, tensors: dict[str, np.ndarray], where: str, n_l
     return Bottleneck(name, c, sites)
 
 
-def emit(b, site: Site, c: dict, *, prefix: str, proj: str, bias: str, resid: str, ln: tuple[str, str], eps: float,
-         name: str, np_dtype) -> tuple[str, str]:
+def emit(b, site: Site, c: dict, *, prefix: str, proj: str, bias: np.ndarray, resid: str, ln: tuple[str, str],
+         eps: float, name: str, np_dtype) -> tuple[str, str]:
     """The adapter at one site and the LayerNormalization after it; returns (normalized, new residual stream).
 
-    proj: the sub-layer's output without its bias `bias`; resid: the block's residual r; ln: the following
-    LayerNormalization's (weight, bias). The last addition is fused into SkipLayerNormalization.
+    proj: the sub-layer's output without its bias `bias` (float32); resid: the block's residual r; ln: the
+    following LayerNormalization's (weight, bias). Sums are kept as terms plus a constant until a tensor is
+    needed: constants fold into the down-projection's bias and the final SkipLayerNormalization's bias, a sum
+    of terms is made once (seq_bn's h + r feeds the down-projection and is the skip), and the last addition
+    is the SkipLayerNormalization's: 5 extra nodes per site for a plain seq_bn or double_seq_bn.
     """
     from gpt2_onnx.export.graph import MS
+
+    consts = iter(range(1 << 30))
+    sums: dict[tuple[str, ...], str] = {}
 
     def W(n: str, arr) -> str:
         return b.weight(f"{prefix}.{n}", np.asarray(arr).astype(np_dtype))
 
-    def add(x: str, y: str, n: str) -> str:
-        return b.op("Add", [x, y], name=f"{prefix}/{n}")[0]
+    def tensor(terms: tuple[str, ...]) -> str:
+        """The sum of terms, each partial sum made once."""
+        if terms not in sums:
+            sums[terms] = terms[0] if len(terms) == 1 else \
+                b.op("Add", [tensor(terms[:-1]), terms[-1]], name=f"{prefix}/add{len(sums)}")[0]
+        return sums[terms]
 
-    def norm(x: str, params, n: str) -> str:
-        return b.op("LayerNormalization", [x, W(f"{n}.weight", params[0]), W(f"{n}.bias", params[1])],
-                    name=f"{prefix}/{n}", axis=-1, epsilon=LN_EPS)[0]
+    def value(v: Sum) -> str:
+        """A Sum as one tensor."""
+        t, k = tensor(v.terms), next(consts)
+        return t if v.const is None else b.op("Add", [t, W(f"const{k}", v.const)], name=f"{prefix}/const{k}")[0]
 
-    def skip_norm(x: str, skip: str, bias_name: str | None) -> tuple[str, str]:
-        inputs = [x, skip, *ln] + ([bias_name] if bias_name else [])
-        y, _, _, s = b.op("SkipLayerNormalization", inputs, n_out=4, domain=MS, name=name, epsilon=eps)
-        return y, s
+    def norm(v: Sum, params, n: str) -> Sum:
+        return Sum((b.op("LayerNormalization", [value(v), W(f"{n}.weight", params[0]), W(f"{n}.bias", params[1])],
+                         name=f"{prefix}/{n}", axis=-1, epsilon=LN_EPS)[0],))
 
+    h, r = Sum((proj,), bias), Sum((resid,))  # the sub-layer's output and the residual, as the library sees them
     parallel = c["is_parallel"]
     if parallel:
-        x_in = resid
+        x = r
     else:
-        h = add(proj, bias, "h")  # the sub-layer's output, as the library's adapter sees it
-        x_in = add(h, resid, "h+r") if c["original_ln_before"] else h
-        res = h if c["residual_before_ln"] else x_in
-    a = norm(x_in, site.ln_before, "ln_before") if site.ln_before else x_in
-    down = b.op("MatMul", [a, W("down.weight", site.down)], name=f"{prefix}/down")[0]  # (B, S, d)
-    act = _activation(b, down, W("down.bias", site.down_bias), c["non_linearity"], f"{prefix}/act", W)
-    up = b.op("MatMul", [act, W("up.weight", site.up)], name=f"{prefix}/up")[0]  # (B, S, E), scaled, without up_bias
+        x = h + r if c["original_ln_before"] else h
+        res = h if c["residual_before_ln"] else x
+    a = norm(x, site.ln_before, "ln_before") if site.ln_before else x
+    down = b.op("MatMul", [tensor(a.terms), W("down.weight", site.down)], name=f"{prefix}/down")[0]  # (B, S, d)
+    down_bias = site.down_bias + (a.const @ site.down if a.const is not None else 0)  # (t + k) @ Wd = t @ Wd + k @ Wd
+    act = _activation(b, down, W("down.bias", down_bias), c["non_linearity"], f"{prefix}/act", W)
+    up = Sum((b.op("MatMul", [act, W("up.weight", site.up)], name=f"{prefix}/up")[0],), site.up_bias)  # (B, S, E)
     if site.ln_after:
-        if not parallel and c["adapter_residual_before_ln"]:
-            out = norm(add(add(up, W("up.bias", site.up_bias), "up_bias"), res, "+res"), site.ln_after, "ln_after")
-        else:
-            out = norm(add(up, W("up.bias", site.up_bias), "up_bias"), site.ln_after, "ln_after")
-            out = out if parallel else add(out, res, "+res")
-        if parallel:  # y = out + h (+ r)
-            skip = add(proj, resid, "h+r") if c["original_ln_after"] else proj
-            return skip_norm(out, skip, bias)
-        if c["original_ln_after"]:
-            return skip_norm(out, resid, None)
-        y = b.op("LayerNormalization", [out, *ln], name=name, axis=-1, epsilon=eps)[0]
-        return y, out
-    if parallel:  # y = up + up_bias + proj + bias (+ r): both biases in one
-        skip = add(proj, resid, "h+r") if c["original_ln_after"] else proj
-        return skip_norm(up, skip, W("up_bias+bias", site.up_bias + _value(b, bias)))
-    if not c["original_ln_after"]:
-        skip = res
-    elif c["original_ln_before"] and res is h:  # res + r = h + r: the sum x already is (seq_bn's default)
-        skip = x_in
-    else:
-        skip = add(res, resid, "res+r")
-    return skip_norm(up, skip, W("up.bias", site.up_bias))
+        out = norm(up + res if not parallel and c["adapter_residual_before_ln"] else up, site.ln_after, "ln_after")
+        up = out if parallel or c["adapter_residual_before_ln"] else out + res
+    elif not parallel:
+        up = up + res
+    y = up + h if parallel else up
+    y = y + r if c["original_ln_after"] else y
+    if len(y.terms) == 1:  # the adapter's output alone is the new residual stream
+        stream = value(y)
+        return b.op("LayerNormalization", [stream, *ln], name=name, axis=-1, epsilon=eps)[0], stream
+    inputs = [y.terms[0], tensor(y.terms[1:]), *ln] + ([W("out.bias", y.const)] if y.const is not None else [])
+    x, _, _, stream = b.op("SkipLayerNormalization", inputs, n_out=4, domain=MS, name=name, epsilon=eps)
+    return x, stream
 
 
-def _value(b, name: str) -> np.ndarray:
-    """An initializer's value (float32), to fold it into another."""
-    from onnx import numpy_helper
+@dataclass(frozen=True)
+class Sum:
+    """terms[0] + terms[1] + ... + const: graph tensors and a constant vector not yet added."""
 
-    return next(numpy_helper.to_array(t) for t in b.inits if t.name == name).astype(np.float32)
+    terms: tuple[str, ...]
+    const: np.ndarray | None = None
+
+    def __add__(self, other: "Sum") -> "Sum":
+        const = other.const if self.const is None else self.const if other.const is None else self.const + other.const
+        return Sum(self.terms + other.terms, const)
 
 
 def _activation(b, x: str, bias: str, act: str, name: str, W) -> str:

@@ -139,7 +139,7 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
             from gpt2_onnx.export.bottleneck import emit
 
             return emit(b, bottleneck.sites[site], bottleneck.config, prefix=f"h.{site[0]}.{site[1]}", proj=y,
-                        bias=W(bias), resid=resid, ln=(W(f"{ln}.weight"), W(f"{ln}.bias")), eps=eps, name=ln,
+                        bias=w[bias], resid=resid, ln=(W(f"{ln}.weight"), W(f"{ln}.bias")), eps=eps, name=ln,
                         np_dtype=np_dtype)
         x, _, _, resid = b.op("SkipLayerNormalization", [y, resid, W(f"{ln}.weight"), W(f"{ln}.bias"), W(bias)],
                               n_out=4, domain=MS, name=ln, epsilon=eps)
