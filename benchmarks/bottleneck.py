@@ -15,7 +15,8 @@ ignore_eos, the same prompts for every system. Systems run interleaved (base, se
 reverse order, ...), --runs short repetitions, so that the load of other processes on a shared CPU falls on every
 system alike; reported: the median per system and the ratio of medians, with the median of the per-repetition
 ratios beside it. Target (the issue): seq_bn >= 0.95x the base. The CPU is shared and noisy:
-compare only the numbers of one run.
+compare only the numbers of one run. Besides, an onnxruntime profile of batch-1 decoding gives the adapter nodes'
+share of the graph's kernel time per step, measured over the same steps and so robust to that load.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,6 +77,32 @@ def decode_s(eng, ids: list[list[int]], new: int) -> tuple[float, float]:
     return times[0], times[1]
 
 
+def adapter_share(eng, new: int = 32) -> dict:
+    """An onnxruntime profile of batch-1 greedy decoding: the adapter nodes' share of the kernel time per decode
+    step (both summed over the same steps, so the share holds however loaded the machine is)."""
+    import onnxruntime as ort
+
+    model, opts = eng.model, eng.model._opts
+    session, step_session = model.session, model.step_session
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.enable_profiling, opts.profile_file_prefix = True, str(Path(tmp) / "decode")
+        sess = ort.InferenceSession(str(eng.folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        opts.enable_profiling = False
+        model.session = model.step_session = sess
+        try:
+            eng.generate(list(range(100, 116)), max_new_tokens=new, ignore_eos=True)
+        finally:
+            model.session, model.step_session = session, step_session
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    runs = [ev for ev in events if ev.get("name") == "model_run"][1:]  # decode steps: the first run is the prefill
+    kernels = [ev for ev in events if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time")
+               and ev["ts"] >= runs[0]["ts"]]
+    total = sum(ev["dur"] for ev in kernels)
+    adapter = sum(ev["dur"] for ev in kernels if "_adapter/" in ev["name"])
+    return {"steps": len(runs), "kernel_ms_per_step": total / len(runs) / 1e3,
+            "adapter_ms_per_step": adapter / len(runs) / 1e3, "adapter_share": adapter / total}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", default=None, help="HF GPT-2 folder [default: random-init GPT2Config()]")
@@ -120,6 +148,7 @@ def main(argv=None) -> dict:
             "tok_s": tok_s, "median_tok_s": med,
             "ratio": {k: med[k] / med["base"] for k in ADAPTERS},
             "paired_ratio": {k: statistics.median(a / b for a, b in zip(tok_s[k], tok_s["base"])) for k in ADAPTERS}}
+    result["profile"] = {k: adapter_share(systems[k]) for k in ADAPTERS}
     write_results(args.out, args.name, result, markdown)
     return result
 
@@ -145,6 +174,12 @@ def markdown(r: dict) -> str:
                 ok = "met" if b["ratio"][name] >= r["target"] else "NOT met"
                 lines.append(f"| {batch} | {name} | {med:.1f} ({reps}) | **{b['ratio'][name]:.3f}x**"
                              f"{f' ({ok})' if name == 'seq_bn' else ''} | {b['paired_ratio'][name]:.3f}x |")
+    lines += ["", "onnxruntime profile of batch-1 decoding (the same steps, so robust to the machine's load): the "
+              "adapter nodes' share of the graph's kernel time per decode step, and the tok/s ratio it implies.", "",
+              "| system | kernel ms/step | adapter ms/step | adapter share | implied ratio |", "|---|---|---|---|---|"]
+    for name, p in r["profile"].items():
+        lines.append(f"| {name} | {p['kernel_ms_per_step']:.2f} | {p['adapter_ms_per_step']:.3f} | "
+                     f"{100 * p['adapter_share']:.1f}% | {1 - p['adapter_share']:.3f}x |")
     return "\n".join(lines) + "\n"
 
 
