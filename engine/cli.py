@@ -97,7 +97,8 @@ def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...)
            output: Path = typer.Option(..., "-o", "--output", help="folder to write"),
            dtype: str = typer.Option("float32", help="float32 | float16 (float16 is for CUDA)"),
            quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only (MatMulNBits)"),
-           adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder (LoRA, IA3) to merge"),
+           adapter: Optional[Path] = typer.Option(None, "--adapter", help="adapter folder: PEFT LoRA/IA3 (merged) "
+                                                                          "or an adapters-library bottleneck (graph nodes)"),
            format: str = typer.Option("gpt2-onnx", "--format",
                                       help="gpt2-onnx (this runtime) | genai (onnxruntime-genai: C#, Java, C/C++, "
                                            "Python; genai_config.json, float16 set for CUDA)")):

@@ -123,7 +123,8 @@ class ModelConfig:
     external_data: str | None = None  # file holding the weights (page-aligned: onnxruntime maps it)
     external_data_bytes: int = 0
     kv_head_size_padded: int = 0  # 0: heads not padded; else each head zero-padded to this size (a multiple of 8)
-    adapter: str | None = None  # PEFT adapter folder merged into the weights (LoRA, IA3), if any
+    adapter: str | None = None  # adapter folder applied at export (PEFT LoRA/IA3 merged, an adapters-library
+    # bottleneck as graph nodes), or CHECKPOINT#NAME for a bottleneck saved inside the checkpoint; None if none
     weights_digest: str = ""  # "sha256:..." over the graph's initializers (name, dtype, dims, bytes) in graph order
 
     @property

@@ -123,7 +123,8 @@ def resolve_model(spec: str, *, dtype: str = "float32", quantize: str | None = N
     (LoRA, IA3) merged in, exported once into the cache."""
     path = Path(spec).expanduser()
     if adapter is not None and not Path(adapter).expanduser().is_dir():
-        raise ValueError(f"adapter {adapter}: no such folder; pass the folder PeftModel.save_pretrained wrote")
+        raise ValueError(f"adapter {adapter}: no such folder; pass the folder PeftModel.save_pretrained or the "
+                         "adapters library's save_adapter wrote")
     if (path / C.MANIFEST_NAME).is_file():
         if adapter is not None:
             raise ValueError(f"{spec} is already exported; an adapter is merged at export: pass the base "

@@ -25,6 +25,7 @@ class Checkpoint:
     config: dict
     name: str  # a Hub id as given, else the folder's name
     weights: dict[str, np.ndarray] = field(repr=False)
+    bottleneck: object = None  # an export.bottleneck.Bottleneck adapter, run as graph nodes, if any
 
 
 def resolve(model: str) -> tuple[Path, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import numpy as np
 
 from gpt2_onnx import config as C
 from gpt2_onnx.errors import option_error
-from gpt2_onnx.export import EXPORTER_VERSION, checkpoint
+from gpt2_onnx.export import EXPORTER_VERSION, bottleneck, checkpoint
 from gpt2_onnx.export.graph import build, build_embeds, build_kv_copy
 
 DATA_NAME = "model.onnx.data"
@@ -361,15 +362,27 @@ def check_options(dtype: str, quantize: str | None) -> None:
 
 
 def read_checkpoint(model: str, dtype: str, quantize: str | None, adapter: str | Path | None, say: Progress):
-    """What every export format builds from: the checkpoint (its weights with the adapter merged), its
-    ModelConfig, layer-norm eps, attention scales, and the MatMulNBits quantizer (None without quantize)."""
+    """What every export format builds from: the checkpoint (its weights with a PEFT adapter merged, or its
+    `bottleneck` adapter of the adapters library), its ModelConfig, layer-norm eps, attention scales, and the
+    MatMulNBits quantizer (None without quantize)."""
     say(f"reading checkpoint {model}")
     ck = checkpoint.load(model)
     adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
     cfg, eps, scales = _model_config(ck, dtype, quantize, adapter)
+    ck.bottleneck = bottleneck.take_from_checkpoint(ck.config, ck.weights, str(ck.folder / "config.json"),
+                                                    cfg.n_layer, cfg.n_embd)  # saved after adapters.init
+    if ck.bottleneck is not None:
+        if adapter:
+            raise ValueError(f"{ck.folder} already holds the bottleneck adapter {ck.bottleneck.name!r} (saved after "
+                             "adapters.init); export it without --adapter, or pass the base checkpoint instead")
+        cfg = dataclasses.replace(cfg, adapter=f"{ck.folder}#{ck.bottleneck.name}")
     _check_weights(cfg, ck.weights, ck.folder, ck.config)
     check_tokenizer(ck.folder, cfg.vocab_size)  # before the graph is built: a wrong tokenizer fails at once
-    if adapter:
+    if adapter and bottleneck.is_adapters_folder(adapter):
+        say(f"reading bottleneck adapter {adapter}")
+        ck.bottleneck = bottleneck.read_folder(adapter, cfg.n_layer, cfg.n_embd,
+                                               ck.weights.get("lm_head.weight", ck.weights["wte.weight"]))
+    elif adapter:
         from gpt2_onnx.export.adapters import merge_adapter
 
         say(f"merging adapter {adapter}")
@@ -387,7 +400,9 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
                  adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
     """Export a GPT-2 checkpoint (Hub id or HF folder) to `out`; returns the folder.
 
-    `adapter`: a PEFT LoRA or IA3 adapter folder merged into the weights (export.adapters).
+    `adapter`: a PEFT LoRA or IA3 adapter folder merged into the weights (export.adapters), or a bottleneck
+    adapter of the adapters library (save_adapter's folder), run as graph nodes (export.bottleneck); a
+    checkpoint saved after adapters.init brings its bottleneck adapter along.
     The folder is written atomically: a failed export leaves no half-written model behind.
     """
     say = progress or (lambda msg: None)
@@ -400,7 +415,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
 
     ck, cfg, eps, scales, quantizer = read_checkpoint(model, dtype, quantize, adapter, say)
     say(f"building graph ({cfg.n_layer} layers, n_embd {cfg.n_embd}, {dtype}{', ' + quantize if quantize else ''})")
-    proto = build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer)
+    proto = build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer, bottleneck=ck.bottleneck)
     del ck.weights
 
     try:

@@ -180,7 +180,8 @@ def export_genai(model: str, out: str | Path, *, dtype: str = "float32", quantiz
 
     ck, cfg, eps, scales, quantizer = exporter.read_checkpoint(model, dtype, quantize, adapter, say)
     say(f"building the onnxruntime-genai graph ({cfg.n_layer} layers, {dtype}{', ' + quantize if quantize else ''})")
-    proto = genai_graph(build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer), cfg)
+    proto = genai_graph(build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer,
+                              bottleneck=ck.bottleneck), cfg)
     del ck.weights
     helper.set_model_props(proto, {"source": cfg.source, "exporter_version": cfg.exporter_version,
                                    "adapter": cfg.adapter or "", "genai_type": GENAI_TYPE})

@@ -67,11 +67,12 @@ def pad_heads(cfg: C.ModelConfig, w: dict[str, np.ndarray]) -> dict[str, np.ndar
 
 
 def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scales: list[float],
-          quantize=None) -> onnx.ModelProto:
+          quantize=None, bottleneck=None) -> onnx.ModelProto:
     """Return the ONNX model for GPT-2 weights `w` (canonical names, float32 numpy).
 
     `quantize(weight (K, N)) -> (initializers, attrs)` turns every MatMul (LM head included) into
-    MatMulNBits; None keeps fp32/fp16 MatMuls.
+    MatMulNBits; None keeps fp32/fp16 MatMuls. `bottleneck`: an export.bottleneck.Bottleneck adapter, run as
+    graph nodes after the attention and/or MLP of the layers it adapts (its MatMuls stay in the activation dtype).
     """
     np_dtype = cfg.np_dtype
     onnx_dtype = TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
@@ -131,6 +132,19 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
     x = b.op("LayerNormalization", [resid, W("h.0.ln_1.weight"), W("h.0.ln_1.bias")],
              name="h.0.ln_1", axis=-1, epsilon=eps)[0]
 
+    def add_norm(y: str, resid: str, bias: str, ln: str, site: tuple[int, str]) -> tuple[str, str]:
+        """LayerNorm `ln` of resid + y + bias, and that sum (the next residual); a bottleneck adapter at `site`
+        runs between them (export.bottleneck)."""
+        if bottleneck is not None and site in bottleneck.sites:
+            from gpt2_onnx.export.bottleneck import emit
+
+            return emit(b, bottleneck.sites[site], bottleneck.config, prefix=f"h.{site[0]}.{site[1]}", proj=y,
+                        bias=w[bias], resid=resid, ln=(W(f"{ln}.weight"), W(f"{ln}.bias")), eps=eps, name=ln,
+                        np_dtype=np_dtype)
+        x, _, _, resid = b.op("SkipLayerNormalization", [y, resid, W(f"{ln}.weight"), W(f"{ln}.bias"), W(bias)],
+                              n_out=4, domain=MS, name=ln, epsilon=eps)
+        return x, resid
+
     for i in range(cfg.n_layer):
         p = f"h.{i}"
         qkv = linear(x, f"{p}.attn.c_attn")  # (B, S, 3 * n_head * kv_head_size): q heads | k heads | v heads
@@ -142,20 +156,12 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
             num_heads=cfg.n_head, kv_num_heads=cfg.n_head, scale=attn_scales[i],
         )
         proj = linear(attn, f"{p}.attn.c_proj", bias=False)
-        x, _, _, resid = b.op(
-            "SkipLayerNormalization",
-            [proj, resid, W(f"{p}.ln_2.weight"), W(f"{p}.ln_2.bias"), W(f"{p}.attn.c_proj.bias")],
-            n_out=4, domain=MS, name=f"{p}.ln_2", epsilon=eps,
-        )
+        x, resid = add_norm(proj, resid, f"{p}.attn.c_proj.bias", f"{p}.ln_2", (i, "mh_adapter"))
         fc = linear(x, f"{p}.mlp.c_fc", bias=False)
         act = b.op("FastGelu", [fc, W(f"{p}.mlp.c_fc.bias")], domain=MS, name=f"{p}.mlp.gelu")[0]
         out = linear(act, f"{p}.mlp.c_proj", bias=False)
         nxt = f"h.{i + 1}.ln_1" if i + 1 < cfg.n_layer else "ln_f"
-        x, _, _, resid = b.op(
-            "SkipLayerNormalization",
-            [out, resid, W(f"{nxt}.weight"), W(f"{nxt}.bias"), W(f"{p}.mlp.c_proj.bias")],
-            n_out=4, domain=MS, name=nxt, epsilon=eps,
-        )
+        x, resid = add_norm(out, resid, f"{p}.mlp.c_proj.bias", nxt, (i, "output_adapter"))
 
     # LM head only where asked: (B, S, E) gathered at (B, K) -> (B, K, E) -> (B, K, V)
     idx = b.op("Unsqueeze", [C.LOGITS_INDEX, b.weight("axis_last", np.array([-1], np.int64))], name="logits_index")[0]
