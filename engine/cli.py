@@ -98,6 +98,10 @@ def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...)
            dtype: str = typer.Option("float32", help="float32 | float16 (float16 is for CUDA)"),
            quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only (MatMulNBits)"),
            adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder (LoRA, IA3) to merge"),
+           lora_slots: int = typer.Option(0, "--lora-slots", help="LoRA adapters taken at run time (generate --lora, "
+                                                                  "serve --lora), each row of a batch with its own"),
+           max_lora_rank: Optional[int] = typer.Option(None, "--max-lora-rank",
+                                                       help="the largest LoRA rank those slots take (default 16)"),
            format: str = typer.Option("gpt2-onnx", "--format",
                                       help="gpt2-onnx (this runtime) | genai (onnxruntime-genai: C#, Java, C/C++, "
                                            "Python; genai_config.json, float16 set for CUDA)")):
@@ -107,8 +111,8 @@ def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...)
 
     try:
         with err.status(f"exporting {escape(model)}") as status:
-            out = export(model, output, dtype=dtype, quantize=quantize, adapter=adapter, format=format,
-                         progress=lambda m: status.update(escape(m)))
+            out = export(model, output, dtype=dtype, quantize=quantize, adapter=adapter, lora_slots=lora_slots,
+                         max_lora_rank=max_lora_rank, format=format, progress=lambda m: status.update(escape(m)))
     except ValueError as e:
         _fail(e)
     err.print(f"exported {escape(model)} -> {escape(str(out))}")

@@ -32,6 +32,13 @@ PAST_KEY = "past_key_values.{i}.key"
 PAST_VALUE = "past_key_values.{i}.value"
 PRESENT_KEY = "present.{i}.key"
 PRESENT_VALUE = "present.{i}.value"
+# LoRA at run time (exports with lora_slots > 0): each row's adapter slot (0: none) and, per module kind, the
+# stacked adapters of every layer and slot: row i * (lora_slots + 1) + slot holds layer i's adapter in that slot
+LORA_SLOT = "lora_slot"  # (B,) int64
+LORA_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the Conv1D projections LoRA targets
+LORA_A = "lora.{m}.A"  # (n_layer * (lora_slots + 1), in, max_lora_rank)
+LORA_B = "lora.{m}.B"  # (n_layer * (lora_slots + 1), max_lora_rank, out): lora_B.T * scaling
+LORA_BIAS = "lora.{m}.bias"  # (n_layer * (lora_slots + 1), 1, out): lora_B.bias * scaling (lora_bias)
 # facts the exporter writes into model.onnx's metadata; the engine checks them against the manifest
 GRAPH_FACTS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "kv_head_size", "weights_digest")
 # kv_copy.onnx: for every KV buffer j (past-name order) dst.{j} = Pad(Slice(src.{j}, :length on axis 2), pads)
@@ -120,6 +127,8 @@ class ModelConfig:
     kv_head_size_padded: int = 0  # 0: heads not padded; else each head zero-padded to this size (a multiple of 8)
     adapter: str | None = None  # PEFT adapter folder merged into the weights (LoRA, IA3), if any
     weights_digest: str = ""  # "sha256:..." over the graph's initializers (name, dtype, dims, bytes) in graph order
+    lora_slots: int = 0  # LoRA adapters the graph takes at run time (0: none, the plain graph)
+    max_lora_rank: int = 0  # their largest rank (smaller ranks are zero-padded to it)
 
     @property
     def head_size(self) -> int:
@@ -144,6 +153,20 @@ class ModelConfig:
 
     def present_names(self) -> list[str]:
         return [t.format(i=i) for i in range(self.n_layer) for t in (PRESENT_KEY, PRESENT_VALUE)]
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each module kind LoRA targets, as the graph holds it (heads padded)."""
+        E, H = self.n_embd, self.n_head * self.kv_head_size
+        return {"attn.c_attn": (E, 3 * H), "attn.c_proj": (H, E), "mlp.c_fc": (E, 4 * E), "mlp.c_proj": (4 * E, E)}
+
+    def lora_inputs(self) -> dict[str, tuple[int, ...]]:
+        """Graph inputs of the stacked LoRA adapters (none without lora_slots), name -> shape."""
+        if not self.lora_slots:
+            return {}
+        n, R, out = self.n_layer * (self.lora_slots + 1), self.max_lora_rank, {}
+        for m, (k, o) in self.lora_shapes().items():
+            out |= {LORA_A.format(m=m): (n, k, R), LORA_B.format(m=m): (n, R, o), LORA_BIAS.format(m=m): (n, 1, o)}
+        return out
 
     def save(self, folder: str | Path) -> Path:
         """Write manifest.json into folder."""
@@ -202,5 +225,12 @@ class ModelConfig:
                              f"{self.head_size}, got {kv!r}")
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"{where}: dtype must be float32 or float16, got {self.dtype!r}")
+        for name in ("lora_slots", "max_lora_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{where}: {name} must be an integer >= 0, got {v!r}")
+        if bool(self.lora_slots) != bool(self.max_lora_rank):
+            raise ValueError(f"{where}: lora_slots {self.lora_slots} and max_lora_rank {self.max_lora_rank} must be "
+                             "both 0 or both positive")
         if self.quantization not in (None, "int8", "int4"):
             raise ValueError(f"{where}: quantization must be null, int8 or int4, got {self.quantization!r}")

@@ -116,13 +116,33 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
                                   b.weight("axis_last", np.array([-1], np.int64))], name="wte/cut")[0]
         return flat
 
+    lora_rows: dict[str, str] = {}  # layer -> each row's adapter rows in the stacks: lora_slot + i * (slots + 1)
+
+    def lora(x: str, prefix: str) -> str:
+        """The low-rank path of each row's adapter slot: x @ A[slot] @ B[slot] + bias[slot] -> (B, S, out).
+        Slot 0 (no adapter) and ranks below max_lora_rank are zeros in the stacks: exact."""
+        _, i, m = prefix.split(".", 2)  # h, layer, module kind
+        if i not in lora_rows:
+            lora_rows[i] = C.LORA_SLOT if i == "0" else b.op("Add", [C.LORA_SLOT, b.weight(
+                f"lora_rows.{i}", np.array(int(i) * (cfg.lora_slots + 1), np.int64))], name=f"h.{i}.lora_rows")[0]
+        rows = lora_rows[i]  # (B,)
+        a = b.op("Gather", [C.LORA_A.format(m=m), rows], name=f"{prefix}/lora_A")[0]  # (B, in, R)
+        xa = b.op("MatMul", [x, a], name=f"{prefix}/lora_xA")[0]  # (B, S, R)
+        up = b.op("Gather", [C.LORA_B.format(m=m), rows], name=f"{prefix}/lora_B")[0]  # (B, R, out)
+        delta = b.op("MatMul", [xa, up], name=f"{prefix}/lora_xAB")[0]  # (B, S, out)
+        bias = b.op("Gather", [C.LORA_BIAS.format(m=m), rows], name=f"{prefix}/lora_bias")[0]  # (B, 1, out)
+        return b.op("Add", [delta, bias], name=f"{prefix}/lora")[0]
+
     def linear(x: str, prefix: str, *, bias: bool = True) -> str:
-        """x @ weight (+ bias); weight is GPT-2 Conv1D layout (in, out)."""
+        """x @ weight (+ bias); weight is GPT-2 Conv1D layout (in, out). With lora_slots, plus each row's LoRA
+        path (added before the bias-fused op that follows, so it is exact)."""
         wname = f"{prefix}.weight"
         if quantize:
-            return nbits(x, prefix, w[wname], bias=f"{prefix}.bias" if bias else None)
-        y = b.op("MatMul", [x, W(wname)], name=f"{prefix}/MatMul")[0]
-        return b.op("Add", [y, W(f"{prefix}.bias")], name=f"{prefix}/Add")[0] if bias else y
+            y = nbits(x, prefix, w[wname], bias=f"{prefix}.bias" if bias else None)
+        else:
+            y = b.op("MatMul", [x, W(wname)], name=f"{prefix}/MatMul")[0]
+            y = b.op("Add", [y, W(f"{prefix}.bias")], name=f"{prefix}/Add")[0] if bias else y
+        return b.op("Add", [y, lora(x, prefix)], name=f"{prefix}/AddLoRA")[0] if cfg.lora_slots else y
 
     # embeddings: (B, S) ids -> (B, S, n_embd)
     tok = embedding(C.INPUT_IDS)
@@ -191,6 +211,9 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
         helper.make_tensor_value_info(C.LOGITS_INDEX, TensorProto.INT64, ["batch", "num_logits"]),
         helper.make_tensor_value_info(C.LOGITS_ROWS, TensorProto.INT64, ["logits_rows"]),
     ] + [helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in cfg.past_names()]
+    if cfg.lora_slots:  # bound once by the engine; load_lora writes a slot
+        inputs.append(helper.make_tensor_value_info(C.LORA_SLOT, TensorProto.INT64, ["batch"]))
+        inputs += [helper.make_tensor_value_info(n, onnx_dtype, shape) for n, shape in cfg.lora_inputs().items()]
     outputs = [helper.make_tensor_value_info(C.LOGITS, TensorProto.FLOAT, ["logits_rows", "num_logits", cfg.vocab_size])]
     outputs += [helper.make_tensor_value_info(C.NEXT_TOKEN, TensorProto.INT64, ["batch", "num_logits"])]
     outputs += [helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in cfg.present_names()]
