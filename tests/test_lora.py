@@ -1,0 +1,200 @@
+"""LoRA adapters at run time (export --lora-slots): each row of a batch with its own adapter, against peft's PeftModel."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_checkpoint
+from peft import IA3Config, LoraConfig, PeftModel
+from test_adapters import BASE, IDS, load_base, save_adapter
+
+from gpt2_onnx import AsyncEngine, Engine, GenerationOptions, InvalidInput
+from gpt2_onnx.core import Core
+from gpt2_onnx.export import export_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")  # peft's advice
+ATOL = 1e-4
+NEW = 16
+SHAPES = {"head8": BASE, "head5": {**BASE, "n_embd": 10, "n_head": 2}}  # head size 5 is padded to 8 in the graph
+ADAPTERS = {  # different ranks, targets and options; c_proj names both attn.c_proj and mlp.c_proj
+    "all-bias": LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], lora_bias=True),
+    "attn-rslora": LoraConfig(r=2, lora_alpha=32, target_modules=["c_attn"], use_rslora=True, lora_dropout=0.1),
+    "patterns": LoraConfig(r=6, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"],
+                           rank_pattern={"h.1.mlp.c_fc": 2, "attn.c_proj": 3}, alpha_pattern={"c_fc": 5}),
+}
+PROMPTS = [IDS, [9, 8, 7, 6, 5], [100, 200, 30, 4, 41, 52, 63, 74, 85, 96, 107, 118, 129, 140, 151, 162, 173, 2]]
+
+
+def peft_run(base, adapter, ids):
+    """(logits of every position, greedy ids) of the adapter as peft loads it; the base model's with None."""
+    model = load_base(base) if adapter is None else PeftModel.from_pretrained(load_base(base), adapter).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        greedy = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=NEW, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)[0, len(ids):].tolist()
+    return logits, greedy
+
+
+def logits_of(engine, ids, adapter=None):
+    cache = engine.model.new_cache(1, len(ids))
+    slots = None if adapter is None else np.array([adapter.slot])
+    return engine.model.run(cache, np.array([ids]), np.array([len(ids)]), np.arange(len(ids))[None], lora=slots)[1][0]
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def setup(request, tmp_path_factory):
+    """(checkpoint, adapter folders, Engine of an export with 3 slots and the adapters loaded, handles)."""
+    root = tmp_path_factory.mktemp(f"lora-{request.param}")
+    make_checkpoint(root / "hf", seed=5, **SHAPES[request.param])
+    folders = {}
+    for k, (name, config) in enumerate(sorted(ADAPTERS.items())):
+        folders[name] = root / name
+        save_adapter(root / "hf", copy.deepcopy(config), folders[name], seed=k)
+    engine = Engine.load(export_model(str(root / "hf"), root / "onnx", lora_slots=3, max_lora_rank=6), provider="cpu")
+    handles = {name: engine.load_lora(folder, name=name) for name, folder in folders.items()}
+    return root / "hf", folders, engine, handles
+
+
+def test_each_adapter_matches_peft_model(setup):
+    base, folders, engine, handles = setup
+    assert sorted(h.slot for h in handles.values()) == [1, 2, 3]
+    plain, _ = peft_run(base, None, IDS)
+    for name, folder in folders.items():
+        ref_logits, ref_ids = peft_run(base, folder, IDS)
+        assert np.abs(plain - ref_logits).max() > 0.05  # the adapter matters
+        np.testing.assert_allclose(logits_of(engine, IDS, handles[name]), ref_logits, atol=ATOL, rtol=0)
+        assert engine.generate(IDS, max_new_tokens=NEW, ignore_eos=True, adapter=handles[name]).token_ids == ref_ids
+    np.testing.assert_allclose(logits_of(engine, IDS), plain, atol=ATOL, rtol=0)  # slot 0: the base model
+
+
+def test_a_batch_mixing_adapters_and_the_base_gives_each_row_its_answer_alone(setup):
+    _, _, engine, handles = setup
+    options = GenerationOptions(max_new_tokens=NEW, ignore_eos=True, logprobs=0)
+    choices = [None, *handles.values()]
+    alone = {(p, k): engine.generate(PROMPTS[p], adapter=a, max_new_tokens=NEW, ignore_eos=True, logprobs=0)
+             for p in range(len(PROMPTS)) for k, a in enumerate(choices)}
+    core = Core(engine.model, slots=len(alone), max_length=64)
+    seqs = {key: engine.sequences([PROMPTS[key[0]]], options, adapter=choices[key[1]])[0] for key in alone}
+    for s in seqs.values():  # one request each: every row joins the first step, then all decode together
+        core.submit([s])
+    while core.busy:
+        core.step()
+    assert core.steps == NEW
+    for key, s in seqs.items():
+        assert s.tokens == alone[key].token_ids, key
+        np.testing.assert_allclose(s.logprobs, alone[key].logprobs, atol=1e-4)
+    assert len({tuple(s.tokens) for key, s in seqs.items() if key[0] == 0}) == len(choices)  # the rows differ
+
+
+def test_same_prompt_on_the_base_and_on_adapters_never_shares_kv(setup):
+    _, _, engine, handles = setup
+    prompt = PROMPTS[2]  # 18 tokens: more than one block of the prefix cache
+    a, b = handles["all-bias"], handles["patterns"]
+    alone = {k: engine.generate(prompt, adapter=h, max_new_tokens=NEW, ignore_eos=True).token_ids
+             for k, h in (("base", None), ("a", a), ("b", b))}
+    llm = AsyncEngine(engine, max_batch=4, prefix_cache_mb=64)
+    try:
+        opts = GenerationOptions(max_new_tokens=NEW, ignore_eos=True)
+        assert llm.submit(prompt, opts).result()[0].token_ids == alone["base"]
+        assert llm.submit(prompt, opts, adapter=a).result()[0].token_ids == alone["a"]
+        assert llm.core.prefixes.hits == 0  # the base's KV of the same ids is not the adapter's
+        assert llm.submit(prompt, opts, adapter=a).result()[0].token_ids == alone["a"]
+        assert llm.core.prefixes.hits == 1  # the adapter's own KV is
+        assert llm.submit(prompt, opts, adapter=b).result()[0].token_ids == alone["b"]
+        assert llm.core.prefixes.hits == 1
+        together = [llm.submit(prompt, opts, adapter=h) for h in (None, a, b)]  # one step: no row copies another
+        assert [r.result()[0].token_ids for r in together] == [alone["base"], alone["a"], alone["b"]]
+    finally:
+        llm.shutdown()
+
+
+def test_explicit_prefixes_belong_to_their_adapter(setup):
+    _, _, engine, handles = setup
+    a = handles["attn-rslora"]
+    prefix = engine.prefill(PROMPTS[2][:10], adapter=a)
+    want = engine.generate(PROMPTS[2], adapter=a, max_new_tokens=NEW, ignore_eos=True).token_ids
+    assert engine.generate(PROMPTS[2][10:], prefix=prefix, adapter=a, max_new_tokens=NEW,
+                           ignore_eos=True).token_ids == want
+    with pytest.raises(InvalidInput, match=r"computed with another LoRA adapter.*prefill\(\.\.\., adapter=\)"):
+        engine.generate(PROMPTS[2][10:], prefix=prefix, max_new_tokens=2)
+
+
+def test_runtime_adapter_equals_the_adapter_merged_at_export(setup, tmp_path):
+    base, folders, engine, handles = setup
+    for name, folder in folders.items():
+        merged = Engine.load(export_model(str(base), tmp_path / name, adapter=folder), provider="cpu")
+        for p in PROMPTS:
+            assert engine.generate(p, adapter=handles[name], max_new_tokens=NEW, ignore_eos=True).token_ids == \
+                merged.generate(p, max_new_tokens=NEW, ignore_eos=True).token_ids
+
+
+@pytest.mark.parametrize("kind", ["float16", "int8", "int4"])
+def test_lora_on_fp16_and_quantized_bases(setup, tmp_path, kind):
+    """The LoRA path runs in the activation dtype over the base's own (fp16 / MatMulNBits) projections: slot 0
+    is the plain export of that kind; an adapter's row is about as close to peft as the adapter merged into an
+    export of that kind."""
+    base, folders, _, _ = setup
+    opts = {"dtype": "float16"} if kind == "float16" else {"quantize": kind}
+    plain = Engine.load(export_model(str(base), tmp_path / "plain", **opts), provider="cpu")
+    slots = Engine.load(export_model(str(base), tmp_path / "slots", lora_slots=1, max_lora_rank=6, **opts),
+                        provider="cpu")
+    np.testing.assert_array_equal(logits_of(slots, IDS), logits_of(plain, IDS))
+    folder = folders["all-bias"]
+    merged = Engine.load(export_model(str(base), tmp_path / "merged", adapter=folder, **opts), provider="cpu")
+    ref = peft_run(base, folder, IDS)[0]
+    merged_error = np.abs(logits_of(merged, IDS) - ref).max()
+    got = logits_of(slots, IDS, slots.load_lora(folder))
+    effect = np.abs(ref - peft_run(base, None, IDS)[0]).max()
+    error = np.abs(got - ref).max()  # fp16 on the CPU also rounds the low-rank products' sums to fp16
+    assert error <= 2 * merged_error + 0.005 * np.abs(ref).max() and error < effect / 2
+
+
+def test_slots_are_reused_after_unload_and_refusals_name_the_remedy(setup, tmp_path):
+    base, folders, engine, handles = setup
+    with pytest.raises(ValueError, match=r"all 3 LoRA slots .* hold adapters .*unload one .*larger --lora-slots"):
+        engine.load_lora(folders["all-bias"])
+    gone = handles.pop("patterns")
+    engine.unload(gone)
+    with pytest.raises(InvalidInput, match="was unloaded"):
+        engine.generate(IDS, adapter=gone, max_new_tokens=2)
+    again = engine.load_lora(folders["patterns"], name="patterns")
+    assert again.slot == gone.slot and again.key != gone.key
+    handles["patterns"] = again
+    assert engine.generate(IDS, adapter=again, max_new_tokens=NEW, ignore_eos=True).token_ids == \
+        peft_run(base, folders["patterns"], IDS)[1]
+
+    plain = Engine.load(export_model(str(base), tmp_path / "plain"), provider="cpu")
+    with pytest.raises(ValueError, match=r"exported without LoRA slots.*--lora-slots K --max-lora-rank R"):
+        plain.load_lora(folders["all-bias"])
+    r4 = Engine.load(export_model(str(base), tmp_path / "r4", lora_slots=1, max_lora_rank=4), provider="cpu")
+    with pytest.raises(ValueError, match=r"rank 6, above this export's max_lora_rank 4; re-export .*--max-lora-rank 6"):
+        r4.load_lora(folders["patterns"])
+    refused = {
+        "bias-all": (LoraConfig(r=2, target_modules=["c_attn"], bias="all"),
+                     r"bias 'all' trains the base model's biases.*export BASE --adapter"),
+        "dora": (LoraConfig(r=2, target_modules=["c_fc"], use_dora=True), r"DoRA \(use_dora\) is not supported"),
+        "ia3": (IA3Config(target_modules=["c_attn"], feedforward_modules=[]),
+                r"peft_type 'IA3' is not LoRA.*export BASE --adapter"),
+    }
+    for name, (config, match) in refused.items():
+        save_adapter(base, config, tmp_path / name)
+        with pytest.raises(ValueError, match=match):
+            r4.load_lora(tmp_path / name)
+    assert not r4.loras  # refusals take no slot
+    assert r4.load_lora(folders["all-bias"]).slot == 1
+
+
+def test_manifest_records_the_slots_and_bad_export_options_are_refused(setup, tmp_path):
+    base, _, engine, _ = setup
+    assert (engine.config.lora_slots, engine.config.max_lora_rank) == (3, 6)
+    manifest = json.loads((engine.folder / "manifest.json").read_text())
+    assert (manifest["lora_slots"], manifest["max_lora_rank"]) == (3, 6)
+    with pytest.raises(ValueError, match="max_lora_rank needs lora_slots"):
+        export_model(str(base), tmp_path / "x", max_lora_rank=8)
+    with pytest.raises(ValueError, match="lora_slots must be an integer >= 0"):
+        export_model(str(base), tmp_path / "x", lora_slots=-1)
+    assert Engine.load(export_model(str(base), tmp_path / "d", lora_slots=2), provider="cpu").config.max_lora_rank == 16
