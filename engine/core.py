@@ -380,7 +380,9 @@ class Core:
         masks = prefetch([])
         try:
             masks = prefetch([seqs[i].constraint for i in want if seqs[i].constraint is not None])  # beside the graph
-            nxt, lg = self.decoder(tokens, want, hold=hold if hold.any() else None, lora=self._lora(seqs))
+            lora = self._lora(seqs)
+            more = {**({"hold": hold} if hold.any() else {}), **({"lora": lora} if lora is not None else {})}
+            nxt, lg = self.decoder(tokens, want, **more)
         except Exception as e:
             masks()
             for s in seqs:

@@ -236,11 +236,11 @@ class Engine:
         return handle
 
     def unload(self, adapter: Lora) -> None:
-        """Free a LoRA adapter's slot; requests still using it end with an error."""
+        """Free a LoRA adapter's slot (the next load_lora overwrites it); requests still using it end with an
+        error at their next step."""
         self.check_adapter(adapter)
         adapter.loaded = False
         del self.loras[adapter.slot]
-        self.model.lora.write(adapter.slot, {})
 
     def stream_batch(self, prompts: Sequence[Prompt], *, prefix: Prefix | None = None,
                      adapter: Lora | None = None, **options: Unpack[GenerateKwargs]) -> Iterator[Step]:
@@ -285,11 +285,11 @@ class Engine:
                       eos_token=tok.token_name(self.config.eos_token_id) or "")
 
     def vote(self, prompt: Prompt, *, n: int = 40, answer_regex: str | None = None, prefix: Prefix | None = None,
-             **options: Unpack[GenerateKwargs]) -> Vote:
+             adapter: Lora | None = None, **options: Unpack[GenerateKwargs]) -> Vote:
         """Self-consistency: n samples of one prompt (one prefill; temperature 0.7 unless given), each one's
         answer by answer_regex (its last match, first group if any; default: the last number); the
         majority answer with the counts and the samples."""
-        return vote(self, prompt, n=n, answer_regex=answer_regex, prefix=prefix, options=options)
+        return vote(self, prompt, n=n, answer_regex=answer_regex, prefix=prefix, adapter=adapter, options=options)
 
     @staticmethod
     def _drain(gen: Generator) -> Iterator[Step]:

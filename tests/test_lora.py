@@ -198,3 +198,99 @@ def test_manifest_records_the_slots_and_bad_export_options_are_refused(setup, tm
     with pytest.raises(ValueError, match="lora_slots must be an integer >= 0"):
         export_model(str(base), tmp_path / "x", lora_slots=-1)
     assert Engine.load(export_model(str(base), tmp_path / "d", lora_slots=2), provider="cpu").config.max_lora_rank == 16
+
+
+# ---- the serving surfaces: serve --lora, generate --lora, batch rows by model name ----------------------------
+
+@pytest.fixture(scope="module")
+def surface(tmp_path_factory):
+    """(checkpoint, {name: adapter folder}, an export with 2 LoRA slots via the CLI, a plain export)."""
+    from test_cli import cli
+
+    root = tmp_path_factory.mktemp("lora-surface")
+    make_checkpoint(root / "hf", seed=9, **BASE)
+    folders = {"tuned-a": root / "a", "tuned-b": root / "b"}
+    save_adapter(root / "hf", copy.deepcopy(ADAPTERS["all-bias"]), folders["tuned-a"], seed=11)
+    save_adapter(root / "hf", copy.deepcopy(ADAPTERS["patterns"]), folders["tuned-b"], seed=12)
+    r = cli("export", root / "hf", "-o", root / "onnx", "--lora-slots", 2, "--max-lora-rank", 8)
+    assert r.returncode == 0, r.stderr
+    return root / "hf", folders, root / "onnx", export_model(str(root / "hf"), root / "plain")
+
+
+def test_server_serves_lora_adapters_chosen_by_model_name(surface):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from helpers import Server, post
+
+    from gpt2_onnx.server import create_app
+    from gpt2_onnx.server.options import ServeOptions
+
+    _, folders, out, _ = surface
+    engine = Engine.load(out, provider="cpu")
+    served = ServeOptions(served_model_name="base", lora_adapters={k: str(v) for k, v in folders.items()},
+                          max_batch=8).served(engine)
+    key = {"authorization": "Bearer sekrit"}
+    s = Server(create_app(served, api_key="sekrit"))
+    try:
+        assert [m["id"] for m in httpx.get(s.url + "/v1/models", headers=key).json()["data"]] == \
+            ["base", "tuned-a", "tuned-b"]
+        want = {name: engine.generate(p, adapter=served.loras.get(name), max_new_tokens=NEW, ignore_eos=True).text
+                for name in ("base", "tuned-a", "tuned-b") for p in [IDS]}
+        asks = [(name, {"prompt": IDS, "max_tokens": NEW, "temperature": 0, "ignore_eos": True, "model": name})
+                for name in want for _ in range(3)]
+        with ThreadPoolExecutor(len(asks)) as pool:  # concurrent: rows of the three models decode together
+            got = list(pool.map(lambda a: post(s.url, a[1], headers=key).json(), asks))
+        for (name, _), g in zip(asks, got):
+            assert g["model"] == name and g["choices"][0]["text"] == want[name]
+        assert len(set(want.values())) == 3
+
+        load = lambda body: httpx.post(s.url + "/v1/load_lora_adapter", json=body, headers=key)  # noqa: E731
+        unload = lambda body: httpx.post(s.url + "/v1/unload_lora_adapter", json=body, headers=key)  # noqa: E731
+        r = load({"lora_name": "again", "lora_path": str(folders["tuned-a"])})
+        assert r.status_code == 400 and "all 2 LoRA slots" in r.json()["error"]["message"]
+        assert unload({"lora_name": "tuned-a"}).status_code == 200
+        assert post(s.url, asks[3][1], headers=key).status_code == 404  # tuned-a is gone
+        assert unload({"lora_name": "tuned-a"}).status_code == 404
+        assert load({"lora_name": "tuned-b", "lora_path": str(folders["tuned-a"])}).status_code == 400  # name taken
+        assert load({"lora_name": "again", "lora_path": str(folders["tuned-a"])}).status_code == 200
+        again = post(s.url, {**asks[3][1], "model": "again"}, headers=key).json()
+        assert again["model"] == "again" and again["choices"][0]["text"] == want["tuned-a"]
+    finally:
+        s.stop()
+    s = Server(create_app(Engine.load(out, provider="cpu")))  # without an API key: no loading over HTTP
+    try:
+        r = httpx.post(s.url + "/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(folders["tuned-a"])})
+        assert r.status_code == 403 and "--api-key" in r.json()["error"]["message"]
+    finally:
+        s.stop()
+
+
+def test_cli_generate_and_batch_with_lora(surface, tmp_path):
+    from helpers import read_rows, write_rows
+    from test_cli import cli
+
+    from gpt2_onnx.batch import run
+
+    _, folders, out, plain = surface
+    engine = Engine.load(out, provider="cpu")
+    handles = {name: engine.load_lora(folder) for name, folder in folders.items()}
+    want = {name: engine.generate("ab", adapter=handles.get(name), max_new_tokens=NEW).text
+            for name in (None, *folders)}
+    assert len(set(want.values())) == 3
+    for name, folder in folders.items():
+        r = cli("generate", "ab", "-m", out, "--lora", folder, "--max-new-tokens", NEW, "--no-echo")
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.rstrip("\n") == want[name]
+    r = cli("generate", "ab", "-m", plain, "--lora", folders["tuned-a"], "--max-new-tokens", 2)
+    assert r.returncode == 2 and "--lora-slots K --max-lora-rank R" in r.stderr and "Traceback" not in r.stderr
+
+    rows = [{"id": i, "prompt": "ab", "max_tokens": NEW, "temperature": 0,
+             **({"model": name} if name else {})} for i, name in enumerate((None, *folders))]
+    rows.append({"id": "score", "context": "ab", "continuation": "c", "model": "tuned-a"})
+    run(write_rows(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl", model=str(out),
+        loras={k: str(v) for k, v in folders.items()})
+    got = read_rows(tmp_path / "out.jsonl")
+    for i, name in enumerate((None, *folders)):
+        assert got[str(i)]["body"]["choices"][0]["text"] == want[name]
+    assert got['"score"']["status"] == 400 and "scored by the base model" in got['"score"']["body"]["error"]["message"]
