@@ -32,13 +32,13 @@ PAST_KEY = "past_key_values.{i}.key"
 PAST_VALUE = "past_key_values.{i}.value"
 PRESENT_KEY = "present.{i}.key"
 PRESENT_VALUE = "present.{i}.value"
-# LoRA at run time (exports with lora_slots > 0): each row's adapter slot (0: none) and, per module kind, the
-# stacked adapters of every layer and slot: row i * (lora_slots + 1) + slot holds layer i's adapter in that slot
+# LoRA at run time (exports with lora_slots > 0): each row's adapter slot (0: none), and per layer and module
+# every slot's adapter side by side, in blocks of max_lora_rank + 1: slot s holds columns (A) / rows (B)
+# s * (R + 1) .. s * (R + 1) + R; the last of them is zero in A and lora_bias in B (see graph.build)
 LORA_SLOT = "lora_slot"  # (B,) int64
 LORA_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the Conv1D projections LoRA targets
-LORA_A = "lora.{m}.A"  # (n_layer * (lora_slots + 1), in, max_lora_rank)
-LORA_B = "lora.{m}.B"  # (n_layer * (lora_slots + 1), max_lora_rank, out): lora_B.T * scaling
-LORA_BIAS = "lora.{m}.bias"  # (n_layer * (lora_slots + 1), 1, out): lora_B.bias * scaling (lora_bias)
+LORA_A = "lora.h.{i}.{m}.A"  # (in, (lora_slots + 1) * (max_lora_rank + 1)): lora_A.T per slot
+LORA_B = "lora.h.{i}.{m}.B"  # ((lora_slots + 1) * (max_lora_rank + 1), out): lora_B.T * scaling, bias * scaling
 # facts the exporter writes into model.onnx's metadata; the engine checks them against the manifest
 GRAPH_FACTS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "kv_head_size", "weights_digest")
 # kv_copy.onnx: for every KV buffer j (past-name order) dst.{j} = Pad(Slice(src.{j}, :length on axis 2), pads)
@@ -160,12 +160,13 @@ class ModelConfig:
         return {"attn.c_attn": (E, 3 * H), "attn.c_proj": (H, E), "mlp.c_fc": (E, 4 * E), "mlp.c_proj": (4 * E, E)}
 
     def lora_inputs(self) -> dict[str, tuple[int, ...]]:
-        """Graph inputs of the stacked LoRA adapters (none without lora_slots), name -> shape."""
+        """Graph inputs of the LoRA adapters' slots (none without lora_slots), name -> shape."""
         if not self.lora_slots:
             return {}
-        n, R, out = self.n_layer * (self.lora_slots + 1), self.max_lora_rank, {}
-        for m, (k, o) in self.lora_shapes().items():
-            out |= {LORA_A.format(m=m): (n, k, R), LORA_B.format(m=m): (n, R, o), LORA_BIAS.format(m=m): (n, 1, o)}
+        n, out = (self.lora_slots + 1) * (self.max_lora_rank + 1), {}
+        for i in range(self.n_layer):
+            for m, (k, o) in self.lora_shapes().items():
+                out |= {LORA_A.format(i=i, m=m): (k, n), LORA_B.format(i=i, m=m): (n, o)}
         return out
 
     def save(self, folder: str | Path) -> Path:

@@ -9,10 +9,9 @@ from gpt2_onnx import config as C
 
 
 class LoraStacks:
-    """One buffer per LoRA graph input (config.LORA_A / LORA_B / LORA_BIAS) on the session's device, bound
-    once per binding and written in place by `write`; slot s of layer i is row i * (lora_slots + 1) + s.
-    Slot 0 stays zero (no adapter); a rank below max_lora_rank leaves zero columns of A and rows of B, so
-    x @ A @ B is exact."""
+    """One buffer per LoRA graph input (config.LORA_A / LORA_B: each layer's and module's slots side by side) on
+    the session's device, bound once per binding and written in place by `write`. Slot 0 stays zero (no
+    adapter); a rank below max_lora_rank leaves zero columns of A and rows of B, so the product is exact."""
 
     def __init__(self, cfg: C.ModelConfig, device: str):
         self.cfg, self.device = cfg, device
@@ -31,19 +30,18 @@ class LoraStacks:
 
     def write(self, slot: int, parts: dict[str, tuple]) -> None:
         """Put an adapter into `slot` ({GPT-2 prefix: (A (in, r), B (r, out), bias (out,) or None)}, as
-        export.adapters.read_lora gives it); modules it does not target get zeros. {} clears the slot."""
-        K = self.cfg.lora_slots + 1
+        export.adapters.read_lora gives it); modules it does not target get zeros."""
+        K1, R1 = self.cfg.lora_slots + 1, self.cfg.max_lora_rank + 1
         for i in range(self.cfg.n_layer):
             for m in C.LORA_MODULES:
                 a, b, bias = parts.get(f"h.{i}.{m}", (None, None, None))
-                stacks = [self.host[t.format(m=m)][i * K + slot] for t in (C.LORA_A, C.LORA_B, C.LORA_BIAS)]
-                for stack in stacks:  # (in, R), (R, out), (1, out)
-                    stack[...] = 0
+                A = self.host[C.LORA_A.format(i=i, m=m)].reshape(-1, K1, R1)[:, slot]  # (in, R + 1), a view
+                B = self.host[C.LORA_B.format(i=i, m=m)].reshape(K1, R1, -1)[slot]  # (R + 1, out), a view
+                A[...], B[...] = 0, 0
                 if a is not None:
-                    stacks[0][:, : a.shape[1]] = a
-                    stacks[1][: b.shape[0]] = b
+                    A[:, : a.shape[1]], B[: b.shape[0]] = a, b
                 if bias is not None:
-                    stacks[2][0] = bias
+                    B[-1] = bias
         if self.device != "cpu":
             for name, value in self.values.items():
                 value.update_inplace(self.host[name])

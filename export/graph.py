@@ -116,22 +116,35 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
                                   b.weight("axis_last", np.array([-1], np.int64))], name="wte/cut")[0]
         return flat
 
-    lora_rows: dict[str, str] = {}  # layer -> each row's adapter rows in the stacks: lora_slot + i * (slots + 1)
+    masks: list[str] = []  # (keep, one), each (B, 1, (K + 1) * (R + 1)), made once from lora_slot
+
+    def lora_masks() -> list[str]:
+        """keep: 1 on the columns of the row's slot (its R rank columns and its bias column), else 0; one: 1 on
+        the row's bias column only. Each row thus multiplies only its own adapter; slot 0 is all zeros."""
+        if not masks:
+            K1, R1 = cfg.lora_slots + 1, cfg.max_lora_rank + 1
+            slot = b.op("Unsqueeze", [C.LORA_SLOT, b.weight("axis_last", np.array([-1], np.int64))],
+                        name="lora/slot")[0]  # (B, 1)
+            hot = b.op("Equal", [slot, b.weight("lora_slots", np.arange(K1, dtype=np.int64))], name="lora/hot")[0]
+            hot = b.op("Cast", [hot], name="lora/hot_cast", to=onnx_dtype)[0]  # (B, K + 1)
+            hot = b.op("Unsqueeze", [hot, b.weight("axis_last", np.array([-1], np.int64))], name="lora/hot3")[0]
+            for name, block in (("keep", np.ones(R1)), ("one", np.eye(R1)[-1])):  # (R + 1,) per slot
+                m = b.op("Mul", [hot, b.weight(f"lora_{name}_block", block.astype(np_dtype))],
+                         name=f"lora/{name}")[0]  # (B, K + 1, R + 1)
+                masks.append(b.op("Reshape", [m, b.weight("shape_lora_mask", np.array([0, 1, -1], np.int64))],
+                                  name=f"lora/{name}_flat")[0])  # (B, 1, (K + 1) * (R + 1))
+        return masks
 
     def lora(x: str, prefix: str) -> str:
-        """The low-rank path of each row's adapter slot: x @ A[slot] @ B[slot] + bias[slot] -> (B, S, out).
-        Slot 0 (no adapter) and ranks below max_lora_rank are zeros in the stacks: exact."""
+        """The low-rank path of each row's adapter slot -> (B, S, out): x @ A (every slot's lora_A.T side by side,
+        (in, (K + 1) * (R + 1))), kept on the row's slot with a 1 in its bias column, @ B (every slot's scaled
+        lora_B.T and lora_bias). Slot 0 (no adapter) and ranks below max_lora_rank are zeros: exact."""
         _, i, m = prefix.split(".", 2)  # h, layer, module kind
-        if i not in lora_rows:
-            lora_rows[i] = C.LORA_SLOT if i == "0" else b.op("Add", [C.LORA_SLOT, b.weight(
-                f"lora_rows.{i}", np.array(int(i) * (cfg.lora_slots + 1), np.int64))], name=f"h.{i}.lora_rows")[0]
-        rows = lora_rows[i]  # (B,)
-        a = b.op("Gather", [C.LORA_A.format(m=m), rows], name=f"{prefix}/lora_A")[0]  # (B, in, R)
-        xa = b.op("MatMul", [x, a], name=f"{prefix}/lora_xA")[0]  # (B, S, R)
-        up = b.op("Gather", [C.LORA_B.format(m=m), rows], name=f"{prefix}/lora_B")[0]  # (B, R, out)
-        delta = b.op("MatMul", [xa, up], name=f"{prefix}/lora_xAB")[0]  # (B, S, out)
-        bias = b.op("Gather", [C.LORA_BIAS.format(m=m), rows], name=f"{prefix}/lora_bias")[0]  # (B, 1, out)
-        return b.op("Add", [delta, bias], name=f"{prefix}/lora")[0]
+        keep, one = lora_masks()
+        xa = b.op("MatMul", [x, C.LORA_A.format(i=i, m=m)], name=f"{prefix}/lora_xA")[0]  # (B, S, (K+1) * (R+1))
+        xa = b.op("Mul", [xa, keep], name=f"{prefix}/lora_keep")[0]  # the row's own slot
+        xa = b.op("Add", [xa, one], name=f"{prefix}/lora_one")[0]  # its bias column: 1
+        return b.op("MatMul", [xa, C.LORA_B.format(i=i, m=m)], name=f"{prefix}/lora_xAB")[0]  # (B, S, out)
 
     def linear(x: str, prefix: str, *, bias: bool = True) -> str:
         """x @ weight (+ bias); weight is GPT-2 Conv1D layout (in, out). With lora_slots, plus each row's LoRA
