@@ -8,6 +8,10 @@ The 124M GPT-2 shape (benchmarks.common.checkpoint, random init) exported twice 
 c_proj, c_fc, mlp c_proj; get_peft_model with random lora_A / lora_B) are saved there and loaded with
 Engine.load_lora. Systems, interleaved within each of --runs repetitions (the order rotates), medians:
 
+  steps       the decode step alone (DecodeStep, as the core runs it; 40 positions cached, rows held so that
+              they stay there): ms per step, 30 steps per repetition, at batch 1 and at --clients rows, of plain,
+              slots-base (every row on slot 0) and slots-lora (batch 1: adapter 0; --clients rows: row i on
+              adapter i % (slots + 1), 0 = the base).
   batch 1     greedy decode tok/s = (new - 1) / (time of generate(max_new_tokens=new) - time of max_new_tokens=1),
               of: plain (the plain export), slots-base (the slots export, no adapter: slot 0), slots-lora (the
               slots export with adapter 1).
@@ -96,6 +100,32 @@ def batch1(engines: dict, runs: int, new: int, quiet_s: float) -> dict:
     return out
 
 
+def steps(models: dict, rows: int, runs: int, quiet_s: float) -> dict:
+    """{system: [ms per decode step per repetition]}; models: {system: (Model, slots (rows,) or None)}."""
+    import numpy as np
+
+    from gpt2_onnx.model import DecodeStep
+
+    decoders = {}
+    for name, (model, lora) in models.items():
+        cache = model.new_cache(rows, 128)
+        decoders[name] = (DecodeStep(model, cache), cache, {} if lora is None else {"lora": lora})
+    tokens, hold, none = np.full(rows, 5), np.ones(rows, bool), np.zeros(0, np.int64)
+    out = {name: [] for name in models}
+    names = list(models)
+    for rep in range(runs):
+        wait_quiet(quiet_s)
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            step, cache, more = decoders[name]
+            cache.lengths[:] = 40
+            step(tokens, none, hold=hold, **more)  # warm
+            t = time.perf_counter()
+            for _ in range(30):
+                step(tokens, none, hold=hold, **more)
+            out[name].append((time.perf_counter() - t) / 30 * 1000)
+    return out
+
+
 def concurrent(llms: dict, clients: int, runs: int, new: int, quiet_s: float) -> dict:
     """{system: [tok/s per repetition]}; llms: {system: (AsyncEngine, [adapter of request i])}."""
     from gpt2_onnx import GenerationOptions
@@ -165,6 +195,15 @@ def main() -> None:
         slots.generate(PROMPT, max_new_tokens=24, adapter=adapters[0]).token_ids
     del merged
 
+    import numpy as np
+
+    slot_of = np.array([0 if a is None else a.slot for a in
+                        [None if i % (args.slots + 1) == 0 else adapters[i % (args.slots + 1) - 1]
+                         for i in range(args.clients)]])
+    step_ms = {f"batch {rows}": steps({"plain": (plain.model, None), "slots-base": (slots.model, np.zeros(rows, int)),
+                                       "slots-lora": (slots.model, np.full(1, adapters[0].slot) if rows == 1 else
+                                                      slot_of)}, rows, args.runs, args.quiet_s)
+               for rows in (1, args.clients)}
     b1 = batch1({"plain": (plain, None), "slots-base": (slots, None), "slots-lora": (slots, adapters[0])},
                 args.runs, args.new, args.quiet_s)
     mixed = [None if i % (args.slots + 1) == 0 else adapters[i % (args.slots + 1) - 1] for i in range(args.clients)]
@@ -179,7 +218,7 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%d %H:%M"), "code": code_state(HERE), "onnxruntime": ort.__version__,
            "threads": args.threads, "runs": args.runs, "new": args.new, "clients": args.clients, "slots": args.slots,
            "rank": args.rank, "checkpoint": str(ck), "merged_equals_runtime_greedy": same, "memory": memory,
-           "batch1": b1, "concurrent": conc}
+           "steps": step_ms, "batch1": b1, "concurrent": conc}
     write_results(args.out, args.name, res, markdown)
 
 
@@ -203,6 +242,14 @@ def markdown(res: dict) -> str:
             verdict = "" if target is None else f">= {target}x: {'met' if ratio >= target else 'NOT met'}"
             lines.append(f"| {label} | {name} | {med[kind][name]:.1f} ({' / '.join(f'{x:.1f}' for x in runs)}) | "
                          f"**{ratio:.3f}x** | {verdict} |")
+    lines += ["", "Decode step alone (DecodeStep, ms per step; median of the repetitions, each in brackets):", "",
+              "| rows | system | ms / step | plain / it (speed vs plain) |", "|---|---|---|---|"]
+    for rows, r in res["steps"].items():
+        base = statistics.median(r["plain"])
+        for name, runs in r.items():
+            ms = statistics.median(runs)
+            lines.append(f"| {rows} | {name} | {ms:.2f} ({' / '.join(f'{x:.1f}' for x in runs)}) | "
+                         f"**{base / ms:.3f}x** |")
     lines += ["", "Systems: plain = the plain export (no LoRA path); slots-base = the slots export, every row on slot 0 "
               "(no adapter); slots-lora = the slots export with adapter 0; slots-mixed = request i on adapter "
               f"i % {K + 1} (0 = the base), so each step mixes every adapter and the base.", "",

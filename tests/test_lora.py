@@ -90,6 +90,24 @@ def test_a_batch_mixing_adapters_and_the_base_gives_each_row_its_answer_alone(se
     assert len({tuple(s.tokens) for key, s in seqs.items() if key[0] == 0}) == len(choices)  # the rows differ
 
 
+def test_decode_steps_on_device_buffers_bind_the_slots_too(setup):
+    """DecodeStep's device path (CUDA's; device_buffers=True runs it on the CPU) equals the numpy one."""
+    from gpt2_onnx.model import DecodeStep
+
+    _, _, engine, handles = setup
+    slots = np.array([0, *sorted(h.slot for h in handles.values())])
+    outs = []
+    for device_buffers in (False, True):
+        cache = engine.model.new_cache(4, 32)
+        engine.model.run(cache, np.array([IDS[:5]] * 4), np.full(4, 5), np.full((4, 1), 4), lora=slots)
+        step = DecodeStep(engine.model, cache, device_buffers=device_buffers)
+        ids, logits = step(np.full(4, 7), np.arange(4), lora=slots)
+        outs.append((ids.copy(), logits.copy()))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_allclose(outs[0][1], outs[1][1], atol=1e-6, rtol=0)
+    assert min(np.abs(outs[0][1][0] - row).max() for row in outs[0][1][1:]) > 0.01  # each row its own adapter
+
+
 def test_same_prompt_on_the_base_and_on_adapters_never_shares_kv(setup):
     _, _, engine, handles = setup
     prompt = PROMPTS[2]  # 18 tokens: more than one block of the prefix cache
@@ -158,7 +176,13 @@ def test_slots_are_reused_after_unload_and_refusals_name_the_remedy(setup, tmp_p
     with pytest.raises(ValueError, match=r"all 3 LoRA slots .* hold adapters .*unload one .*larger --lora-slots"):
         engine.load_lora(folders["all-bias"])
     gone = handles.pop("patterns")
+    core = Core(engine.model, slots=2, max_length=64)
+    running = engine.sequences([IDS], GenerationOptions(max_new_tokens=20, ignore_eos=True), adapter=gone)
+    core.submit(running)
+    core.step()  # admitted: its first token
     engine.unload(gone)
+    core.step()
+    assert running[0].finish_reason == "error" and "was unloaded while this request ran" in str(running[0].error)
     with pytest.raises(InvalidInput, match="was unloaded"):
         engine.generate(IDS, adapter=gone, max_new_tokens=2)
     again = engine.load_lora(folders["patterns"], name="patterns")
@@ -294,3 +318,16 @@ def test_cli_generate_and_batch_with_lora(surface, tmp_path):
     for i, name in enumerate((None, *folders)):
         assert got[str(i)]["body"]["choices"][0]["text"] == want[name]
     assert got['"score"']["status"] == 400 and "scored by the base model" in got['"score"']["body"]["error"]["message"]
+
+
+def test_serve_options_refuse_a_name_served_twice(surface):
+    from gpt2_onnx.server.options import ServeOptions
+
+    _, folders, out, _ = surface
+    with pytest.raises(ValueError, match="lora_adapters and prefix_adapters both serve the name 'x'"):
+        ServeOptions.from_args({"lora_adapters": {"x": "a"}, "prefix_adapters": {"x": "b"}})
+    with pytest.raises(ValueError, match="lora_adapters must map served names to folders"):
+        ServeOptions.from_args({"lora_adapters": ["a"]})
+    options = ServeOptions.from_args({"served_model_name": "base", "lora_adapters": {"base": str(folders["tuned-a"])}})
+    with pytest.raises(ValueError, match="lora_adapters name 'base' is the served model's own id"):
+        options.served(Engine.load(out, provider="cpu"))

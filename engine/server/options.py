@@ -189,6 +189,10 @@ class ServeOptions:
         from gpt2_onnx.async_engine import AsyncEngine
         from gpt2_onnx.server.completions import Served
 
+        model_id = self.served_model_name or engine.config.name or engine.folder.name
+        if model_id in self.lora_adapters:
+            raise OptionError("{lora_adapters} name {v} is the served model's own id; choose another name",
+                              "lora_adapters", v=model_id)
         prefixes = {name: engine.load_prefix(folder) for name, folder in self.prefix_adapters.items()}
         loras = {name: engine.load_lora(folder, name=name) for name, folder in self.lora_adapters.items()}
         llm = AsyncEngine(engine, max_batch=self.max_batch, max_queue=self.max_queue,
@@ -196,8 +200,7 @@ class ServeOptions:
         from gpt2_onnx.chat import read_template
 
         template = read_template(self.chat_template) if self.chat_template is not None else None
-        return Served(llm, self.served_model_name or engine.config.name or engine.folder.name, prefixes,
-                      chat_template=template, loras=loras)
+        return Served(llm, model_id, prefixes, chat_template=template, loras=loras)
 
     def replica_deployment(self) -> dict:
         """serve.deployment() options of the replicas."""
