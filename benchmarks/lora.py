@@ -15,7 +15,8 @@ Engine.load_lora. Systems, interleaved within each of --runs repetitions (the or
   batch 1     greedy decode tok/s = (new - 1) / (time of generate(max_new_tokens=new) - time of max_new_tokens=1),
               of: plain (the plain export), slots-base (the slots export, no adapter: slot 0), slots-lora (the
               slots export with adapter 1).
-  concurrent  --clients requests of --new tokens submitted at once to an AsyncEngine(max_batch=--clients):
+  concurrent  --clients requests of --new tokens submitted at once to an AsyncEngine(max_batch=--clients,
+              buffer=--new + 1: no row waits for its reader):
               plain (all on the plain export), slots-mixed (request i on adapter i % (slots + 1), 0 = the base:
               every adapter and the base in each step), slots-base (all on the base, slots export);
               completion tokens / wall time.
@@ -207,9 +208,11 @@ def main() -> None:
     b1 = batch1({"plain": (plain, None), "slots-base": (slots, None), "slots-lora": (slots, adapters[0])},
                 args.runs, args.new, args.quiet_s)
     mixed = [None if i % (args.slots + 1) == 0 else adapters[i % (args.slots + 1) - 1] for i in range(args.clients)]
-    llms = {"plain": (AsyncEngine(plain, max_batch=args.clients, prefix_cache_mb=0), [None] * args.clients),
-            "slots-mixed": (AsyncEngine(slots, max_batch=args.clients, prefix_cache_mb=0), mixed),
-            "slots-base": (AsyncEngine(slots, max_batch=args.clients, prefix_cache_mb=0), [None] * args.clients)}
+    # buffer: every Step of a request may wait unread (they are read one request after the other), so no row is held
+    opts = dict(max_batch=args.clients, prefix_cache_mb=0, buffer=args.new + 1)
+    llms = {"plain": (AsyncEngine(plain, **opts), [None] * args.clients),
+            "slots-mixed": (AsyncEngine(slots, **opts), mixed),
+            "slots-base": (AsyncEngine(slots, **opts), [None] * args.clients)}
     conc = concurrent(llms, args.clients, args.runs, args.new, args.quiet_s)
     for llm, _ in llms.values():
         llm.shutdown()
@@ -250,12 +253,13 @@ def markdown(res: dict) -> str:
             ms = statistics.median(runs)
             lines.append(f"| {rows} | {name} | {ms:.2f} ({' / '.join(f'{x:.1f}' for x in runs)}) | "
                          f"**{base / ms:.3f}x** |")
-    lines += ["", "Systems: plain = the plain export (no LoRA path); slots-base = the slots export, every row on slot 0 "
-              "(no adapter); slots-lora = the slots export with adapter 0; slots-mixed = request i on adapter "
+    lines += ["", "Systems: plain = the plain export (no LoRA path); slots-base = the slots export, every row on "
+              "slot 0 (no adapter); slots-lora = the slots export with adapter 0; slots-mixed = request i on adapter "
               f"i % {K + 1} (0 = the base), so each step mixes every adapter and the base.", "",
               "Memory (resident = VmRSS added, after loading and one generate):", "",
               "| | bytes |", "|---|---|",
-              f"| LoRA stacks of the slots export ({K} slots + slot 0, allocated at load) | {mb(mem['lora_stacks_bytes'])} |",
+              f"| LoRA stacks of the slots export ({K} slots + slot 0, allocated at load) | "
+              f"{mb(mem['lora_stacks_bytes'])} |",
               f"| resident: plain export loaded | {mb(mem['plain_rss'])} |",
               f"| resident: slots export loaded | {mb(mem['slots_rss'])} |",
               f"| resident: {K} adapters loaded into it (load_lora) | {mb(mem['load_lora_rss'])} |",

@@ -12,6 +12,6 @@ from gpt2_onnx.vote import Vote
 SamplingParams = GenerationOptions  # the earlier name of the sampling options, kept importable
 
 __all__ = ["AsyncEngine", "Cancelled", "ContextTooLong", "Engine", "GenerationOptions", "GenerationResult",
-           "Generator", "InvalidInput", "Lora", "ModelConfig", "Prefix", "QueueFull", "Request", "Score", "ShuttingDown",
-           "Step", "Vote"]
+           "Generator", "InvalidInput", "Lora", "ModelConfig", "Prefix", "QueueFull", "Request", "Score",
+           "ShuttingDown", "Step", "Vote"]
 __version__ = "0.2.0"

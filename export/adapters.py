@@ -165,7 +165,8 @@ def _merge_lora(weights, config, tensors, where):
             raise ValueError(f"{where}: trained bias {key} does not match a bias of the base model")
         out[name] = arr
     for name, _, A, B, scaling, bias in parts:
-        out[f"{name}.weight"] = (out[f"{name}.weight"] + (B @ A).T * scaling).astype(np.float32)  # Conv1D: fan_in_fan_out
+        W = out[f"{name}.weight"]  # (in, out)
+        out[f"{name}.weight"] = (W + (B @ A).T * scaling).astype(np.float32)  # Conv1D: fan_in_fan_out
         if bias is not None:
             out[f"{name}.bias"] = (out[f"{name}.bias"] + bias * scaling).astype(np.float32)
     return out
@@ -189,8 +190,8 @@ def read_lora(adapter_dir: str | Path, cfg: C.ModelConfig) -> tuple[dict[str, tu
         raise ValueError(f"{where}: bias {config['bias']!r} trains the base model's biases, which a LoRA slot does not "
                          f"hold (only lora_bias); {merge}")
     E, hs, hp = cfg.n_embd, cfg.head_size, cfg.kv_head_size
-    shapes = {f"h.{i}.{m}.weight": shape for i in range(cfg.n_layer) for m, shape in
-              {"attn.c_attn": (E, 3 * E), "attn.c_proj": (E, E), "mlp.c_fc": (E, 4 * E), "mlp.c_proj": (4 * E, E)}.items()}
+    kinds = {"attn.c_attn": (E, 3 * E), "attn.c_proj": (E, E), "mlp.c_fc": (E, 4 * E), "mlp.c_proj": (4 * E, E)}
+    shapes = {f"h.{i}.{m}.weight": shape for i in range(cfg.n_layer) for m, shape in kinds.items()}  # unpadded
     parts, _ = _lora_parts(shapes, config, tensors, where)
     out, rank = {}, 0
     for name, module, A, B, scaling, bias in parts:

@@ -148,7 +148,7 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
 
     def linear(x: str, prefix: str, *, bias: bool = True) -> str:
         """x @ weight (+ bias); weight is GPT-2 Conv1D layout (in, out). With lora_slots, plus each row's LoRA
-        path (added before the bias-fused op that follows, so it is exact)."""
+        path, added to the projection's output (before the op that fuses its bias, where one follows)."""
         wname = f"{prefix}.weight"
         if quantize:
             y = nbits(x, prefix, w[wname], bias=f"{prefix}.bias" if bias else None)

@@ -1,4 +1,4 @@
-"""LoRA adapters at run time (export --lora-slots): each row of a batch with its own adapter, against peft's PeftModel."""
+"""LoRA adapters at run time (export --lora-slots): each row of a batch with its own adapter, vs peft's PeftModel."""
 
 from __future__ import annotations
 
