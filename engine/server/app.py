@@ -114,8 +114,7 @@ def _runtime_lora(request: Request) -> None:
                             "(or load them at start with --lora NAME=DIR)", kind="permission_error")
 
 
-@router.post("/v1/load_lora_adapter", dependencies=[Depends(authorized), Depends(_runtime_lora)],
-             response_class=PlainTextResponse)
+@router.post("/v1/load_lora_adapter", dependencies=[Depends(authorized), Depends(_runtime_lora)])
 async def load_lora_adapter(body: LoadLoraRequest, s: Served = Depends(served)):
     """Serve one more LoRA adapter (vLLM's route) as model lora_name, in a free slot of a --lora-slots export."""
     if body.lora_name in s.models:
@@ -127,11 +126,10 @@ async def load_lora_adapter(body: LoadLoraRequest, s: Served = Depends(served)):
     except ValueError as e:
         raise ApiError(400, str(e), "lora_path") from e
     s.loras[body.lora_name] = handle
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+    return {"message": f"Success: LoRA adapter '{body.lora_name}' added successfully."}  # vLLM's text, as JSON
 
 
-@router.post("/v1/unload_lora_adapter", dependencies=[Depends(authorized), Depends(_runtime_lora)],
-             response_class=PlainTextResponse)
+@router.post("/v1/unload_lora_adapter", dependencies=[Depends(authorized), Depends(_runtime_lora)])
 async def unload_lora_adapter(body: UnloadLoraRequest, s: Served = Depends(served)):
     """Stop serving a LoRA adapter (vLLM's route); its requests still running end with an error."""
     handle = s.loras.pop(body.lora_name, None)
@@ -139,7 +137,7 @@ async def unload_lora_adapter(body: UnloadLoraRequest, s: Served = Depends(serve
         raise ApiError(404, f"no LoRA adapter {body.lora_name!r} is served here; LoRA adapters: {sorted(s.loras)}",
                        "lora_name", "not_found_error")
     s.llm.engine.unload(handle)
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+    return {"message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}
 
 
 @router.post("/tokenize", dependencies=[Depends(authorized)], response_model=TokenizeResponse)
