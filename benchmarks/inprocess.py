@@ -374,7 +374,7 @@ def markdown(res: dict) -> str:
         for c in [x["clients"] for x in r["systems"].get(big, {}).get("levels", [])]:
             lines.append(f"| {c}, {big} | {cell(big, c)} | | | | {rat(big, 'server', c)} | "
                          f"{rat(big, 'threads x generate', c)} | |")
-        lines += ["", f"Latency per request, seconds, median / p90 (medians over the repetitions):", "",
+        lines += ["", "Latency per request, seconds, median / p90 (medians over the repetitions):", "",
                   "| clients | " + " | ".join(s for s in r["systems"]) + " |", "|---|" + "---|" * len(r["systems"])]
         for c in res["clients"]:
             cells = []

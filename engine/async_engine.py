@@ -27,7 +27,7 @@ import numpy as np
 from gpt2_onnx.core import Core
 from gpt2_onnx.errors import Cancelled, InvalidInput, QueueFull, ReadTimeout, ShuttingDown
 from gpt2_onnx.sequence import workers
-from gpt2_onnx.types import GenerationOptions, GenerationResult, Prefix, Step, as_prompts
+from gpt2_onnx.types import GenerationOptions, GenerationResult, Lora, Prefix, Step, as_prompts
 
 if TYPE_CHECKING:
     from gpt2_onnx.sequence import Sequence as Seq
@@ -244,7 +244,7 @@ class AsyncEngine:
                    prefix_cache_mb=prefix_cache_mb, buffer=buffer, read_timeout=read_timeout)
 
     def submit(self, prompt_or_prompts: Prompt | Sequence[Prompt], options: GenerationOptions = GenerationOptions(),
-               *, prefix: Prefix | None = None) -> Request:
+               *, prefix: Prefix | None = None, adapter: Lora | None = None) -> Request:
         """Queue a prompt (or several, n samples each); returns its Request at once. InvalidInput for bad
         input, QueueFull when max_queue sequences already wait, ShuttingDown while draining."""
         if not isinstance(options, GenerationOptions):
@@ -254,7 +254,7 @@ class AsyncEngine:
             name = "num_beams" if options.num_beams > 1 else "best_of" if width > options.rows else "n"
             raise InvalidInput(f"asks for {width} sequences of one prompt decoding together but the engine runs at "
                                f"most {self.core.slots} (max_batch); ask for at most {self.core.slots}", name, lead=True)
-        seqs = self.engine.sequences(as_prompts(prompt_or_prompts), options, prefix=prefix)
+        seqs = self.engine.sequences(as_prompts(prompt_or_prompts), options, prefix=prefix, adapter=adapter)
         size = len(workers(seqs))
         if size > self.max_queue:
             raise InvalidInput(f"this request needs {size} sequences (prompts x n) but the engine queues at most "

@@ -376,13 +376,14 @@ class BatchWorker:
     class, and the in-process runner's. A batch is {"row": array of raw JSON lines}; so is what it returns."""
 
     def __init__(self, model: str | None = None, *, provider: str = "auto", threads: int | None = None,
-                 max_batch: int = 16, prefix_cache_mb: float = 512):
+                 max_batch: int = 16, prefix_cache_mb: float = 512, loras: dict[str, str] | None = None):
         from gpt2_onnx import AsyncEngine, Engine
         from gpt2_onnx.server.completions import Served
 
         self.engine = Engine.load(model, provider=provider, threads=threads)
+        adapters = {name: self.engine.load_lora(folder, name=name) for name, folder in (loras or {}).items()}
         llm = AsyncEngine(self.engine, max_batch=max_batch, max_queue=MAX_QUEUE, prefix_cache_mb=prefix_cache_mb)
-        self.served = Served(llm, self.engine.config.name or self.engine.folder.name)
+        self.served = Served(llm, self.engine.config.name or self.engine.folder.name, loras=adapters)
         self.loop = asyncio.new_event_loop()
 
     def __call__(self, batch: dict) -> dict:
@@ -447,8 +448,11 @@ class BatchWorker:
             return {"status": e.status, "body": e.body()}
 
         def unknown(r: dict) -> dict:
-            return fail(ApiError(404, f"model {r['model']!r} is not served here; this job serves {model!r}", "model",
-                                 "model_not_found"))
+            if r["model"] in self.served.loras:
+                return fail(ApiError(400, f"scoring rows are scored by the base model {model!r}, not by LoRA adapter "
+                                          f"{r['model']!r}; omit model or give {model!r}", "model"))
+            return fail(ApiError(404, f"model {r['model']!r} is not served here; this job serves "
+                                      f"{self.served.models}", "model", "model_not_found"))
 
         def too_long(r: dict) -> dict | None:
             """A pair beyond n_positions, said in its own terms (not as a prompt + max_tokens)."""
@@ -523,9 +527,10 @@ def prepare(input_path: Path, output_path: Path, *, batch_size: int = 64, max_ba
 def execute(job: Job, output_path: Path, *, model: str | None = None, provider: str = "auto",
             threads: int | None = None, max_batch: int = 16, prefix_cache_mb: float = 512, batch_size: int = 64,
             replicas: int | None = None, ray_address: str | None = None,
-            progress: Callable[[int, int], None] | None = None) -> Output:
+            progress: Callable[[int, int], None] | None = None, loras: dict[str, str] | None = None) -> Output:
     """Answer the job's pending rows into OUTPUT: here (replicas None) or on Ray Data with `replicas` actors.
-    progress(rows written, rows to do) after each batch."""
+    progress(rows written, rows to do) after each batch. loras: {served name: peft LoRA folder}, chosen by
+    a row's "model" (an export with --lora-slots)."""
     out = Output(Path(output_path), job.done, job.openai)
     finished = 0
 
@@ -535,7 +540,8 @@ def execute(job: Job, output_path: Path, *, model: str | None = None, provider: 
         if progress is not None:
             progress(finished, len(job.pending))
 
-    worker = dict(model=model, provider=provider, threads=threads, max_batch=max_batch, prefix_cache_mb=prefix_cache_mb)
+    worker = dict(model=model, provider=provider, threads=threads, max_batch=max_batch, prefix_cache_mb=prefix_cache_mb,
+                  loras=loras)
     refused = [line for line in job.pending if line.startswith(REFUSED)]
     todo = [line for line in job.pending if not line.startswith(REFUSED)]
     try:
@@ -574,10 +580,10 @@ def answer_refused(row: dict) -> dict:
 def run(input_path: Path, output_path: Path, *, model: str | None = None, provider: str = "auto",
         threads: int | None = None, max_batch: int = 16, prefix_cache_mb: float = 512, batch_size: int = 64,
         replicas: int | None = None, ray_address: str | None = None,
-        progress: Callable[[int, int], None] | None = None) -> Output:
+        progress: Callable[[int, int], None] | None = None, loras: dict[str, str] | None = None) -> Output:
     """Answer every row of INPUT not yet in OUTPUT (prepare, then execute)."""
     job = prepare(input_path, output_path, batch_size=batch_size, max_batch=max_batch, replicas=replicas,
                   ray_address=ray_address)
     return execute(job, output_path, model=model, provider=provider, threads=threads, max_batch=max_batch,
                    prefix_cache_mb=prefix_cache_mb, batch_size=batch_size, replicas=replicas,
-                   ray_address=ray_address, progress=progress)
+                   ray_address=ray_address, progress=progress, loras=loras)

@@ -99,6 +99,10 @@ def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...)
            quantize: Optional[str] = typer.Option(None, help="int8 | int4 weight-only (MatMulNBits)"),
            adapter: Optional[Path] = typer.Option(None, "--adapter", help="adapter folder: PEFT LoRA/IA3 (merged) "
                                                                           "or an adapters-library bottleneck (graph nodes)"),
+           lora_slots: int = typer.Option(0, "--lora-slots", help="LoRA adapters taken at run time (generate --lora, "
+                                                                  "serve --lora), each row of a batch with its own"),
+           max_lora_rank: Optional[int] = typer.Option(None, "--max-lora-rank",
+                                                       help="the largest LoRA rank those slots take (default 16)"),
            format: str = typer.Option("gpt2-onnx", "--format",
                                       help="gpt2-onnx (this runtime) | genai (onnxruntime-genai: C#, Java, C/C++, "
                                            "Python; genai_config.json, float16 set for CUDA)")):
@@ -108,8 +112,8 @@ def export(model: str = typer.Argument(..., help="Hub id (gpt2, distilgpt2, ...)
 
     try:
         with err.status(f"exporting {escape(model)}") as status:
-            out = export(model, output, dtype=dtype, quantize=quantize, adapter=adapter, format=format,
-                         progress=lambda m: status.update(escape(m)))
+            out = export(model, output, dtype=dtype, quantize=quantize, adapter=adapter, lora_slots=lora_slots,
+                         max_lora_rank=max_lora_rank, format=format, progress=lambda m: status.update(escape(m)))
     except ValueError as e:
         _fail(e)
     err.print(f"exported {escape(model)} -> {escape(str(out))}")
@@ -192,6 +196,8 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
              threads: Optional[int] = typer.Option(None, help="CPU threads (default: onnxruntime's)"),
              prefix_adapter: Optional[Path] = typer.Option(None, help="a peft prefix-tuning, prompt-tuning or "
                                                          "P-tuning adapter to generate after"),
+             lora: Optional[Path] = typer.Option(None, "--lora", help="a peft LoRA adapter to generate with (an export "
+                                                                      "with --lora-slots)"),
              stats: bool = typer.Option(False, "--stats", help="print tokens, finish reason and timing to stderr")):
     """Generate a continuation of PROMPT (with the bundled Tiny Shakespeare model by default).
 
@@ -248,14 +254,15 @@ def generate(prompt: str = typer.Argument(..., help="prompt text, or - to read i
     try:
         engine = _load(model, provider, threads)
         prefix = engine.load_prefix(prefix_adapter) if prefix_adapter is not None else None
+        adapter = engine.load_lora(lora) if lora is not None else None
         if vote is not None:
             ballot = engine.vote(prompt, n=samples, answer_regex=None if vote == "number" else vote, prefix=prefix,
-                                 **options)
+                                 adapter=adapter, **options)
             results = ballot.samples
         elif num_beams > 1 or (best_of or samples) > samples:  # answers known only at the end
-            results = engine.generate_batch([prompt], n=samples, prefix=prefix, **options)
+            results = engine.generate_batch([prompt], n=samples, prefix=prefix, adapter=adapter, **options)
         else:
-            for step in engine.stream_batch([prompt], n=samples, prefix=prefix, **options):
+            for step in engine.stream_batch([prompt], n=samples, prefix=prefix, adapter=adapter, **options):
                 steps[step.row].append(step)
                 if stream:
                     show()
@@ -382,6 +389,8 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
           prefix_adapter: Optional[list[str]] = typer.Option(None, help="NAME=DIR: a peft prefix-tuning, "
                                                              "prompt-tuning or P-tuning adapter served as model NAME "
                                                              "(repeatable)"),
+          lora: Optional[list[str]] = typer.Option(None, "--lora", help="NAME=DIR: a peft LoRA adapter served as model "
+                                                                       "NAME (repeatable; an export with --lora-slots)"),
           max_connections: int = typer.Option(512, help="open connections; one more gets a JSON 503 with Retry-After"),
           header_timeout: float = typer.Option(10.0, help="seconds a request's line and headers may take from their "
                                                           "first byte (a new connection: from the connect); then a JSON "
@@ -422,6 +431,8 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
     try:
         if "prefix_adapter" in given:
             given["prefix_adapters"] = _adapter_specs(given.pop("prefix_adapter"))
+        if "lora" in given:
+            given["lora_adapters"] = _adapter_specs(given.pop("lora"), "--lora")
         options = ServeOptions.resolve(config, given)  # defaults < --config file < flags
     except ValueError as e:
         _serve_fail(e)
@@ -449,13 +460,13 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
     run_server(app_, host=options.host, port=options.port, grace=options.grace_period, **options.connection_limits())
 
 
-def _adapter_specs(specs: list[str] | None) -> dict[str, str]:
-    """--prefix-adapter NAME=DIR values as {NAME: DIR}."""
+def _adapter_specs(specs: list[str] | None, flag: str = "--prefix-adapter") -> dict[str, str]:
+    """--prefix-adapter (or --lora) NAME=DIR values as {NAME: DIR}."""
     out = {}
     for spec in specs or []:
         name, sep, folder = spec.partition("=")
         if not (sep and name and folder):
-            raise ValueError(f"--prefix-adapter takes NAME=DIR, got {spec!r}")
+            raise ValueError(f"{flag} takes NAME=DIR, got {spec!r}")
         out[name] = folder
     return out
 
@@ -463,7 +474,7 @@ def _adapter_specs(specs: list[str] | None) -> dict[str, str]:
 # the serving and batch options' names, as the flags that set them
 SERVE_FLAGS = {**FLAGS, "model": "-m/--model", "served_model_name": "--served-model-name", "api_key": "--api-key",
                "max_batch": "--max-batch", "max_queue": "--max-queue", "prefix_cache_mb": "--prefix-cache-mb",
-               "prefix_adapters": "--prefix-adapter", "chat_template": "--chat-template",
+               "prefix_adapters": "--prefix-adapter", "lora_adapters": "--lora", "chat_template": "--chat-template",
                "max_connections": "--max-connections", "header_timeout": "--header-timeout",
                "idle_timeout": "--idle-timeout", "max_header_bytes": "--max-header-bytes",
                "metrics_auth": "--metrics-auth", "grace_period": "--grace-period", "host": "--host",
@@ -499,6 +510,9 @@ def batch(input: Path = typer.Argument(..., help="JSONL: one {\"id\": ..., \"pro
           batch_size: int = typer.Option(64, help="rows per batch (written and flushed together)"),
           max_batch: int = typer.Option(16, help="sequences decoded together per engine (KV rows)"),
           prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
+          lora: Optional[list[str]] = typer.Option(None, "--lora", help="NAME=DIR: a peft LoRA adapter rows choose by "
+                                                                       "\"model\": NAME (repeatable; an export with "
+                                                                       "--lora-slots)"),
           provider: str = typer.Option("auto", help="auto | cpu | cuda"),
           threads: Optional[int] = typer.Option(None, help="CPU threads per engine (default: onnxruntime's; with "
                                                            "--replicas: 1)")):
@@ -519,6 +533,7 @@ def batch(input: Path = typer.Argument(..., help="JSONL: one {\"id\": ..., \"pro
             _need_ray("batch --replicas")
         options = dict(batch_size=batch_size, max_batch=max_batch, replicas=replicas, ray_address=ray_address)
         try:
+            loras = _adapter_specs(lora, "--lora")
             todo = job.prepare(input, output, **options)
         except ValueError as e:
             _serve_fail(e)
@@ -532,7 +547,7 @@ def batch(input: Path = typer.Argument(..., help="JSONL: one {\"id\": ..., \"pro
                 task = bar.add_task("answering", total=len(todo.pending))
                 out = job.execute(todo, output, model=model, provider=provider, threads=threads,
                                   prefix_cache_mb=prefix_cache_mb, progress=lambda k, n: bar.update(task, completed=k),
-                                  **options)
+                                  loras=loras, **options)
         except ValueError as e:
             _serve_fail(e)
     except KeyboardInterrupt:  # Ctrl-C: what was written stays (flushed and fsynced); a rerun answers the rest

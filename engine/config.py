@@ -18,7 +18,7 @@ COPY_MODEL_NAME = "kv_copy.onnx"  # copies KV rows between buffers on the sessio
 EMBEDS_MODEL_NAME = "embeds.onnx"  # model.onnx entered by input embeddings: the KV of prompt-tuning virtual tokens
 TOKENIZER_NAME = "tokenizer.json"
 CHAT_TEMPLATE_NAME = "chat_template.jinja"  # the checkpoint's chat template, when it has one
-FORMAT_VERSION = 4  # bump when the graph contract changes; the engine refuses other versions
+FORMAT_VERSION = 5  # bump when the graph contract changes; the engine refuses other versions
 
 # Graph I/O names. Layer-indexed names come from these templates, never from substring search.
 INPUT_IDS = "input_ids"
@@ -33,6 +33,13 @@ PAST_KEY = "past_key_values.{i}.key"
 PAST_VALUE = "past_key_values.{i}.value"
 PRESENT_KEY = "present.{i}.key"
 PRESENT_VALUE = "present.{i}.value"
+# LoRA at run time (exports with lora_slots > 0): each row's adapter slot (0: none), and per layer and module
+# every slot's adapter side by side, in blocks of max_lora_rank + 1: slot s holds columns (A) / rows (B)
+# s * (R + 1) .. s * (R + 1) + R; the last of them is zero in A and lora_bias in B (see graph.build)
+LORA_SLOT = "lora_slot"  # (B,) int64
+LORA_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the Conv1D projections LoRA targets
+LORA_A = "lora.h.{i}.{m}.A"  # (in, (lora_slots + 1) * (max_lora_rank + 1)): lora_A.T per slot
+LORA_B = "lora.h.{i}.{m}.B"  # ((lora_slots + 1) * (max_lora_rank + 1), out): lora_B.T * scaling, bias * scaling
 # facts the exporter writes into model.onnx's metadata; the engine checks them against the manifest
 GRAPH_FACTS = ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size", "kv_head_size", "weights_digest")
 # kv_copy.onnx: for every KV buffer j (past-name order) dst.{j} = Pad(Slice(src.{j}, :length on axis 2), pads)
@@ -126,6 +133,8 @@ class ModelConfig:
     adapter: str | None = None  # adapter folder applied at export (PEFT LoRA/IA3 merged, an adapters-library
     # bottleneck as graph nodes), or CHECKPOINT#NAME for a bottleneck saved inside the checkpoint; None if none
     weights_digest: str = ""  # "sha256:..." over the graph's initializers (name, dtype, dims, bytes) in graph order
+    lora_slots: int = 0  # LoRA adapters the graph takes at run time (0: none, the plain graph)
+    max_lora_rank: int = 0  # their largest rank (smaller ranks are zero-padded to it)
 
     @property
     def head_size(self) -> int:
@@ -150,6 +159,21 @@ class ModelConfig:
 
     def present_names(self) -> list[str]:
         return [t.format(i=i) for i in range(self.n_layer) for t in (PRESENT_KEY, PRESENT_VALUE)]
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each module kind LoRA targets, as the graph holds it (heads padded)."""
+        E, H = self.n_embd, self.n_head * self.kv_head_size
+        return {"attn.c_attn": (E, 3 * H), "attn.c_proj": (H, E), "mlp.c_fc": (E, 4 * E), "mlp.c_proj": (4 * E, E)}
+
+    def lora_inputs(self) -> dict[str, tuple[int, ...]]:
+        """Graph inputs of the LoRA adapters' slots (none without lora_slots), name -> shape."""
+        if not self.lora_slots:
+            return {}
+        n, out = (self.lora_slots + 1) * (self.max_lora_rank + 1), {}
+        for i in range(self.n_layer):
+            for m, (k, o) in self.lora_shapes().items():
+                out |= {LORA_A.format(i=i, m=m): (k, n), LORA_B.format(i=i, m=m): (n, o)}
+        return out
 
     def save(self, folder: str | Path) -> Path:
         """Write manifest.json into folder."""
@@ -208,5 +232,12 @@ class ModelConfig:
                              f"{self.head_size}, got {kv!r}")
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"{where}: dtype must be float32 or float16, got {self.dtype!r}")
+        for name in ("lora_slots", "max_lora_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{where}: {name} must be an integer >= 0, got {v!r}")
+        if bool(self.lora_slots) != bool(self.max_lora_rank):
+            raise ValueError(f"{where}: lora_slots {self.lora_slots} and max_lora_rank {self.max_lora_rank} must be "
+                             "both 0 or both positive")
         if self.quantization not in (None, "int8", "int4"):
             raise ValueError(f"{where}: quantization must be null, int8 or int4, got {self.quantization!r}")

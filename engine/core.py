@@ -120,6 +120,8 @@ class Core:
         for s in self.running:
             if (s.cancelled or self.closing) and not s.done:
                 self._emit(s, s.end("cancelled", s.cancel_error), events)
+            elif s.lora is not None and not s.lora.loaded and not s.done:
+                self._fail(s, ValueError(f"LoRA adapter {s.lora.name!r} was unloaded while this request ran"), events)
         self._release()
         before = len(self.running)
         ran = self._admit(events)
@@ -171,7 +173,7 @@ class Core:
             while self.waiting and len(take) < free:
                 s = self.waiting.popleft()
                 ids = np.array(s.context, np.int64)
-                cached, entry = self.prefixes.match(ids, s.prefix)
+                cached, entry = self.prefixes.match(ids, s.prefix, s.lora_key)
                 if s.join == 0 and lead is not None:
                     lead.append((s, cached, entry) if lead is take else s)
                     continue
@@ -179,7 +181,7 @@ class Core:
                     self.waiting.appendleft(s)
                     break
                 shared = max((min(common_prefix(np.array(t.context, np.int64), ids), len(ids) - 1)
-                              for t, _, _ in take if t.context != s.context), default=0)
+                              for t, _, _ in take if t.context != s.context and t.lora_key == s.lora_key), default=0)
                 if self.prefixes.max_bytes and shared >= cached + DEFER_MIN:
                     later.append(s)
                     lead = later
@@ -223,7 +225,7 @@ class Core:
         tokens, entry) and copies (sequence, the one with the same context that is computed)."""
         fresh, hits, copies, first = [], [], [], {}
         for s, m, entry in new:
-            key = tuple(s.context)
+            key = (s.lora_key, *s.context)
             if key in first and s.options.prompt_logprobs is None:
                 copies.append((s, first[key]))
                 first[key].share_logits |= s.needs_logits
@@ -256,6 +258,8 @@ class Core:
         for s, m, entry in self._pop_waiting():
             if s.cancelled or self.closing:
                 self._emit(s, s.end("cancelled"), events)
+            elif s.lora is not None and not s.lora.loaded:
+                self._fail(s, ValueError(f"LoRA adapter {s.lora.name!r} was unloaded before this request ran"), events)
             elif s.options.max_new_tokens == 0 and s.options.prompt_logprobs is None:
                 self._emit(s, s.end("length"), events)
             else:
@@ -317,7 +321,7 @@ class Core:
                 ids[b, : lens[b]] = s.context
             want = [b for b, s in enumerate(group) if s.needs_logits or s.share_logits]
             nxt, lg = self.model.run(self.pool, ids, lens, (lens - 1)[:, None], start=group[0].slot,
-                                     logits_rows=want)
+                                     logits_rows=want, lora=self._lora(group))
             at = {b: k for k, b in enumerate(want)}
             for b, s in enumerate(group):
                 self._start(s, int(nxt[b, 0]), lg[at[b], 0] if b in at else None, events)
@@ -346,17 +350,23 @@ class Core:
         every = s.options.prompt_logprobs is not None
         wants = s.needs_logits or s.share_logits or start > 0
         nxt, lg = self.model.run(self.pool, rest, np.array([S]), np.arange(S)[None] if every else np.array([[S - 1]]),
-                                 start=s.slot, logits_rows=[0] if wants or every else [])
+                                 start=s.slot, logits_rows=[0] if wants or every else [], lora=self._lora([s]))
         if every:  # after a prefix-tuning adapter: its virtual tokens have no logprobs, nor the first real one
             s.score_prompt(lg[0], skip=start)
         return int(nxt[0, -1]), lg[0, -1] if wants or every else None
+
+    def _lora(self, seqs: list[Sequence]) -> np.ndarray | None:
+        """Each row's LoRA slot (B,), or None on an export without slots."""
+        if self.model.lora is None:
+            return None
+        return np.array([s.lora.slot if s.lora is not None else 0 for s in seqs], np.int64)
 
     def _remember(self, computed: list[Sequence]) -> None:
         """Offer the contexts just computed to the prefix cache."""
         try:
             for s in computed:
                 if s.first is not None:
-                    self.prefixes.insert(s.context, self.pool, s.slot)
+                    self.prefixes.insert(s.context, self.pool, s.slot, s.lora_key)
         except Exception:  # keeping a prefix is an optimisation: a failed copy loses it, nothing else
             pass
 
@@ -370,7 +380,9 @@ class Core:
         masks = prefetch([])
         try:
             masks = prefetch([seqs[i].constraint for i in want if seqs[i].constraint is not None])  # beside the graph
-            nxt, lg = self.decoder(tokens, want, hold=hold) if hold.any() else self.decoder(tokens, want)
+            lora = self._lora(seqs)
+            more = {**({"hold": hold} if hold.any() else {}), **({"lora": lora} if lora is not None else {})}
+            nxt, lg = self.decoder(tokens, want, **more)
         except Exception as e:
             masks()
             for s in seqs:

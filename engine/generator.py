@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from gpt2_onnx.core import Core
 from gpt2_onnx.sequence import workers
-from gpt2_onnx.types import GenerationOptions, Prefix, Step
+from gpt2_onnx.types import GenerationOptions, Lora, Prefix, Step
 
 if TYPE_CHECKING:
     from gpt2_onnx.sync_engine import Engine, Prompt
@@ -27,8 +27,8 @@ class Generator:
     """
 
     def __init__(self, engine: Engine, prompts: Sequence[Prompt], options: GenerationOptions = GenerationOptions(),
-                 *, prefix: Prefix | None = None):
-        self.sequences = engine.sequences(prompts, options, prefix=prefix)
+                 *, prefix: Prefix | None = None, adapter: Lora | None = None):
+        self.sequences = engine.sequences(prompts, options, prefix=prefix, adapter=adapter)
         longest = max(len(s.context) for s in self.sequences)
         self.core = Core(engine.model, slots=len(workers(self.sequences)),
                          max_length=longest + options.max_new_tokens)

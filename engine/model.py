@@ -11,6 +11,7 @@ import onnxruntime as ort
 from gpt2_onnx import config as C
 from gpt2_onnx.errors import option_error
 from gpt2_onnx.kv_cache import KVCache
+from gpt2_onnx.lora import LoraStacks
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -92,12 +93,14 @@ class Model:
             raise ValueError(f"session for {path} runs on {got}, not {PROVIDERS[self.provider]}")
         self.kv_names = list(zip(cfg.past_names(), cfg.present_names()))  # (past, present) per KV buffer
         want = [C.INPUT_IDS, C.POSITION_IDS, C.SEQLENS_K, C.TOTAL_SEQUENCE_LENGTH, C.LOGITS_INDEX,
-                C.LOGITS_ROWS] + cfg.past_names()
+                C.LOGITS_ROWS] + cfg.past_names() + ([C.LORA_SLOT, *cfg.lora_inputs()] if cfg.lora_slots else [])
         have = [i.name for i in self.session.get_inputs()]
         if sorted(have) != sorted(want):
             raise ValueError(f"{folder / C.MANIFEST_NAME} does not describe {path} (graph inputs {have}, expected "
                              f"{want}): the files come from different exports; re-export the model")
         self._check_graph(folder, path)
+        # the stacked LoRA adapters of an export with lora_slots (Engine.load_lora writes them)
+        self.lora = LoraStacks(cfg, self.device) if cfg.lora_slots else None
 
     def _check_graph(self, folder: Path, path: Path) -> None:
         """The manifest must describe this graph: its KV and logits shapes and the facts in its metadata."""
@@ -105,8 +108,11 @@ class Model:
         past = {i.name: i.shape for i in self.session.get_inputs()}[C.PAST_KEY.format(i=0)]  # (B, nh, T, hs)
         logits = {o.name: o.shape for o in self.session.get_outputs()}[C.LOGITS]  # (R, K, V)
         graph.update(n_head=past[1], kv_head_size=past[3], vocab_size=logits[2])
+        shapes = {i.name: tuple(i.shape) for i in self.session.get_inputs()}
+        graph.update({f"{n} shape": shapes[n] for n in cfg.lora_inputs()})
+        facts = {**cfg.graph_facts(), **{f"{n} shape": str(s) for n, s in cfg.lora_inputs().items()}}
         graph.update(self.session.get_modelmeta().custom_metadata_map)
-        wrong = [f"{k} {v} in the manifest, {graph.get(k)} in the graph" for k, v in cfg.graph_facts().items()
+        wrong = [f"{k} {v} in the manifest, {graph.get(k)} in the graph" for k, v in facts.items()
                  if str(graph.get(k)) != v]
         if wrong:
             raise ValueError(f"{folder / C.MANIFEST_NAME} does not describe {path} ({'; '.join(wrong)}): the files "
@@ -124,14 +130,25 @@ class Model:
             io.bind_input(name_in, self.device, 0, cache.dtype, shape, address)
             io.bind_output(name_out, self.device, 0, cache.dtype, shape, address)
 
+    def bind_lora(self, io: ort.IOBinding, B: int, lora: np.ndarray | None) -> None:
+        """Bind each row's LoRA slot (B,) and the adapter stacks; nothing on an export without slots."""
+        if self.lora is None:
+            if lora is not None and np.any(lora):
+                raise ValueError("this export has no LoRA slots")
+            return
+        io.bind_cpu_input(C.LORA_SLOT, np.zeros(B, np.int64) if lora is None else np.asarray(lora, np.int64))
+        self.lora.bind(io)
+
     def run(self, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray, *,
-            start: int = 0, logits_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+            start: int = 0, logits_rows: np.ndarray | None = None,
+            lora: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Run tokens through rows [start, start + B) of cache, appending their KV.
 
         input_ids (B, S) holds n_new[b] real tokens per row, right-padded. Either those rows are empty
         (a prefill of ragged rows), or S == 1, or B == 1 (a chunk after cached tokens: GroupQueryAttention's
         rule). logits_index (B, K) names the positions (0..S-1) wanted; logits_rows (R,) the rows whose
-        logits come back (default: all). Returns (greedy ids (B, K), logits (R, K, V) float32).
+        logits come back (default: all); lora (B,) each row's LoRA slot (default 0: none). Returns
+        (greedy ids (B, K), logits (R, K, V) float32).
         """
         B, S = input_ids.shape
         past = cache.lengths[start : start + B]
@@ -156,6 +173,7 @@ class Model:
         io.bind_output(C.NEXT_TOKEN, "cpu")
         io.bind_output(C.LOGITS, "cpu")
         self.bind_kv(io, cache, start, B)
+        self.bind_lora(io, B, lora)
         self.session.run_with_iobinding(io)
         next_ids, logits = (v.numpy() for v in io.get_outputs()[:2])
         cache.lengths[start : start + B] = total
@@ -180,6 +198,12 @@ class Model:
         io.bind_cpu_input(C.SEQLENS_K, np.full(B, T - 1, np.int32))
         io.bind_cpu_input(C.TOTAL_SEQUENCE_LENGTH, np.array(T, dtype=np.int32))
         self.bind_kv(io, cache, 0, B)
+        if self.lora is not None:  # an export with LoRA slots: the virtual tokens run on slot 0 (no adapter)
+            names = {i.name for i in session.get_inputs()}  # the last layer's MLP is not in embeds.onnx
+            io.bind_cpu_input(C.LORA_SLOT, np.zeros(B, np.int64))
+            for name, value in self.lora.values.items():
+                if name in names:
+                    io.bind_ortvalue_input(name, value)
         session.run_with_iobinding(io)
         cache.lengths[:B] = T
 
@@ -261,6 +285,8 @@ class DecodeStep:
         n, V = cache.rows, model.cfg.vocab_size
         self.host = {"ids": np.zeros((n, 1), np.int64), "pos": np.zeros((n, 1), np.int64),
                      "seqlens": np.zeros(n, np.int32), "rows": np.zeros(n, np.int64)}
+        if model.lora is not None:  # each row's LoRA slot
+            self.host["lora"] = np.zeros(n, np.int64)
         self.next = np.zeros((n, 1), np.int64)
         self.logits = np.zeros((n, 1, V), np.float32)
         self.index = np.zeros((n, 1), np.int64)  # logits at position 0 of the one new token
@@ -298,6 +324,9 @@ class DecodeStep:
         else:  # onnxruntime copies the R sampling rows' logits to host memory, nothing more
             io.bind_output(C.LOGITS, "cpu")
         m.bind_kv(io, self.cache, 0, B)
+        if m.lora is not None:  # the adapter stacks by address, as the KV: load_lora writes them in place
+            io.bind_input(C.LORA_SLOT, dev, 0, np.int64, [B], self.addr["lora"])
+            m.lora.bind(io)
         opts = None  # (RunOptions without an entry cost ~0.8 ms a run in onnxruntime 1.32's Python layer)
         if m.cuda_graph:  # one captured graph per set of shapes and addresses
             m._graph_ids += 1
@@ -305,9 +334,10 @@ class DecodeStep:
             opts.add_run_config_entry("gpu_graph_id", str(m._graph_ids))
         return io, opts, out
 
-    def __call__(self, tokens: np.ndarray, logits_rows: np.ndarray,
-                 hold: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, tokens: np.ndarray, logits_rows: np.ndarray, hold: np.ndarray | None = None,
+                 lora: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Feed one token to each of rows 0..B-1; returns (greedy next ids (B,), logits (R, V) of logits_rows).
+        `lora` (B,): each row's LoRA slot (an export with lora_slots; default 0, none).
 
         Rows where `hold` (B,) is true do not advance: their token is written at the same position
         again by the next step that feeds it, so holding a row changes none of its results. The logits
@@ -322,6 +352,10 @@ class DecodeStep:
         h["pos"][:B, 0] = np.minimum(lengths, self.model.cfg.n_positions - 1)
         h["seqlens"][:B] = lengths  # total after this step - 1
         h["rows"][:R] = logits_rows
+        if "lora" in h:
+            h["lora"][:B] = 0 if lora is None else lora
+        elif lora is not None and np.any(lora):
+            raise ValueError("this export has no LoRA slots")
         if (B, R) not in self._bindings:
             self._bindings[(B, R)] = self._binding(B, R)
         io, opts, out = self._bindings[(B, R)]

@@ -55,19 +55,25 @@ EXPORT_FORMATS = ("gpt2-onnx", "genai")
 
 
 def export(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
-           adapter: str | Path | None = None, progress: Progress | None = None, format: str = "gpt2-onnx") -> Path:
+           adapter: str | Path | None = None, lora_slots: int = 0, max_lora_rank: int | None = None,
+           progress: Progress | None = None, format: str = "gpt2-onnx") -> Path:
     """Export a checkpoint (Hugging Face folder or Hub id, with a PEFT adapter merged) into the folder `out`:
-    format "gpt2-onnx", this runtime's folder; "genai", a folder for onnxruntime-genai (export.genai)."""
+    format "gpt2-onnx", this runtime's folder (lora_slots: LoRA adapters taken at run time); "genai", a
+    folder for onnxruntime-genai (export.genai)."""
     if format not in EXPORT_FORMATS:
         raise option_error("format", f"must be gpt2-onnx or genai, got {format!r}")
     C.check_model_spec(str(model))  # before the exporter is imported
     if format == "genai":
+        if lora_slots or max_lora_rank:
+            raise option_error("lora_slots", "is for the gpt2-onnx format (onnxruntime-genai loads its own adapters); "
+                                             "merge the adapter instead with --adapter")
         from gpt2_onnx.export.genai import export_genai  # the exporter, only now
 
         return export_genai(model, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)
     from gpt2_onnx.export.exporter import export_model  # the exporter, only now
 
-    return export_model(model, out, dtype=dtype, quantize=quantize, adapter=adapter, progress=progress)
+    return export_model(model, out, dtype=dtype, quantize=quantize, adapter=adapter, lora_slots=lora_slots,
+                        max_lora_rank=max_lora_rank, progress=progress)
 
 
 def read_virtual_tokens(adapter: str | Path, cfg: C.ModelConfig) -> tuple[str, list]:
@@ -76,6 +82,13 @@ def read_virtual_tokens(adapter: str | Path, cfg: C.ModelConfig) -> tuple[str, l
     from gpt2_onnx.export.adapters import read_virtual_tokens as read  # safetensors, only now
 
     return read(adapter, cfg)
+
+
+def read_lora_adapter(adapter: str | Path, cfg: C.ModelConfig) -> tuple[dict[str, list], int]:
+    """A peft LoRA adapter as per-module, per-layer slot contents for the export `cfg` (see export.adapters)."""
+    from gpt2_onnx.export.adapters import read_lora  # safetensors, only now
+
+    return read_lora(adapter, cfg)
 
 
 # A cache entry's name ends with the 16 hex digits of its fingerprint (export.cache); temp folders of exports

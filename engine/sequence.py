@@ -12,7 +12,7 @@ from gpt2_onnx.constraints import Constraint
 from gpt2_onnx.processors import process
 from gpt2_onnx.sampling import NON_FINITE, choose, log_softmax, top_n
 from gpt2_onnx.tokenizer import TextStream, Tokenizer
-from gpt2_onnx.types import GenerationOptions, GenerationResult, Prefix, Step
+from gpt2_onnx.types import GenerationOptions, GenerationResult, Lora, Prefix, Step
 
 
 class StopText:
@@ -48,13 +48,14 @@ class Sequence:
 
     `on_step` is called (in the core's thread) with every Step; `held` (set by its consumer) keeps the
     sequence from decoding while its consumer is behind; `slot` is its row of the core's KV pool. Virtual
-    tokens (a prefix-tuning adapter's) lead the context with ids below zero.
+    tokens (a prefix-tuning adapter's) lead the context with ids below zero. `lora`: the LoRA adapter its
+    row runs with (None: the base model).
     """
 
     def __init__(self, context: list[int], options: GenerationOptions, *, row: int, eos_token_id: int | None,
                  tokenizer: Tokenizer | None = None, on_step: Callable[[Step], None] | None = None,
                  prefix: Prefix | None = None, banned: tuple[tuple[int, ...], ...] = (),
-                 constraint: Constraint | None = None):
+                 constraint: Constraint | None = None, lora: Lora | None = None):
         self.context, self.options, self.row = context, options, row
         self.banned = banned  # bad words as token id sequences
         self.constraint = constraint  # structured output: the tokens allowed next, advanced by push
@@ -66,6 +67,8 @@ class Sequence:
         self.score: float | None = None  # a beam hypothesis' score, or best_of's cumulative log p
         self.prefix = prefix  # the KV of context's first tokens, computed once (prefill, a prefix adapter)
         self.virtual = prefix.virtual if prefix is not None else 0  # no text, no repetition penalty
+        self.lora = lora
+        self.lora_key = lora.key if lora is not None else 0  # the prefix cache's tag for its KV
         self.enders = set(options.stop_token_ids) | ({eos_token_id} if eos_token_id is not None
                                                       and not options.ignore_eos else set())
         self.eos_token_id = None if options.ignore_eos else eos_token_id

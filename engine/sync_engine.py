@@ -1,6 +1,6 @@
 """Engine: an exported model loaded for generation and scoring, one caller at a time (blocking calls).
 
-Engine.generate / stream / generate_batch / stream_batch / prefill / score / load_prefix. Several
+Engine.generate / stream / generate_batch / stream_batch / prefill / score / load_prefix / load_lora. Several
 callers that should share continuous batching use AsyncEngine (gpt2_onnx.async_engine) instead.
 """
 
@@ -19,10 +19,11 @@ from gpt2_onnx.errors import ContextTooLong, InvalidInput, option_error
 from gpt2_onnx.generator import Generator
 from gpt2_onnx.groups import BeamSearch, BestOf
 from gpt2_onnx.model import Model
-from gpt2_onnx.resolve import read_virtual_tokens, resolve
+from gpt2_onnx.resolve import read_lora_adapter, read_virtual_tokens, resolve
 from gpt2_onnx.sequence import Sequence as Seq
 from gpt2_onnx.tokenizer import Tokenizer, check_text
-from gpt2_onnx.types import GenerateKwargs, GenerationOptions, GenerationResult, Prefix, Score, Step, virtual_ids
+from gpt2_onnx.types import (GenerateKwargs, GenerationOptions, GenerationResult, Lora, Prefix, Score, Step,
+                              virtual_ids)
 from gpt2_onnx.vote import Vote, vote
 
 Prompt = str | Sequence[int]
@@ -55,6 +56,7 @@ class Engine:
         self.folder, self.config, self.model, self.tokenizer = folder, cfg, model, tokenizer
         self.grammars = Grammars(tokenizer.to_json, cfg.vocab_size, cfg.eos_token_id)  # structured output
         self.chat_template = folder_template(folder)  # the checkpoint's, kept by the export (or None)
+        self.loras: dict[int, Lora] = {}  # LoRA slot -> the adapter loaded there
 
     @classmethod
     def load(cls, model: str | Path | None = None, *, provider: str = "auto", threads: int | None = None,
@@ -104,9 +106,21 @@ class Engine:
         if prefix + n_prompt + max_new_tokens > self.config.n_positions:
             raise ContextTooLong(n_prompt, max_new_tokens, self.config.n_positions, prefix)
 
+    def check_adapter(self, adapter: Lora | None) -> int:
+        """The key of a LoRA handle loaded in this engine (0 for None); InvalidInput for anything else."""
+        if adapter is None:
+            return 0
+        if not isinstance(adapter, Lora) or adapter.model != self.config.weights_digest \
+                or self.loras.get(adapter.slot) is not adapter:
+            what = "was unloaded" if isinstance(adapter, Lora) and not adapter.loaded else "is not loaded here"
+            raise InvalidInput(f"adapter {getattr(adapter, 'name', adapter)!r} {what}; pass a handle from this "
+                               "engine's load_lora(...)", "adapter")
+        return adapter.key
+
     def sequences(self, prompts: Sequence[Prompt], options: GenerationOptions, *,
-                  prefix: Prefix | None = None) -> list[Seq]:
-        """Validated Sequences for prompts x options.n (row p * n + i), ready for a Core."""
+                  prefix: Prefix | None = None, adapter: Lora | None = None) -> list[Seq]:
+        """Validated Sequences for prompts x options.n (row p * n + i), ready for a Core; `adapter` is the
+        LoRA adapter they run with (None: the base model)."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not len(prompts):
             raise InvalidInput("prompts must be a non-empty list of prompts (strings or token id lists)", "prompt")
         if prefix is not None and not isinstance(prefix, Prefix):
@@ -117,6 +131,10 @@ class Engine:
             raise InvalidInput(f"this prefix was computed by another model (weights {prefix.model or '?'}, this "
                              f"engine's {self.config.weights_digest or '?'}); compute it with this engine's prefill",
                                "prefix")
+        key = self.check_adapter(adapter)
+        if prefix is not None and not prefix.virtual and prefix.lora != key:  # a prefix-tuning KV fits any adapter
+            raise InvalidInput("this prefix was computed with another LoRA adapter (or none) than the one asked for; "
+                               "compute it with engine.prefill(..., adapter=) of the same adapter", "prefix")
         for name, ids in (("stop_token_ids", options.stop_token_ids), ("logit_bias", options.logit_bias or ()),
                           ("bad_words_ids", [t for w in options.bad_words_ids for t in w])):
             bad = [t for t in dict.fromkeys(ids) if t >= self.config.vocab_size]
@@ -134,7 +152,7 @@ class Engine:
 
         def seq(c: list[int], row: int) -> Seq:
             return Seq(c, options, row=row, eos_token_id=self.config.eos_token_id, tokenizer=self.tokenizer,
-                       prefix=prefix, banned=banned,
+                       prefix=prefix, banned=banned, lora=adapter,
                        constraint=self.grammars.constraint(compiled) if compiled is not None else None)
 
         out = []
@@ -160,13 +178,16 @@ class Engine:
         return tuple(ids)
 
     # ---- generation -------------------------------------------------------------------------
-    def prefill(self, prefix: Prompt) -> Prefix:
-        """Compute a prompt prefix once (e.g. few-shot examples) for reuse via generate(..., prefix=)."""
+    def prefill(self, prefix: Prompt, *, adapter: Lora | None = None) -> Prefix:
+        """Compute a prompt prefix once (e.g. few-shot examples) for reuse via generate(..., prefix=), with the
+        LoRA adapter the generation uses."""
         ids = self.encode(prefix)
         self.check_length(len(ids), 0)
+        key = self.check_adapter(adapter)
         cache = self.model.new_cache(1, len(ids))
-        _, logits = self.model.run(cache, np.array([ids]), np.array([len(ids)]), np.array([[len(ids) - 1]]))
-        return Prefix(tuple(ids), cache, logits[0, 0], model=self.config.weights_digest)
+        _, logits = self.model.run(cache, np.array([ids]), np.array([len(ids)]), np.array([[len(ids) - 1]]),
+                                   lora=None if adapter is None else np.array([adapter.slot]))
+        return Prefix(tuple(ids), cache, logits[0, 0], model=self.config.weights_digest, lora=key)
 
     def score(self, requests: Sequence[tuple[Prompt, Prompt]]) -> list[Score]:
         """Log-probabilities of continuations after contexts, and whether each token is the greedy one.
@@ -195,28 +216,61 @@ class Engine:
             self.model.run_embeds(cache, arrays[0])
         return Prefix(virtual_ids(T), cache, model=self.config.weights_digest, virtual=T, name=str(adapter))
 
+    def load_lora(self, adapter: str | Path, *, name: str | None = None) -> Lora:
+        """A peft LoRA adapter in a free slot of this export (one exported with --lora-slots), for
+        generate(..., adapter=); rows with different adapters (and none) decode in one batch.
+
+        The same adapters as the merge at export (r, alpha, rsLoRA, rank/alpha patterns, lora_bias) of rank
+        up to the export's max_lora_rank; `name` defaults to the folder.
+        """
+        K, where = self.config.lora_slots, self.folder / C.MANIFEST_NAME
+        if not K:
+            raise ValueError(f"{self.folder} was exported without LoRA slots ({where}: lora_slots 0); re-export the "
+                             "base with gpt2-onnx export BASE -o DIR --lora-slots K --max-lora-rank R, or merge this "
+                             "adapter at export with --adapter")
+        free = [slot for slot in range(1, K + 1) if slot not in self.loras]
+        if not free:
+            raise ValueError(f"all {K} LoRA slots of {self.folder} hold adapters "
+                             f"({', '.join(a.name for a in self.loras.values())}); unload one (engine.unload) or "
+                             "re-export the base with a larger --lora-slots")
+        parts, rank = read_lora_adapter(adapter, self.config)
+        self.model.lora.write(free[0], parts)
+        handle = Lora(name or str(adapter), free[0], rank, model=self.config.weights_digest)
+        self.loras[free[0]] = handle
+        return handle
+
+    def unload(self, adapter: Lora) -> None:
+        """Free a LoRA adapter's slot (the next load_lora overwrites it); requests still using it end with an
+        error at their next step."""
+        self.check_adapter(adapter)
+        adapter.loaded = False
+        del self.loras[adapter.slot]
+
     def stream_batch(self, prompts: Sequence[Prompt], *, prefix: Prefix | None = None,
-                     **options: Unpack[GenerateKwargs]) -> Iterator[Step]:
+                     adapter: Lora | None = None, **options: Unpack[GenerateKwargs]) -> Iterator[Step]:
         """Decode several prompts (n samples each) together; yields Steps (each with its row) as tokens arrive.
 
-        Options as in GenerationOptions; prefix (from prefill or load_prefix) is reused without recomputation.
+        Options as in GenerationOptions; prefix (from prefill or load_prefix) is reused without recomputation;
+        adapter: a LoRA handle from load_lora.
         """
-        return self._drain(Generator(self, prompts, _streamable(GenerationOptions(**options)), prefix=prefix))
+        return self._drain(Generator(self, prompts, _streamable(GenerationOptions(**options)), prefix=prefix,
+                                     adapter=adapter))
 
-    def stream(self, prompt: Prompt, *, prefix: Prefix | None = None,
+    def stream(self, prompt: Prompt, *, prefix: Prefix | None = None, adapter: Lora | None = None,
                **options: Unpack[GenerateKwargs]) -> Iterator[Step]:
         """Generate for one prompt, yielding a Step per token (options as in GenerationOptions)."""
-        return self._drain(Generator(self, [prompt], _streamable(_single(options)), prefix=prefix))
+        return self._drain(Generator(self, [prompt], _streamable(_single(options)), prefix=prefix, adapter=adapter))
 
-    def generate_batch(self, prompts: Sequence[Prompt], *, prefix: Prefix | None = None,
+    def generate_batch(self, prompts: Sequence[Prompt], *, prefix: Prefix | None = None, adapter: Lora | None = None,
                        **options: Unpack[GenerateKwargs]) -> list[GenerationResult]:
         """Generate for several prompts (and n samples each), one result per sequence (row p * n + i)."""
-        return self._collect(Generator(self, prompts, GenerationOptions(**options), prefix=prefix))
+        return self._collect(Generator(self, prompts, GenerationOptions(**options), prefix=prefix, adapter=adapter))
 
-    def generate(self, prompt: Prompt, *, prefix: Prefix | None = None,
+    def generate(self, prompt: Prompt, *, prefix: Prefix | None = None, adapter: Lora | None = None,
                  **options: Unpack[GenerateKwargs]) -> GenerationResult:
-        """Generate for one prompt; returns text, ids and timings (options as in GenerationOptions)."""
-        return self._collect(Generator(self, [prompt], _single(options), prefix=prefix))[0]
+        """Generate for one prompt; returns text, ids and timings (options as in GenerationOptions; adapter: a
+        LoRA handle from load_lora)."""
+        return self._collect(Generator(self, [prompt], _single(options), prefix=prefix, adapter=adapter))[0]
 
     def chat(self, messages: Sequence[dict], *, chat_template: str | None = None, add_generation_prompt: bool = True,
              **options: Unpack[GenerateKwargs]) -> GenerationResult:
@@ -235,11 +289,11 @@ class Engine:
                       eos_token=tok.token_name(self.config.eos_token_id) or "")
 
     def vote(self, prompt: Prompt, *, n: int = 40, answer_regex: str | None = None, prefix: Prefix | None = None,
-             **options: Unpack[GenerateKwargs]) -> Vote:
+             adapter: Lora | None = None, **options: Unpack[GenerateKwargs]) -> Vote:
         """Self-consistency: n samples of one prompt (one prefill; temperature 0.7 unless given), each one's
         answer by answer_regex (its last match, first group if any; default: the last number); the
         majority answer with the counts and the samples."""
-        return vote(self, prompt, n=n, answer_regex=answer_regex, prefix=prefix, options=options)
+        return vote(self, prompt, n=n, answer_regex=answer_regex, prefix=prefix, adapter=adapter, options=options)
 
     @staticmethod
     def _drain(gen: Generator) -> Iterator[Step]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -368,12 +369,30 @@ class Prefix:
     model: str = ""
     virtual: int = 0
     name: str = ""
+    lora: int = 0  # the key of the LoRA adapter its KV was computed with (0: none)
     ids: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.ids = np.array(self.token_ids, np.int64)
 
 
+@dataclass(eq=False)
+class Lora:
+    """A LoRA adapter in a slot of an export with lora_slots (Engine.load_lora), for generate(..., adapter=).
+
+    `key` is unique in the process (never reused after an unload): the prefix cache keeps each adapter's
+    KV apart by it, and 0 stands for the base model.
+    """
+
+    name: str
+    slot: int
+    rank: int
+    model: str = ""  # weights digest of the engine that loaded it
+    key: int = field(default_factory=lambda: next(_lora_keys))
+    loaded: bool = True
+
+
+_lora_keys = itertools.count(1)
 _virtual_next = [-1]
 
 

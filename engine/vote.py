@@ -13,7 +13,7 @@ from gpt2_onnx.types import GREEDY_BELOW, GenerationOptions, GenerationResult
 
 if TYPE_CHECKING:
     from gpt2_onnx.sync_engine import Engine, Prompt
-    from gpt2_onnx.types import Prefix
+    from gpt2_onnx.types import Lora, Prefix
 
 LAST_NUMBER = r"-?\d[\d,]*(?:\.\d+)?"  # the default answer: the last number in the text (commas dropped)
 
@@ -49,12 +49,12 @@ def compile_answer(answer_regex: str | None) -> re.Pattern:
 
 
 def vote(engine: Engine, prompt: Prompt, *, n: int, answer_regex: str | None, prefix: Prefix | None,
-         options: dict) -> Vote:
+         adapter: Lora | None = None, options: dict) -> Vote:
     pattern = compile_answer(answer_regex)
     options = {"temperature": 0.7, **options}
     if GenerationOptions(n=n, **options).temperature < GREEDY_BELOW and n > 1:
         raise option_error("temperature", "must be > 0 to vote: greedy samples are all the same")
-    samples = engine.generate_batch([prompt], prefix=prefix, n=n, **options)
+    samples = engine.generate_batch([prompt], prefix=prefix, adapter=adapter, n=n, **options)
     answers = [answer_of(s.text, pattern) for s in samples]
     counts = dict(Counter(a for a in answers if a is not None).most_common())
     return Vote(answer=next(iter(counts), None), counts=counts, answers=answers, samples=samples)

@@ -122,7 +122,11 @@ def _target(weights: dict[str, np.ndarray], module: str, what: str, where: str) 
                      f"(c_attn, c_proj, c_fc) are merged; {MERGE_ELSEWHERE}")
 
 
-def _merge_lora(weights, config, tensors, where):
+def _lora_parts(shapes: dict, config: dict, tensors: dict[str, np.ndarray], where: str):
+    """What merging and run-time slots share: the refusals, then [(GPT-2 prefix, peft module, A (r, in),
+    B (out, r), scaling, lora_B.bias or None)] with r and alpha per module as peft resolves them from
+    rank_pattern / alpha_pattern, and the trained base biases (bias "all" / "lora_only") by tensor name.
+    `shapes`: the base weights' shapes by GPT-2 name."""
     for field, name in LORA_REFUSED.items():
         if config.get(field):
             raise ValueError(f"{where}: {name} is not supported, only plain LoRA is merged exactly; {MERGE_ELSEWHERE}")
@@ -146,7 +150,7 @@ def _merge_lora(weights, config, tensors, where):
             biases[key.replace(".base_layer.", ".")] = arr  # a trained base bias
         else:
             others.append(key)
-    targets = {module: _target(weights, module, "LoRA", where) for module in sorted(modules)}
+    targets = {module: _target(shapes, module, "LoRA", where) for module in sorted(modules)}
     if others:
         what = ("whole embedding weights (peft's save_embedding_layers, e.g. after resizing the vocabulary)"
                 if any(re.search(r"(wte|wpe|lm_head)(\.base_layer)?\.weight$", k) for k in others) else "tensors")
@@ -154,33 +158,82 @@ def _merge_lora(weights, config, tensors, where):
                          f"which is not supported; {MERGE_ELSEWHERE}")
     if not modules:
         raise ValueError(f"{where}: the adapter holds no LoRA weights (lora_A / lora_B)")
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    parts_out = []
+    for module, name in targets.items():
+        parts = modules[module]
+        if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
+            raise ValueError(f"{where}: {module} has {sorted(parts)} but LoRA needs lora_A.weight and lora_B.weight")
+        A, B = parts["lora_A.weight"], parts["lora_B.weight"]  # (r, in), (out, r)
+        W = tuple(shapes[f"{name}.weight"])  # (in, out)
+        r = A.shape[0]
+        r_key = pattern_key(rank_pattern, module)
+        r_config = rank_pattern[r_key] if r_key is not None else r_default
+        if r != r_config or B.shape[1] != r or A.shape[1] != W[0] or B.shape[0] != W[1]:
+            raise ValueError(f"{where}: {module} has lora_A {A.shape} and lora_B {B.shape}, which do not fit its "
+                             f"weight {W} with r {r_config}; was the adapter trained on another base model?")
+        a_key = pattern_key(alpha_pattern, module)
+        alpha = alpha_pattern[a_key] if a_key is not None else alpha_default
+        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        parts_out.append((name, module, A, B, scaling, parts.get("lora_B.bias")))
+    return parts_out, biases
+
+
+def _merge_lora(weights, config, tensors, where):
+    parts, biases = _lora_parts({k: v.shape for k, v in weights.items()}, config, tensors, where)
     out = dict(weights)
     for key, arr in biases.items():
         name = checkpoint.canonical(key)
         if name not in out or out[name].shape != arr.shape:
             raise ValueError(f"{where}: trained bias {key} does not match a bias of the base model")
         out[name] = arr
-    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    for module, name in targets.items():
-        parts = modules[module]
-        if "lora_A.weight" not in parts or "lora_B.weight" not in parts:
-            raise ValueError(f"{where}: {module} has {sorted(parts)} but LoRA needs lora_A.weight and lora_B.weight")
-        A, B = parts["lora_A.weight"], parts["lora_B.weight"]  # (r, in), (out, r)
+    for name, _, A, B, scaling, bias in parts:
         W = out[f"{name}.weight"]  # (in, out)
-        r = A.shape[0]
-        r_key = pattern_key(rank_pattern, module)
-        r_config = rank_pattern[r_key] if r_key is not None else r_default
-        if r != r_config or B.shape[1] != r or A.shape[1] != W.shape[0] or B.shape[0] != W.shape[1]:
-            raise ValueError(f"{where}: {module} has lora_A {A.shape} and lora_B {B.shape}, which do not fit its "
-                             f"weight {W.shape} with r {r_config}; was the adapter trained on another base model?")
-        a_key = pattern_key(alpha_pattern, module)
-        alpha = alpha_pattern[a_key] if a_key is not None else alpha_default
-        scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         out[f"{name}.weight"] = (W + (B @ A).T * scaling).astype(np.float32)  # Conv1D: fan_in_fan_out
-        if "lora_B.bias" in parts:
-            out[f"{name}.bias"] = (out[f"{name}.bias"] + parts["lora_B.bias"] * scaling).astype(np.float32)
+        if bias is not None:
+            out[f"{name}.bias"] = (out[f"{name}.bias"] + bias * scaling).astype(np.float32)
     return out
+
+
+def read_lora(adapter_dir: str | Path, cfg: C.ModelConfig) -> tuple[dict[str, tuple], int]:
+    """A peft LoRA adapter for a slot of the export `cfg` (lora_slots > 0): ({GPT-2 prefix: (A.T (in, r),
+    B.T * scaling (r, out), lora_B.bias * scaling (out,) or None)}, its largest r), float32, heads padded
+    like the graph's. The same adapters as merge_adapter's LoRA, except those that change base weights."""
+    config, tensors = read_adapter(adapter_dir)
+    folder = Path(adapter_dir).expanduser()
+    where = str(folder / ADAPTER_CONFIG)
+    merge = f"merge it into the weights at export instead (gpt2-onnx export BASE --adapter {folder})"
+    kind = config.get("peft_type")
+    if kind == "PREFIX_TUNING":
+        raise ValueError(f"{where}: a prefix-tuning adapter is not a LoRA adapter; load it with load_prefix "
+                         "(serve --prefix-adapter)")
+    if kind != "LORA":
+        raise ValueError(f"{where}: peft_type {kind!r} is not LoRA; LoRA slots take LORA adapters only, {merge}")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{where}: bias {config['bias']!r} trains the base model's biases, which a LoRA slot does not "
+                         f"hold (only lora_bias); {merge}")
+    E, hs, hp = cfg.n_embd, cfg.head_size, cfg.kv_head_size
+    kinds = {"attn.c_attn": (E, 3 * E), "attn.c_proj": (E, E), "mlp.c_fc": (E, 4 * E), "mlp.c_proj": (4 * E, E)}
+    shapes = {f"h.{i}.{m}.weight": shape for i in range(cfg.n_layer) for m, shape in kinds.items()}  # unpadded
+    parts, _ = _lora_parts(shapes, config, tensors, where)
+    out, rank = {}, 0
+    for name, module, A, B, scaling, bias in parts:
+        a, b = A.T, B.T * scaling  # (in, r), (r, out)
+        bias = None if bias is None else bias * scaling  # (out,)
+        r = a.shape[1]
+        if r > cfg.max_lora_rank:
+            raise ValueError(f"{where}: {module} has rank {r}, above this export's max_lora_rank "
+                             f"{cfg.max_lora_rank}; re-export the base with --max-lora-rank {r} (or more)")
+        rank = max(rank, r)
+        if hp != hs and name.endswith("attn.c_attn"):  # q|k|v heads padded as graph.pad_heads does
+            b = np.pad(b.reshape(r, 3, cfg.n_head, hs), [(0, 0)] * 3 + [(0, hp - hs)]).reshape(r, -1)
+            if bias is not None:
+                bias = np.pad(bias.reshape(3, cfg.n_head, hs), [(0, 0)] * 2 + [(0, hp - hs)]).reshape(-1)
+        elif hp != hs and name.endswith("attn.c_proj"):  # rows that read the padded value dims
+            a = np.pad(a.reshape(cfg.n_head, hs, r), [(0, 0), (0, hp - hs), (0, 0)]).reshape(-1, r)
+        out[name] = (a.astype(np.float32), b.astype(np.float32), None if bias is None else bias.astype(np.float32))
+    return out, rank
 
 
 def _merge_ia3(weights, config, tensors, where):

@@ -361,10 +361,29 @@ def check_options(dtype: str, quantize: str | None) -> None:
         raise option_error("quantize", f"must be int8 or int4, got {quantize!r}")
 
 
-def read_checkpoint(model: str, dtype: str, quantize: str | None, adapter: str | Path | None, say: Progress):
+DEFAULT_LORA_RANK = 16  # --max-lora-rank when --lora-slots is given alone (vLLM's default too)
+
+
+def lora_options(lora_slots: int, max_lora_rank: int | None) -> tuple[int, int]:
+    """(lora_slots, max_lora_rank) as the manifest records them: (0, 0) without slots."""
+    for name, v in (("lora_slots", lora_slots), ("max_lora_rank", max_lora_rank)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+            raise option_error(name, f"must be an integer >= 0, got {v!r}")
+    if not lora_slots:
+        if max_lora_rank:
+            raise option_error("max_lora_rank", "needs lora_slots (--lora-slots K): the LoRA adapters taken at "
+                                                "run time")
+        return 0, 0
+    if max_lora_rank == 0:
+        raise option_error("max_lora_rank", "must be >= 1 with lora_slots")
+    return lora_slots, max_lora_rank or DEFAULT_LORA_RANK
+
+
+def read_checkpoint(model: str, dtype: str, quantize: str | None, adapter: str | Path | None, say: Progress,
+                    lora: tuple[int, int] = (0, 0)):
     """What every export format builds from: the checkpoint (its weights with a PEFT adapter merged, or its
-    `bottleneck` adapter of the adapters library), its ModelConfig, layer-norm eps, attention scales, and the
-    MatMulNBits quantizer (None without quantize)."""
+    `bottleneck` adapter of the adapters library), its ModelConfig (with `lora`: (lora_slots, max_lora_rank)),
+    layer-norm eps, attention scales, and the MatMulNBits quantizer (None without quantize)."""
     say(f"reading checkpoint {model}")
     ck = checkpoint.load(model)
     adapter = str(Path(adapter).expanduser().resolve()) if adapter is not None else None
@@ -376,6 +395,8 @@ def read_checkpoint(model: str, dtype: str, quantize: str | None, adapter: str |
             raise ValueError(f"{ck.folder} already holds the bottleneck adapter {ck.bottleneck.name!r} (saved after "
                              "adapters.init); export it without --adapter, or pass the base checkpoint instead")
         cfg = dataclasses.replace(cfg, adapter=f"{ck.folder}#{ck.bottleneck.name}")
+    if lora[0]:
+        cfg = dataclasses.replace(cfg, lora_slots=lora[0], max_lora_rank=lora[1])
     _check_weights(cfg, ck.weights, ck.folder, ck.config)
     check_tokenizer(ck.folder, cfg.vocab_size)  # before the graph is built: a wrong tokenizer fails at once
     if adapter and bottleneck.is_adapters_folder(adapter):
@@ -397,23 +418,27 @@ def read_checkpoint(model: str, dtype: str, quantize: str | None, adapter: str |
 
 
 def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantize: str | None = None,
-                 adapter: str | Path | None = None, progress: Progress | None = None) -> Path:
+                 adapter: str | Path | None = None, lora_slots: int = 0, max_lora_rank: int | None = None,
+                 progress: Progress | None = None) -> Path:
     """Export a GPT-2 checkpoint (Hub id or HF folder) to `out`; returns the folder.
 
     `adapter`: a PEFT LoRA or IA3 adapter folder merged into the weights (export.adapters), or a bottleneck
     adapter of the adapters library (save_adapter's folder), run as graph nodes (export.bottleneck); a
     checkpoint saved after adapters.init brings its bottleneck adapter along.
+    `lora_slots`: LoRA adapters of rank <= max_lora_rank (default 16) taken at run time (Engine.load_lora),
+    on all four projections, each row of a batch with its own; 0 keeps the plain graph.
     The folder is written atomically: a failed export leaves no half-written model behind.
     """
     say = progress or (lambda msg: None)
     check_options(dtype, quantize)
+    lora = lora_options(lora_slots, max_lora_rank)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / C.MANIFEST_NAME).is_file():
         raise ValueError(f"{out} is a non-empty folder that is not a gpt2-onnx export; choose another -o")
 
-    ck, cfg, eps, scales, quantizer = read_checkpoint(model, dtype, quantize, adapter, say)
+    ck, cfg, eps, scales, quantizer = read_checkpoint(model, dtype, quantize, adapter, say, lora)
     say(f"building graph ({cfg.n_layer} layers, n_embd {cfg.n_embd}, {dtype}{', ' + quantize if quantize else ''})")
     proto = build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer, bottleneck=ck.bottleneck)
     del ck.weights

@@ -117,13 +117,46 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
                                   b.weight("axis_last", np.array([-1], np.int64))], name="wte/cut")[0]
         return flat
 
+    masks: list[str] = []  # (keep, one), each (B, 1, (K + 1) * (R + 1)), made once from lora_slot
+
+    def lora_masks() -> list[str]:
+        """keep: 1 on the columns of the row's slot (its R rank columns and its bias column), else 0; one: 1 on
+        the row's bias column only. Each row thus multiplies only its own adapter; slot 0 is all zeros."""
+        if not masks:
+            K1, R1 = cfg.lora_slots + 1, cfg.max_lora_rank + 1
+            slot = b.op("Unsqueeze", [C.LORA_SLOT, b.weight("axis_last", np.array([-1], np.int64))],
+                        name="lora/slot")[0]  # (B, 1)
+            hot = b.op("Equal", [slot, b.weight("lora_slots", np.arange(K1, dtype=np.int64))], name="lora/hot")[0]
+            hot = b.op("Cast", [hot], name="lora/hot_cast", to=onnx_dtype)[0]  # (B, K + 1)
+            hot = b.op("Unsqueeze", [hot, b.weight("axis_last", np.array([-1], np.int64))], name="lora/hot3")[0]
+            for name, block in (("keep", np.ones(R1)), ("one", np.eye(R1)[-1])):  # (R + 1,) per slot
+                m = b.op("Mul", [hot, b.weight(f"lora_{name}_block", block.astype(np_dtype))],
+                         name=f"lora/{name}")[0]  # (B, K + 1, R + 1)
+                masks.append(b.op("Reshape", [m, b.weight("shape_lora_mask", np.array([0, 1, -1], np.int64))],
+                                  name=f"lora/{name}_flat")[0])  # (B, 1, (K + 1) * (R + 1))
+        return masks
+
+    def lora(x: str, prefix: str) -> str:
+        """The low-rank path of each row's adapter slot -> (B, S, out): x @ A (every slot's lora_A.T side by side,
+        (in, (K + 1) * (R + 1))), kept on the row's slot with a 1 in its bias column, @ B (every slot's scaled
+        lora_B.T and lora_bias). Slot 0 (no adapter) and ranks below max_lora_rank are zeros: exact."""
+        _, i, m = prefix.split(".", 2)  # h, layer, module kind
+        keep, one = lora_masks()
+        xa = b.op("MatMul", [x, C.LORA_A.format(i=i, m=m)], name=f"{prefix}/lora_xA")[0]  # (B, S, (K+1) * (R+1))
+        xa = b.op("Mul", [xa, keep], name=f"{prefix}/lora_keep")[0]  # the row's own slot
+        xa = b.op("Add", [xa, one], name=f"{prefix}/lora_one")[0]  # its bias column: 1
+        return b.op("MatMul", [xa, C.LORA_B.format(i=i, m=m)], name=f"{prefix}/lora_xAB")[0]  # (B, S, out)
+
     def linear(x: str, prefix: str, *, bias: bool = True) -> str:
-        """x @ weight (+ bias); weight is GPT-2 Conv1D layout (in, out)."""
+        """x @ weight (+ bias); weight is GPT-2 Conv1D layout (in, out). With lora_slots, plus each row's LoRA
+        path, added to the projection's output (before the op that fuses its bias, where one follows)."""
         wname = f"{prefix}.weight"
         if quantize:
-            return nbits(x, prefix, w[wname], bias=f"{prefix}.bias" if bias else None)
-        y = b.op("MatMul", [x, W(wname)], name=f"{prefix}/MatMul")[0]
-        return b.op("Add", [y, W(f"{prefix}.bias")], name=f"{prefix}/Add")[0] if bias else y
+            y = nbits(x, prefix, w[wname], bias=f"{prefix}.bias" if bias else None)
+        else:
+            y = b.op("MatMul", [x, W(wname)], name=f"{prefix}/MatMul")[0]
+            y = b.op("Add", [y, W(f"{prefix}.bias")], name=f"{prefix}/Add")[0] if bias else y
+        return b.op("Add", [y, lora(x, prefix)], name=f"{prefix}/AddLoRA")[0] if cfg.lora_slots else y
 
     # embeddings: (B, S) ids -> (B, S, n_embd)
     tok = embedding(C.INPUT_IDS)
@@ -197,6 +230,9 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
         helper.make_tensor_value_info(C.LOGITS_INDEX, TensorProto.INT64, ["batch", "num_logits"]),
         helper.make_tensor_value_info(C.LOGITS_ROWS, TensorProto.INT64, ["logits_rows"]),
     ] + [helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in cfg.past_names()]
+    if cfg.lora_slots:  # bound once by the engine; load_lora writes a slot
+        inputs.append(helper.make_tensor_value_info(C.LORA_SLOT, TensorProto.INT64, ["batch"]))
+        inputs += [helper.make_tensor_value_info(n, onnx_dtype, shape) for n, shape in cfg.lora_inputs().items()]
     outputs = [helper.make_tensor_value_info(C.LOGITS, TensorProto.FLOAT, ["logits_rows", "num_logits", cfg.vocab_size])]
     outputs += [helper.make_tensor_value_info(C.NEXT_TOKEN, TensorProto.INT64, ["batch", "num_logits"])]
     outputs += [helper.make_tensor_value_info(n, onnx_dtype, kv_shape) for n in cfg.present_names()]

@@ -146,8 +146,8 @@ def test_a_dropped_request_gives_its_rows_back(tiny):
     _, engine, _, _ = tiny
     llm = AsyncEngine(engine, max_batch=2, buffer=2)
     request = llm.submit([[1], [2]], GenerationOptions(max_new_tokens=100, ignore_eos=True))
-    wait_until(lambda: all(s.held for s in request.sequences))  # nobody reads: both rows held
     seqs = request.sequences
+    wait_until(lambda: all(s.held for s in seqs))  # nobody reads: both rows held
     del request
     gc.collect()
     wait_until(lambda: llm.stats()["active"] == 0)

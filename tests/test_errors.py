@@ -103,7 +103,7 @@ def test_manifest_from_another_version(export_copy):
     m = json.loads((export_copy / "manifest.json").read_text())
     m["format_version"] = 99
     (export_copy / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match="format_version 99 but this engine reads format 4"):
+    with pytest.raises(ValueError, match="format_version 99 but this engine reads format {C.FORMAT_VERSION}"):
         Engine.load(export_copy)
 
 

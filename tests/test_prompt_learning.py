@@ -350,3 +350,22 @@ def test_fp16_and_quantized_exports_run_prompt_adapters_close_to_fp32(variants, 
         ops = {n.op_type for n in onnx.load(str(engine.folder / C.EMBEDS_MODEL_NAME), load_external_data=False
                                             ).graph.node}
         assert "MatMulNBits" in ops and "GatherBlockQuantized" not in ops
+
+
+def test_a_lora_slots_export_runs_prompt_adapters_with_the_adapters_off(base, tmp_path):
+    """embeds.onnx of an export with LoRA slots takes the slot inputs too: the virtual tokens run on slot 0,
+    so the prefix equals the plain export's, and a LoRA adapter may decode after it."""
+    from peft import LoraConfig
+
+    hf, engine = base
+    folder = tmp_path / "adapter"
+    save_prompt_adapter(hf, "p-tuning-lstm", folder)
+    slots = Engine.load(export_model(str(hf), tmp_path / "slots", lora_slots=2, max_lora_rank=4), provider="cpu")
+    save_adapter(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]), tmp_path / "lora", seed=1)
+    lora = slots.load_lora(tmp_path / "lora")
+    pre, plain = slots.load_prefix(folder), engine.load_prefix(folder)
+    np.testing.assert_allclose(pre.cache.host_arrays()[0], plain.cache.host_arrays()[0], atol=1e-6, rtol=0)
+    assert slots.generate(IDS, prefix=pre, max_new_tokens=8).token_ids == \
+        engine.generate(IDS, prefix=plain, max_new_tokens=8).token_ids
+    assert slots.generate(IDS, prefix=pre, adapter=lora, max_new_tokens=8).token_ids != \
+        engine.generate(IDS, prefix=plain, max_new_tokens=8).token_ids

@@ -22,7 +22,8 @@ from gpt2_onnx.server import chat, completions
 from gpt2_onnx.server.completions import Completion, Served
 from gpt2_onnx.server.errors import ApiError, validation_error
 from gpt2_onnx.server.metrics import Metrics
-from gpt2_onnx.server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from gpt2_onnx.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoraRequest,
+                                       TokenizeRequest, UnloadLoraRequest)
 
 # what the ingress passes on of a request's headers
 HEADERS = ("authorization", "content-type")
@@ -64,6 +65,8 @@ class Api:
             routes.tokenizer_info: (None, lambda _: routes.tokenizer_info(s)),
             routes.create_completion: (CompletionRequest, None),
             routes.create_chat_completion: (ChatCompletionRequest, None),
+            routes.load_lora_adapter: (LoadLoraRequest, self._no_runtime_lora),
+            routes.unload_lora_adapter: (UnloadLoraRequest, self._no_runtime_lora),
         }
         self.routes = {r.path: r for r in routes.router.routes}
 
@@ -105,6 +108,11 @@ class Api:
         c.chat = route.endpoint is routes.create_chat_completion  # answered in the chat shapes
         self.metrics.accepted(c)
         return c, None
+
+    @staticmethod
+    async def _no_runtime_lora(body) -> None:
+        raise ApiError(400, "on Ray Serve each replica has its own engine: LoRA adapters are loaded at start on every "
+                            "replica (--lora NAME=DIR, or lora_adapters in --config), not over HTTP")
 
     @staticmethod
     def _json(request: dict, model: type[BaseModel]):

@@ -31,9 +31,9 @@ from gpt2_onnx.server.metrics import Metrics
 from gpt2_onnx.server.options import ServeOptions, api_key_problem
 from gpt2_onnx.server.protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
                                        CompletionResponse, DetokenizeRequest, DetokenizeResponse,
-                                       ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse,
-                                       TokenizerInfo)
-from gpt2_onnx.types import Prefix
+                                       ErrorResponse, LoadLoraRequest, ModelCard, ModelList, TokenizeRequest,
+                                       TokenizeResponse, TokenizerInfo, UnloadLoraRequest)
+from gpt2_onnx.types import Lora, Prefix
 
 router = APIRouter()
 
@@ -106,6 +106,38 @@ async def prometheus(m: Metrics = Depends(metrics)):
 @router.get("/v1/models", dependencies=[Depends(authorized)], response_model=ModelList)
 async def list_models(s: Served = Depends(served)):
     return ModelList(data=[ModelCard(id=m, created=s.created) for m in s.models])
+
+
+def _runtime_lora(request: Request) -> None:
+    if not request.app.state.api_key:  # a request names a folder on the server's disk: never without a key
+        raise ApiError(403, "loading and unloading LoRA adapters over HTTP needs a server started with --api-key "
+                            "(or load them at start with --lora NAME=DIR)", kind="permission_error")
+
+
+@router.post("/v1/load_lora_adapter", dependencies=[Depends(authorized), Depends(_runtime_lora)])
+async def load_lora_adapter(body: LoadLoraRequest, s: Served = Depends(served)):
+    """Serve one more LoRA adapter (vLLM's route) as model lora_name, in a free slot of a --lora-slots export."""
+    if body.lora_name in s.models:
+        raise ApiError(400, f"model {body.lora_name!r} is already served; unload it first or choose another name",
+                       "lora_name")
+    try:
+        handle = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: s.llm.engine.load_lora(body.lora_path, name=body.lora_name))
+    except ValueError as e:
+        raise ApiError(400, str(e), "lora_path") from e
+    s.loras[body.lora_name] = handle
+    return {"message": f"Success: LoRA adapter '{body.lora_name}' added successfully."}  # vLLM's text, as JSON
+
+
+@router.post("/v1/unload_lora_adapter", dependencies=[Depends(authorized), Depends(_runtime_lora)])
+async def unload_lora_adapter(body: UnloadLoraRequest, s: Served = Depends(served)):
+    """Stop serving a LoRA adapter (vLLM's route); its requests still running end with an error."""
+    handle = s.loras.pop(body.lora_name, None)
+    if handle is None:
+        raise ApiError(404, f"no LoRA adapter {body.lora_name!r} is served here; LoRA adapters: {sorted(s.loras)}",
+                       "lora_name", "not_found_error")
+    s.llm.engine.unload(handle)
+    return {"message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}
 
 
 @router.post("/tokenize", dependencies=[Depends(authorized)], response_model=TokenizeResponse)
@@ -248,14 +280,17 @@ def body_fields() -> dict[str, list[str]]:
 def create_app(engine, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 16,
                max_queue: int = 256, shutdown_timeout: float = 10.0, prefix_cache_mb: float = 512,
                prefixes: dict[str, Prefix] | None = None, read_timeout: float | None = 60.0,
-               chat_template: str | None = None, metrics_auth: bool = False) -> FastAPI:
+               chat_template: str | None = None, metrics_auth: bool = False,
+               loras: dict[str, Lora] | None = None) -> FastAPI:
     """The FastAPI app serving an Engine (behind a new AsyncEngine of max_batch rows, max_queue waiting
     sequences and an automatic prefix cache), an AsyncEngine as it is, or a Served (ServeOptions.served).
 
     model_id defaults to the model's name from its manifest (a Hub id as given, a folder's name).
     prefixes: more served models, each the engine after a Prefix (e.g. `engine.load_prefix(peft_dir)` for a
     prefix-tuning, prompt-tuning or P-tuning adapter), chosen per request by its "model" field, as vLLM selects
-    adapters.
+    adapters;
+    loras: likewise, LoRA adapters of the engine (`engine.load_lora(peft_dir)`). With an api_key, POST
+    /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes) change them while serving.
     read_timeout: seconds a stream may stay unread (its rows held) before it ends with an error event.
     chat_template: the Jinja template of /v1/chat/completions (default: the model's own).
     api_key: required as `Authorization: Bearer KEY` (the scheme in any case) on /v1/*, /tokenize, /detokenize
@@ -278,7 +313,7 @@ def create_app(engine, *, model_id: str | None = None, api_key: str | None = Non
             engine, max_batch=max_batch, max_queue=max_queue, prefix_cache_mb=prefix_cache_mb,
             read_timeout=read_timeout)
         served_ = Served(llm, model_id or llm.engine.config.name or llm.engine.folder.name, prefixes,
-                         chat_template=chat_template)
+                         chat_template=chat_template, loras=dict(loras or {}))
     llm = served_.llm
 
     @asynccontextmanager

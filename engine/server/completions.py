@@ -16,27 +16,36 @@ from gpt2_onnx.errors import Cancelled, InvalidInput
 from gpt2_onnx.sequence import Sequence
 from gpt2_onnx.server.errors import ApiError
 from gpt2_onnx.server.protocol import FINISH, CompletionChoice, CompletionRequest, CompletionResponse, LogProbs, Usage
-from gpt2_onnx.types import Prefix, Step
+from gpt2_onnx.types import Lora, Prefix, Step
 
 
 @dataclass
 class Served:
-    """What a server answers with: an AsyncEngine, the served model id, and prefix adapters served as more
-    model ids (chosen per request by "model", as vLLM selects adapters)."""
+    """What a server answers with: an AsyncEngine, the served model id, and prefix and LoRA adapters served as
+    more model ids (chosen per request by "model", as vLLM selects adapters)."""
 
     llm: AsyncEngine
     model_id: str
     prefixes: dict[str, Prefix] = field(default_factory=dict)
     created: int = field(default_factory=lambda: int(time.time()))
     chat_template: str | None = None  # for /v1/chat/completions; None: the model's own
+    loras: dict[str, Lora] = field(default_factory=dict)  # served name -> a LoRA adapter of llm.engine
 
     def __post_init__(self) -> None:
         if self.model_id in self.prefixes:
             raise ValueError(f"prefix name {self.model_id!r} is the served model's own id; choose another name")
+        taken = sorted(({self.model_id} | set(self.prefixes)) & set(self.loras))
+        if taken:
+            raise ValueError(f"LoRA adapter name {taken[0]!r} is already served (the model's id or a prefix "
+                             "adapter's); choose another name")
 
     @property
     def models(self) -> list[str]:
-        return [self.model_id, *self.prefixes]
+        return [self.model_id, *self.prefixes, *self.loras]
+
+    def adapter(self, model: str | None) -> Lora | None:
+        """The LoRA adapter of a request's model (None for the others)."""
+        return self.loras.get(model)
 
     def prefix(self, model: str | None) -> Prefix | None:
         """The prefix of a request's model, or None for the served model; ApiError 404 for another."""
@@ -52,7 +61,7 @@ class Completion:
     def __init__(self, served: Served, body: CompletionRequest, request: Request, echoed: list[str]):
         self.served, self.body, self.request, self.echoed = served, body, request, echoed
         self.options = request.sequences[0].options
-        self.model = body.model if body.model in served.prefixes else served.model_id  # an adapter's own name
+        self.model = body.model if body.model in (*served.prefixes, *served.loras) else served.model_id  # an adapter's
         self.id, self.t0 = f"cmpl-{secrets.token_hex(12)}", time.perf_counter()
         self.status = "499"  # until it ends otherwise: the client went away
         self.counted = False  # by the server's metrics
@@ -183,12 +192,12 @@ def _last(s: Sequence) -> Step:
 async def start(served: Served, body: CompletionRequest) -> Completion:
     """Validate a completion request and submit it to the engine (encoding in a worker thread: a 1 MiB
     prompt takes a while); ApiError if it is refused."""
-    prefix = served.prefix(body.model)
+    prefix, adapter = served.prefix(body.model), served.adapter(body.model)
     try:
         options = body.to_options()
         prompts = body.prompts()
         request = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: served.llm.submit(prompts, options, prefix=prefix))
+            None, lambda: served.llm.submit(prompts, options, prefix=prefix, adapter=adapter))
     except Exception as e:
         raise ApiError.of(e, body.option_names()) from e
     tok = served.llm.engine.tokenizer

@@ -72,6 +72,7 @@ class ServeOptions:
     max_queue: int = 256  # requests waiting for a replica before 429
     prefix_cache_mb: float = 512
     prefix_adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft prefix/prompt/P-tuning folder
+    lora_adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft LoRA folder (--lora-slots export)
     chat_template: str | None = None  # /v1/chat/completions' template: a file or the Jinja text [default: the model's]
     grace_period: float = 10.0  # seconds a stopping replica lets its requests finish
     read_timeout: float = 60.0  # seconds a stream may stay unread (its rows held) before it is ended; 0 = never
@@ -130,10 +131,15 @@ class ServeOptions:
         if self.target_ongoing_requests is not None and not self.autoscaling:
             raise OptionError("{target_ongoing_requests} applies to autoscaling: give {min_replicas} or "
                               "{max_replicas} too", "target_ongoing_requests")
-        if not isinstance(self.prefix_adapters, dict) or not all(
-                isinstance(k, str) and k and isinstance(v, str) and v for k, v in self.prefix_adapters.items()):
-            raise OptionError("{prefix_adapters} must map served names to folders, got {v}", "prefix_adapters",
-                              v=self.prefix_adapters)
+        for name in ("prefix_adapters", "lora_adapters"):
+            v = getattr(self, name)
+            if not isinstance(v, dict) or not all(isinstance(k, str) and k and isinstance(f, str) and f
+                                                  for k, f in v.items()):
+                raise OptionError(f"{{{name}}} must map served names to folders, got {{v}}", name, v=v)
+        both = sorted(set(self.prefix_adapters) & set(self.lora_adapters))
+        if both:
+            raise OptionError("{lora_adapters} and {prefix_adapters} both serve the name {v}; give each its own",
+                              "lora_adapters", v=both[0])
         problem = api_key_problem(self.api_key)
         if problem:
             raise OptionError("{api_key} " + problem.replace("{", "{{").replace("}", "}}"), "api_key")
@@ -178,19 +184,23 @@ class ServeOptions:
         return self.threads or 1
 
     def served(self, engine):
-        """`engine` behind an AsyncEngine of these options, with the prefix adapters loaded: what the
+        """`engine` behind an AsyncEngine of these options, with the prefix and LoRA adapters loaded: what the
         single-process server and each Ray replica serve (a gpt2_onnx.server.completions.Served)."""
         from gpt2_onnx.async_engine import AsyncEngine
         from gpt2_onnx.server.completions import Served
 
+        model_id = self.served_model_name or engine.config.name or engine.folder.name
+        if model_id in self.lora_adapters:
+            raise OptionError("{lora_adapters} name {v} is the served model's own id; choose another name",
+                              "lora_adapters", v=model_id)
         prefixes = {name: engine.load_prefix(folder) for name, folder in self.prefix_adapters.items()}
+        loras = {name: engine.load_lora(folder, name=name) for name, folder in self.lora_adapters.items()}
         llm = AsyncEngine(engine, max_batch=self.max_batch, max_queue=self.max_queue,
                           prefix_cache_mb=self.prefix_cache_mb, read_timeout=self.read_timeout or None)
         from gpt2_onnx.chat import read_template
 
         template = read_template(self.chat_template) if self.chat_template is not None else None
-        return Served(llm, self.served_model_name or engine.config.name or engine.folder.name, prefixes,
-                      chat_template=template)
+        return Served(llm, model_id, prefixes, chat_template=template, loras=loras)
 
     def replica_deployment(self) -> dict:
         """serve.deployment() options of the replicas."""

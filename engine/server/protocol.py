@@ -361,6 +361,22 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class LoadLoraRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's shape): a peft LoRA folder on the server's disk, served as lora_name."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's shape)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's; ignored
+
+
 class TokenizeRequest(BaseModel):
     """POST /tokenize (the shape lm-evaluation-harness's remote tokenizer and vLLM use)."""
 
