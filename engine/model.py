@@ -188,9 +188,10 @@ class Model:
     def run_embeds(self, cache: KVCache, embeds: np.ndarray) -> None:
         """Run input embeddings (B, T, n_embd) (a prompt-tuning adapter's virtual tokens) into the empty rows
         0..B-1 of cache at positions 0..T-1, as tokens would be: their KV, through embeds.onnx."""
-        B, T, _ = embeds.shape
-        if cache.lengths[:B].any() or T > cache.max_length:
-            raise ValueError(f"{T} input embeddings need {B} empty rows of a KV cache of at least {T} positions")
+        B, T, E = embeds.shape
+        if E != self.cfg.n_embd or not 1 <= T <= cache.max_length or B > cache.rows or cache.lengths[:B].any():
+            raise ValueError(f"input embeddings {embeds.shape} need n_embd {self.cfg.n_embd}, 1..{cache.max_length} "
+                             f"positions and {B} empty rows of the KV cache ({cache.rows} rows)")
         session = self._open_embeds()  # for this run only: loading adapters leaves memory as it was
         io = session.io_binding()
         io.bind_cpu_input(C.INPUTS_EMBEDS, np.ascontiguousarray(embeds, dtype=self.cfg.np_dtype))
@@ -212,12 +213,6 @@ class Model:
         mapped and opens in a fraction of the time (124M shape: 0.05 s, against 0.7 s and 290 MB of prepacked
         copies with it; one 20-token pass 0.2 s against 0.1 s). Plain use never opens it."""
         path = self.folder / C.EMBEDS_MODEL_NAME
-        if not path.is_file():
-            cached = self.folder.resolve().parent == C.cache_root().expanduser().resolve()
-            how = (f"`gpt2-onnx cache clear {self.folder.resolve().name}`, then load its checkpoint again" if cached
-                   else f"`gpt2-onnx export {self.cfg.source or 'CHECKPOINT'} -o {self.folder}`")
-            raise ValueError(f"{self.folder} has no {C.EMBEDS_MODEL_NAME}, which prompt-tuning and P-tuning adapters "
-                             f"run through (it was exported by an older version): re-export it with {how}")
         _check_file(path, self.cfg.embeds_bytes, "embeddings graph")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = self._opts.graph_optimization_level

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2_onnx import config as C
-from gpt2_onnx.export import checkpoint
+from gpt2_onnx.export import bottleneck, checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
@@ -80,6 +80,10 @@ def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
         raw = checkpoint.read_safetensors(folder / "adapter_model.safetensors")
     elif (folder / "adapter_model.bin").is_file():
         raw = checkpoint.read_torch_bin(folder / "adapter_model.bin")
+    elif bottleneck.is_adapters_folder(folder):
+        raise ValueError(f"{folder} holds an adapter of the adapters library (AdapterHub), not a peft adapter: its "
+                         "bottleneck adapters become graph nodes at export (gpt2-onnx export BASE --adapter DIR), "
+                         "they do not load at run time")
     else:
         raise ValueError(f"{folder} has neither adapter_model.safetensors nor adapter_model.bin")
     return config, {k.removeprefix(PEFT_PREFIX): np.asarray(v, dtype=np.float32) for k, v in raw.items()}

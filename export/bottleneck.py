@@ -41,8 +41,8 @@ LN_EPS = 1e-5  # nn.LayerNorm's default, which the library's ln_before / ln_afte
 REMEDY = ("of the adapters library, gpt2-onnx exports the bottleneck adapters seq_bn, double_seq_bn and par_bn (as "
           "graph nodes); merge a LoRA there first (model.merge_adapter(NAME), load model.state_dict() without its "
           "'.loras.' tensors into a plain GPT2LMHeadModel, save_pretrained it) and export that checkpoint; of peft, "
-          "LoRA and IA3 adapters are merged at export (--adapter) and prefix-tuning is loaded at run time "
-          "(--prefix-adapter)")
+          "LoRA and IA3 adapters are merged at export (--adapter) or LoRA taken at run time (--lora-slots, --lora), and "
+          "prefix-tuning, prompt-tuning and P-tuning are loaded at run time (--prefix-adapter)")
 # config fields whose math is not a plain bottleneck at the two sites GPT-2 has
 REFUSED = {"phm_layer": "Compacter's PHM layers (phm_layer)", "use_gating": "gating (use_gating, as in UniPELT)",
            "inv_adapter": "invertible adapters on the embeddings (inv_adapter, as in seq_bn_inv)"}

@@ -338,8 +338,11 @@ def _embeds_problem(folder: Path) -> str | None:
     import onnx
 
     path = folder / C.EMBEDS_MODEL_NAME
+    recorded = checkpoint.read_json_object(folder / C.MANIFEST_NAME).get("embeds_bytes", 0)
     if not path.is_file():
-        return None  # an export from before embeds.onnx
+        return f"{path} is missing, which the manifest records ({recorded} bytes)" if recorded else None
+    if path.stat().st_size != recorded:
+        return f"{path} has {path.stat().st_size} bytes but the manifest records {recorded}: the file was changed"
     try:
         model = {t.name: t for t in onnx.load(str(folder / C.MODEL_NAME), load_external_data=False).graph.initializer}
         embeds = onnx.load(str(path), load_external_data=False).graph.initializer
@@ -394,6 +397,7 @@ def read_checkpoint(model: str, dtype: str, quantize: str | None, adapter: str |
         if adapter:
             raise ValueError(f"{ck.folder} already holds the bottleneck adapter {ck.bottleneck.name!r} (saved after "
                              "adapters.init); export it without --adapter, or pass the base checkpoint instead")
+        say(f"applying the bottleneck adapter {ck.bottleneck.name!r} saved in the checkpoint")
         cfg = dataclasses.replace(cfg, adapter=f"{ck.folder}#{ck.bottleneck.name}")
     if lora[0]:
         cfg = dataclasses.replace(cfg, lora_slots=lora[0], max_lora_rank=lora[1])

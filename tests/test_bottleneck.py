@@ -209,7 +209,7 @@ REFUSED = {
     "prelu": ("seq_bn", dict(non_linearity="prelu"), r"non_linearity 'prelu' is not supported \(supported: relu"),
     "lora": ("lora", {}, r"lora adapters of the adapters library are not supported.*merge a LoRA there first"),
     "prefix": ("prefix_tuning", {}, r"prefix_tuning adapters of the adapters library are not supported.*"
-               r"prefix-tuning is loaded at run time"),
+               r"prefix-tuning, prompt-tuning and P-tuning are loaded at run time"),
     "mam": ("mam", {}, r"union adapters of the adapters library are not supported"),
 }
 

@@ -254,21 +254,27 @@ def test_prompt_adapter_for_another_model_is_refused(base, tmp_path):
         engine.load_prefix(tmp_path / "a")
 
 
-def test_an_export_without_embeds_graph_names_the_re_export(base, tmp_path):
+def test_an_export_missing_its_embeds_graph_says_so(base, tmp_path):
     hf, engine = base
     old = tmp_path / "old"
     shutil.copytree(engine.folder, old)
-    (old / C.EMBEDS_MODEL_NAME).unlink()  # as exports made before embeds.onnx
-    manifest = json.loads((old / C.MANIFEST_NAME).read_text())
-    (old / C.MANIFEST_NAME).write_text(json.dumps({k: v for k, v in manifest.items() if k != "embeds_bytes"}))
+    (old / C.EMBEDS_MODEL_NAME).unlink()  # plain use never opens it
     save_prompt_adapter(hf, "prompt-random", tmp_path / "a")
     e = Engine.load(old, provider="cpu")
     assert e.generate(IDS, max_new_tokens=4).token_ids == engine.generate(IDS, max_new_tokens=4).token_ids
-    with pytest.raises(ValueError, match=rf"{old} has no embeds\.onnx, which prompt-tuning and P-tuning adapters run "
-                                         rf"through .*: re-export it with `gpt2-onnx export {manifest['source']} -o "
-                                         rf"{old}`"):
+    with pytest.raises(ValueError, match=rf"{old / C.EMBEDS_MODEL_NAME} not found: the exported folder is incomplete; "
+                                         "re-export"):
         e.load_prefix(tmp_path / "a")
-    assert verify_export(old) is None
+    assert verify_export(old) == f"{old / C.EMBEDS_MODEL_NAME} is missing, which the manifest records " \
+                                 f"({engine.config.embeds_bytes} bytes)"
+
+
+def test_run_embeds_refuses_rows_or_positions_its_cache_lacks(base):
+    _, engine = base
+    E = engine.config.n_embd
+    for shape, rows, length in (((2, 3, E), 1, 4), ((1, 0, E), 1, 4), ((1, 5, E), 1, 4), ((1, 3, E + 1), 1, 4)):
+        with pytest.raises(ValueError, match="input embeddings"):
+            engine.model.run_embeds(engine.model.new_cache(rows, length), np.zeros(shape, np.float32))
 
 
 # ---- the embeddings graph: its weights are model.onnx's, in every export kind --------------------------------
@@ -369,3 +375,13 @@ def test_a_lora_slots_export_runs_prompt_adapters_with_the_adapters_off(base, tm
         engine.generate(IDS, prefix=plain, max_new_tokens=8).token_ids
     assert slots.generate(IDS, prefix=pre, adapter=lora, max_new_tokens=8).token_ids != \
         engine.generate(IDS, prefix=plain, max_new_tokens=8).token_ids
+
+
+def test_an_adapters_library_folder_at_run_time_names_the_export(base, tmp_path):
+    _, engine = base
+    folder = tmp_path / "bn"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"config": {"architecture": "bottleneck"}, "name": "bn"}))
+    with pytest.raises(ValueError, match=r"an adapter of the adapters library .* graph nodes at export "
+                                         r"\(gpt2-onnx export BASE --adapter DIR\)"):
+        engine.load_prefix(folder)
