@@ -156,7 +156,7 @@ def main(argv=None) -> dict:
 def markdown(r: dict) -> str:
     m = r["machine"]
     lines = [f"`{r['command']}`", "",
-             f"{m['cpu']} ({m['cpus']} CPUs), {r['threads']} threads, code {r['code']['commit'][:7]}"
+             f"{m['cpu']} ({m['cpus']} CPUs; {' '.join(m['flags'])}), {r['threads']} threads, code {r['code']['commit'][:7]}"
              f"{' with uncommitted changes' if r['code']['uncommitted'] else ''}.", "",
              f"Decode tok/s of greedy generation ({r['new']} new tokens after a 16-token prompt, ignore_eos), base "
              f"{Path(r['checkpoint']).name} vs the same model with a bottleneck adapter of reduction factor "

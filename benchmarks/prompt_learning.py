@@ -154,7 +154,7 @@ def main() -> None:
 def markdown(r: dict) -> str:
     m, mem = r["machine"], r["rss_mb"]
     lines = [f"`{r['command']}`", "",
-             f"{m['cpu']} ({m['cpus']} CPUs), onnxruntime {r['onnxruntime']} on {r['threads']} threads, code "
+             f"{m['cpu']} ({m['cpus']} CPUs; {' '.join(m['flags'])}), onnxruntime {r['onnxruntime']} on {r['threads']} threads, code "
              f"{r['code']['commit'][:7]}{' with uncommitted changes' if r['code']['uncommitted'] else ''}; "
              f"checkpoint {r['checkpoint']} exported in {r['export_s']} s into a temporary folder: embeds.onnx "
              f"{r['files_bytes'].get('embeds.onnx', 0) / 1024:.0f} KB, its weights those of model.onnx.data "

@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from gpt2_onnx import Engine
+from gpt2_onnx import config as C
 from gpt2_onnx.export import export_model
 
 from helpers import make_checkpoint
@@ -103,7 +104,7 @@ def test_manifest_from_another_version(export_copy):
     m = json.loads((export_copy / "manifest.json").read_text())
     m["format_version"] = 99
     (export_copy / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ValueError, match="format_version 99 but this engine reads format {C.FORMAT_VERSION}"):
+    with pytest.raises(ValueError, match=f"format_version 99 but this engine reads format {C.FORMAT_VERSION}"):
         Engine.load(export_copy)
 
 
