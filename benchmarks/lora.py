@@ -33,6 +33,7 @@ of the CPUs; everything runs in this one process, so compare only the ratios of 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -76,9 +77,13 @@ def make_adapters(ck: Path, work: Path, n: int, rank: int) -> list[Path]:
 
 
 def export_once(ck: Path, out: Path, **options) -> Path:
-    from gpt2_onnx.export import export_model
+    """ck exported into out once per exporter version."""
+    from gpt2_onnx.export import EXPORTER_VERSION, export_model
 
-    return out if (out / "manifest.json").is_file() else export_model(str(ck), out, **options)
+    manifest = out / "manifest.json"
+    if manifest.is_file() and json.loads(manifest.read_text()).get("exporter_version") == EXPORTER_VERSION:
+        return out
+    return export_model(str(ck), out, **options)
 
 
 def batch1(engines: dict, runs: int, new: int, quiet_s: float) -> dict:
