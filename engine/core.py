@@ -17,6 +17,7 @@ from collections.abc import Sequence as Seq
 import numpy as np
 
 from gpt2_onnx.constraints import prefetch
+from gpt2_onnx.errors import InvalidInput
 from gpt2_onnx.groups import BeamSearch
 from gpt2_onnx.model import DecodeStep, Model
 from gpt2_onnx.prefix_cache import PrefixCache, common_prefix
@@ -115,13 +116,20 @@ class Core:
 
     def step(self) -> list[Step]:
         """Admit waiting sequences (prefill), decode one token for the others, release finished rows."""
+        if self.model.lora is None:
+            return self._step()
+        with self.model.lora.lock:  # no LoRA slot is loaded or unloaded during a step
+            return self._step()
+
+    def _step(self) -> list[Step]:
         events: list[Step] = []
         self._drop_cancelled(events)
         for s in self.running:
             if (s.cancelled or self.closing) and not s.done:
                 self._emit(s, s.end("cancelled", s.cancel_error), events)
             elif s.lora is not None and not s.lora.loaded and not s.done:
-                self._fail(s, ValueError(f"LoRA adapter {s.lora.name!r} was unloaded while this request ran"), events)
+                self._fail(s, InvalidInput(f"LoRA adapter {s.lora.name!r} was unloaded while this request ran",
+                                           "adapter"), events)
         self._release()
         before = len(self.running)
         ran = self._admit(events)
@@ -259,7 +267,8 @@ class Core:
             if s.cancelled or self.closing:
                 self._emit(s, s.end("cancelled"), events)
             elif s.lora is not None and not s.lora.loaded:
-                self._fail(s, ValueError(f"LoRA adapter {s.lora.name!r} was unloaded before this request ran"), events)
+                self._fail(s, InvalidInput(f"LoRA adapter {s.lora.name!r} was unloaded before this request ran",
+                                           "adapter"), events)
             elif s.options.max_new_tokens == 0 and s.options.prompt_logprobs is None:
                 self._emit(s, s.end("length"), events)
             else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import onnxruntime as ort
 
@@ -15,6 +17,8 @@ class LoraStacks:
 
     def __init__(self, cfg: C.ModelConfig, device: str):
         self.cfg, self.device = cfg, device
+        # held by a decode step (Core.step) and by load_lora / unload: a slot never changes under a running step
+        self.lock = threading.RLock()
         self.host = {n: np.zeros(shape, cfg.np_dtype) for n, shape in cfg.lora_inputs().items()}
         # on the CPU the OrtValues share the numpy memory; elsewhere the host arrays are copied over at write
         self.values = {n: ort.OrtValue.ortvalue_from_numpy(a) if device == "cpu" else

@@ -228,23 +228,27 @@ class Engine:
             raise ValueError(f"{self.folder} was exported without LoRA slots ({where}: lora_slots 0); re-export the "
                              "base with gpt2-onnx export BASE -o DIR --lora-slots K --max-lora-rank R, or merge this "
                              "adapter at export with --adapter")
-        free = [slot for slot in range(1, K + 1) if slot not in self.loras]
-        if not free:
-            raise ValueError(f"all {K} LoRA slots of {self.folder} hold adapters "
-                             f"({', '.join(a.name for a in self.loras.values())}); unload one (engine.unload) or "
-                             "re-export the base with a larger --lora-slots")
         parts, rank = read_lora_adapter(adapter, self.config)
-        self.model.lora.write(free[0], parts)
-        handle = Lora(name or str(adapter), free[0], rank, model=self.config.weights_digest)
-        self.loras[free[0]] = handle
+        with self.model.lora.lock:  # one slot per load, never written under a running step
+            free = [slot for slot in range(1, K + 1) if slot not in self.loras]
+            if not free:
+                raise ValueError(f"all {K} LoRA slots of {self.folder} hold adapters "
+                                 f"({', '.join(a.name for a in self.loras.values())}); unload one (engine.unload) or "
+                                 "re-export the base with a larger --lora-slots")
+            self.model.lora.write(free[0], parts)
+            handle = Lora(name or str(adapter), free[0], rank, model=self.config.weights_digest)
+            self.loras[free[0]] = handle
         return handle
 
     def unload(self, adapter: Lora) -> None:
         """Free a LoRA adapter's slot (the next load_lora overwrites it); requests still using it end with an
         error at their next step."""
-        self.check_adapter(adapter)
-        adapter.loaded = False
-        del self.loras[adapter.slot]
+        if not isinstance(adapter, Lora):
+            raise InvalidInput(f"unload takes a handle from load_lora(...), got {type(adapter).__name__}", "adapter")
+        with self.model.lora.lock:
+            self.check_adapter(adapter)
+            adapter.loaded = False
+            del self.loras[adapter.slot]
 
     def stream_batch(self, prompts: Sequence[Prompt], *, prefix: Prefix | None = None,
                      adapter: Lora | None = None, **options: Unpack[GenerateKwargs]) -> Iterator[Step]:

@@ -164,6 +164,15 @@ def _lora_parts(shapes: dict, config: dict, tensors: dict[str, np.ndarray], wher
         raise ValueError(f"{where}: the adapter holds no LoRA weights (lora_A / lora_B)")
     r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    checks = (("r", {"": r_default}, (int,)), ("lora_alpha", {"": alpha_default}, (int, float)),
+              ("rank_pattern", rank_pattern, (int,)), ("alpha_pattern", alpha_pattern, (int, float)))
+    for field, values, kinds in checks:  # a hand-edited config: a named error, not a TypeError further on
+        if not isinstance(values, dict) or not all(isinstance(v, kinds) and not isinstance(v, bool)
+                                                   for v in values.values()):
+            what = ("a mapping of module patterns to " if field.endswith("pattern") else "") + \
+                ("integers" if kinds == (int,) else "numbers")
+            raise ValueError(f"{where}: {field} must be {what}, got {config.get(field)!r}; save the adapter again "
+                             "with peft")
     parts_out = []
     for module, name in targets.items():
         parts = modules[module]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -331,3 +332,90 @@ def test_serve_options_refuse_a_name_served_twice(surface):
     options = ServeOptions.from_args({"served_model_name": "base", "lora_adapters": {"base": str(folders["tuned-a"])}})
     with pytest.raises(ValueError, match="lora_adapters name 'base' is the served model's own id"):
         options.served(Engine.load(out, provider="cpu"))
+
+
+def test_concurrent_loads_take_their_own_slots_and_a_step_never_sees_a_half_written_slot(surface, monkeypatch):
+    import threading
+    import time
+
+    import gpt2_onnx.sync_engine as sync_engine
+
+    base, folders, out, _ = surface
+    engine = Engine.load(out, provider="cpu")
+    read = sync_engine.read_lora_adapter
+
+    def slow(*args):  # a slow disk: both loads read at once
+        time.sleep(0.3)
+        return read(*args)
+
+    monkeypatch.setattr(sync_engine, "read_lora_adapter", slow)
+    got = {}
+    threads = [threading.Thread(target=lambda n=n: got.update({n: engine.load_lora(folders[n], name=n)}))
+               for n in ("tuned-a", "tuned-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(h.slot for h in got.values()) == [1, 2] and sorted(a.name for a in engine.loras.values()) == \
+        ["tuned-a", "tuned-b"]
+    for name, handle in got.items():  # each slot holds its own adapter's weights
+        assert engine.generate(IDS, adapter=handle, max_new_tokens=NEW, ignore_eos=True).token_ids == \
+            peft_run(base, folders[name], IDS)[1]
+    lock = engine.model.lora.lock
+    with lock:  # a step in progress: unload waits for it
+        t = threading.Thread(target=engine.unload, args=(got["tuned-a"],))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive() and got["tuned-a"].loaded
+    t.join()
+    assert not got["tuned-a"].loaded
+    with pytest.raises(InvalidInput, match="unload takes a handle from load_lora"):
+        engine.unload(None)
+
+
+def test_unload_during_a_request_is_a_client_error_and_bad_configs_are_named(surface, tmp_path):
+    import httpx
+    from helpers import Server, post
+    from test_cli import cli
+
+    from gpt2_onnx.server import create_app
+
+    _, folders, out, _ = surface
+    engine = Engine.load(out, provider="cpu")
+    handle = engine.load_lora(folders["tuned-a"])
+    core = Core(engine.model, slots=2, max_length=64)
+    running = engine.sequences([IDS], GenerationOptions(max_new_tokens=20, ignore_eos=True), adapter=handle)
+    core.submit(running)
+    core.step()
+    engine.unload(handle)
+    core.step()
+    assert isinstance(running[0].error, InvalidInput) and running[0].error.param == "adapter"
+
+    bad = tmp_path / "bad"
+    shutil.copytree(folders["tuned-a"], bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": "8"}))
+    with pytest.raises(ValueError, match=r"lora_alpha must be numbers, got '8'"):
+        engine.load_lora(bad)
+    r = cli("generate", "hi", "-m", out, "--lora", bad, "-n", 2)
+    assert r.returncode == 2 and "lora_alpha must be numbers" in r.stderr and "Traceback" not in r.stderr
+
+    key = {"authorization": "Bearer k"}
+    s = Server(create_app(Engine.load(out, provider="cpu"), api_key="k"))
+    try:
+        load = lambda name, path: httpx.post(s.url + "/v1/load_lora_adapter", headers=key,  # noqa: E731
+                                             json={"lora_name": name, "lora_path": str(path)})
+        assert load("x", bad).status_code == 400
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:  # the same name twice at once: one is served, the other refused
+            codes = sorted(r.status_code for r in pool.map(lambda p: load("twice", p), folders.values()))
+        assert codes == [200, 400]
+        ids = [m["id"] for m in httpx.get(s.url + "/v1/models", headers=key).json()["data"]]
+        assert ids.count("twice") == 1
+        ask = {"prompt": IDS, "max_tokens": 4, "model": "twice"}
+        assert post(s.url, ask, headers=key).status_code == 200
+        assert httpx.post(s.url + "/v1/unload_lora_adapter", headers=key, json={"lora_name": "twice"}).status_code == 200
+        assert post(s.url, ask, headers=key).status_code == 404
+    finally:
+        s.stop()

@@ -117,26 +117,29 @@ def _runtime_lora(request: Request) -> None:
 @router.post("/v1/load_lora_adapter", dependencies=[Depends(authorized), Depends(_runtime_lora)])
 async def load_lora_adapter(body: LoadLoraRequest, s: Served = Depends(served)):
     """Serve one more LoRA adapter (vLLM's route) as model lora_name, in a free slot of a --lora-slots export."""
-    if body.lora_name in s.models:
-        raise ApiError(400, f"model {body.lora_name!r} is already served; unload it first or choose another name",
-                       "lora_name")
-    try:
-        handle = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: s.llm.engine.load_lora(body.lora_path, name=body.lora_name))
-    except ValueError as e:
-        raise ApiError(400, str(e), "lora_path") from e
-    s.loras[body.lora_name] = handle
+    async with s.lora_lock:  # the name checked, loaded and served as one step
+        if body.lora_name in s.models:
+            raise ApiError(400, f"model {body.lora_name!r} is already served; unload it first or choose another "
+                                "name", "lora_name")
+        try:
+            handle = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: s.llm.engine.load_lora(body.lora_path, name=body.lora_name))
+        except ValueError as e:
+            raise ApiError(400, str(e), "lora_path") from e
+        s.loras[body.lora_name] = handle
     return {"message": f"Success: LoRA adapter '{body.lora_name}' added successfully."}  # vLLM's text, as JSON
 
 
 @router.post("/v1/unload_lora_adapter", dependencies=[Depends(authorized), Depends(_runtime_lora)])
 async def unload_lora_adapter(body: UnloadLoraRequest, s: Served = Depends(served)):
     """Stop serving a LoRA adapter (vLLM's route); its requests still running end with an error."""
-    handle = s.loras.pop(body.lora_name, None)
-    if handle is None:
-        raise ApiError(404, f"no LoRA adapter {body.lora_name!r} is served here; LoRA adapters: {sorted(s.loras)}",
-                       "lora_name", "not_found_error")
-    s.llm.engine.unload(handle)
+    async with s.lora_lock:
+        handle = s.loras.get(body.lora_name)
+        if handle is None:
+            raise ApiError(404, f"no LoRA adapter {body.lora_name!r} is served here; LoRA adapters: "
+                                f"{sorted(s.loras)}", "lora_name", "not_found_error")
+        await asyncio.get_running_loop().run_in_executor(None, s.llm.engine.unload, handle)  # waits for a step
+        del s.loras[body.lora_name]
     return {"message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}
 
 

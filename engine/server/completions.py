@@ -30,6 +30,7 @@ class Served:
     created: int = field(default_factory=lambda: int(time.time()))
     chat_template: str | None = None  # for /v1/chat/completions; None: the model's own
     loras: dict[str, Lora] = field(default_factory=dict)  # served name -> a LoRA adapter of llm.engine
+    lora_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one load or unload route at a time
 
     def __post_init__(self) -> None:
         if self.model_id in self.prefixes:

@@ -8,7 +8,7 @@ MAX_BODY = 1 << 20  # 1 MiB
 # the library's option names as the completions API calls them
 API_NAMES = {"max_new_tokens": "max_tokens", "prompt_logprobs": "logprobs", "min_new_tokens": "min_tokens",
              "num_beams": "use_beam_search",
-             "bad_words_ids": "bad_words", "num_return_sequences": "n"}
+             "bad_words_ids": "bad_words", "num_return_sequences": "n", "adapter": "model"}
 ERRORS = {400: "invalid request (the field is named)", 401: "missing or wrong API key",
           403: "loading LoRA adapters over HTTP on a server without an API key", 404: "unknown model",
           408: "the request's headers or body did not arrive in time", 413: "request body over 1 MiB",
