@@ -28,9 +28,11 @@ class LoraStacks:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.host.values())
 
-    def bind(self, io: ort.IOBinding) -> None:
+    def bind(self, io: ort.IOBinding, inputs: set[str] | None = None) -> None:
+        """Bind every stack (or those among `inputs`, a graph's input names)."""
         for name, value in self.values.items():
-            io.bind_ortvalue_input(name, value)
+            if inputs is None or name in inputs:
+                io.bind_ortvalue_input(name, value)
 
     def write(self, slot: int, parts: dict[str, tuple]) -> None:
         """Put an adapter into `slot` ({GPT-2 prefix: (A (in, r), B (r, out), bias (out,) or None)}, as

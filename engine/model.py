@@ -43,6 +43,13 @@ def _check_file(path: Path, expected: int, what: str) -> None:
                          "or was changed; copy it again or re-export")
 
 
+def _session(path: Path, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(str(path), opts, providers=providers)
+    except Exception as e:
+        raise ValueError(f"onnxruntime could not load {path}: {str(e).strip()[:500]}; re-export the model") from e
+
+
 class Model:
     """model.onnx in an onnxruntime session over KV caches on the session's device.
 
@@ -62,26 +69,16 @@ class Model:
         _check_file(folder / C.COPY_MODEL_NAME, cfg.kv_copy_bytes, "KV copy graph")
         if cfg.external_data:
             _check_file(folder / cfg.external_data, cfg.external_data_bytes, "ONNX weights")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            if threads < 1:
-                raise option_error("threads", f"must be >= 1, got {threads}")
-            opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        # Without this the CPU arena kept ~26 KB per decode step (124M shape: +12.9 MB over 500 steps,
-        # 0.55 MB without it, same tok/s within noise): resident memory must stay flat.
-        opts.enable_cpu_mem_arena = self.provider != "cpu"
-        self._opts = opts
+        if threads is not None and threads < 1:
+            raise option_error("threads", f"must be >= 1, got {threads}")
+        self.threads = threads
+        self._opts = opts = self.session_options()
         if cuda_graph and self.provider != "cuda":
             raise ValueError("cuda_graph=True needs provider='cuda'")
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=[PROVIDERS[self.provider]])
-            # decode steps replay captured CUDA graphs; they need their own session (static shapes only)
-            self.step_session = (ort.InferenceSession(str(path), opts, providers=[
-                (PROVIDERS["cuda"], {"enable_cuda_graph": "1"})]) if cuda_graph else self.session)
-        except Exception as e:
-            raise ValueError(f"onnxruntime could not load {path}: {str(e).strip()[:500]}; re-export the model") from e
+        self.session = _session(path, opts, [PROVIDERS[self.provider]])
+        # decode steps replay captured CUDA graphs; they need their own session (static shapes only)
+        self.step_session = (_session(path, opts, [(PROVIDERS["cuda"], {"enable_cuda_graph": "1"})]) if cuda_graph
+                             else self.session)
         self.cuda_graph = cuda_graph
         self._graph_ids = 0
         self._copy_session: ort.InferenceSession | None = None
@@ -101,6 +98,18 @@ class Model:
         self._check_graph(folder, path)
         # the stacked LoRA adapters of an export with lora_slots (Engine.load_lora writes them)
         self.lora = LoraStacks(cfg, self.device) if cfg.lora_slots else None
+
+    def session_options(self) -> ort.SessionOptions:
+        """Options of this model's sessions: every graph optimization, its threads, quiet logs."""
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads is not None:
+            opts.intra_op_num_threads = self.threads
+        opts.log_severity_level = 3
+        # Without this the CPU arena kept ~26 KB per decode step (124M shape: +12.9 MB over 500 steps,
+        # 0.55 MB without it, same tok/s within noise): resident memory must stay flat.
+        opts.enable_cpu_mem_arena = self.provider != "cpu"
+        return opts
 
     def _check_graph(self, folder: Path, path: Path) -> None:
         """The manifest must describe this graph: its KV and logits shapes and the facts in its metadata."""
@@ -130,14 +139,15 @@ class Model:
             io.bind_input(name_in, self.device, 0, cache.dtype, shape, address)
             io.bind_output(name_out, self.device, 0, cache.dtype, shape, address)
 
-    def bind_lora(self, io: ort.IOBinding, B: int, lora: np.ndarray | None) -> None:
-        """Bind each row's LoRA slot (B,) and the adapter stacks; nothing on an export without slots."""
+    def bind_lora(self, io: ort.IOBinding, B: int, lora: np.ndarray | None, inputs: set[str] | None = None) -> None:
+        """Bind each row's LoRA slot (B,) and the adapter stacks (those among a graph's `inputs`, default all);
+        nothing on an export without slots."""
         if self.lora is None:
             if lora is not None and np.any(lora):
                 raise ValueError("this export has no LoRA slots")
             return
         io.bind_cpu_input(C.LORA_SLOT, np.zeros(B, np.int64) if lora is None else np.asarray(lora, np.int64))
-        self.lora.bind(io)
+        self.lora.bind(io, inputs)
 
     def run(self, cache: KVCache, input_ids: np.ndarray, n_new: np.ndarray, logits_index: np.ndarray, *,
             start: int = 0, logits_rows: np.ndarray | None = None,
@@ -199,12 +209,8 @@ class Model:
         io.bind_cpu_input(C.SEQLENS_K, np.full(B, T - 1, np.int32))
         io.bind_cpu_input(C.TOTAL_SEQUENCE_LENGTH, np.array(T, dtype=np.int32))
         self.bind_kv(io, cache, 0, B)
-        if self.lora is not None:  # an export with LoRA slots: the virtual tokens run on slot 0 (no adapter)
-            names = {i.name for i in session.get_inputs()}  # the last layer's MLP is not in embeds.onnx
-            io.bind_cpu_input(C.LORA_SLOT, np.zeros(B, np.int64))
-            for name, value in self.lora.values.items():
-                if name in names:
-                    io.bind_ortvalue_input(name, value)
+        # an export with LoRA slots: the virtual tokens run on slot 0 (no adapter); embeds.onnx lacks the last MLP's
+        self.bind_lora(io, B, None, inputs={i.name for i in session.get_inputs()})
         session.run_with_iobinding(io)
         cache.lengths[:B] = T
 
@@ -214,16 +220,9 @@ class Model:
         copies with it; one 20-token pass 0.2 s against 0.1 s). Plain use never opens it."""
         path = self.folder / C.EMBEDS_MODEL_NAME
         _check_file(path, self.cfg.embeds_bytes, "embeddings graph")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = self._opts.graph_optimization_level
-        opts.intra_op_num_threads = self._opts.intra_op_num_threads
-        opts.log_severity_level = 3
-        opts.enable_cpu_mem_arena = self._opts.enable_cpu_mem_arena
+        opts = self.session_options()
         opts.add_session_config_entry("session.disable_prepacking", "1")
-        try:
-            session = ort.InferenceSession(str(path), opts, providers=[PROVIDERS[self.provider]])
-        except Exception as e:
-            raise ValueError(f"onnxruntime could not load {path}: {str(e).strip()[:500]}; re-export the model") from e
+        session = _session(path, opts, [PROVIDERS[self.provider]])
         digest = session.get_modelmeta().custom_metadata_map.get("weights_digest")
         if digest != self.cfg.weights_digest:
             raise ValueError(f"{path} belongs to another export (weights {digest}, the manifest's "

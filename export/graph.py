@@ -75,7 +75,7 @@ def build(cfg: C.ModelConfig, w: dict[str, np.ndarray], *, eps: float, attn_scal
     graph nodes after the attention and/or MLP of the layers it adapts (its MatMuls stay in the activation dtype).
     """
     np_dtype = cfg.np_dtype
-    onnx_dtype = TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
+    onnx_dtype = _onnx_dtype(cfg)
     w = pad_heads(cfg, w)
     b = _Builder()
 
@@ -262,7 +262,7 @@ def build_embeds(model: onnx.ModelProto, cfg: C.ModelConfig) -> onnx.ModelProto:
     nodes = [n for n in nodes if n.name in keep]
     used = {i for n in nodes for i in n.input}
     inits = [t for t in g.initializer if t.name in used]
-    onnx_dtype = TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
+    onnx_dtype = _onnx_dtype(cfg)
     inputs = [helper.make_tensor_value_info(C.INPUTS_EMBEDS, onnx_dtype, ["batch", "sequence", cfg.n_embd])]
     inputs += [i for i in g.input if i.name in used]  # position_ids, seqlens_k, total_sequence_length, past KV
     outputs = [o for o in g.output if o.name in set(cfg.present_names())]
@@ -277,7 +277,7 @@ def build_kv_copy(cfg: C.ModelConfig) -> onnx.ModelProto:
     The engine binds src and dst to rows of KV buffers on the session's device, so rows move between
     buffers (prefix reuse, n samples of one prompt, compaction) without a trip through host memory.
     """
-    onnx_dtype = TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
+    onnx_dtype = _onnx_dtype(cfg)
     b = _Builder()
     starts, axes = b.weight("starts", np.array([0], np.int64)), b.weight("axes", np.array([2], np.int64))
     inputs = [helper.make_tensor_value_info(C.COPY_LENGTH, TensorProto.INT64, [1]),
@@ -293,6 +293,11 @@ def build_kv_copy(cfg: C.ModelConfig) -> onnx.ModelProto:
                                                                         cfg.kv_head_size]))
     graph = helper.make_graph(b.nodes, "gpt2_kv_copy", inputs, outputs, initializer=b.inits)
     return _model(graph, [helper.make_opsetid("", OPSET)])
+
+
+def _onnx_dtype(cfg: C.ModelConfig) -> int:
+    """The activation and KV dtype of the graphs."""
+    return TensorProto.FLOAT16 if cfg.dtype == "float16" else TensorProto.FLOAT
 
 
 def _model(graph: onnx.GraphProto, opsets) -> onnx.ModelProto:

@@ -55,6 +55,20 @@ class Server:
         self.thread.join(30)
 
 
+def wait_healthy(url: str, proc, timeout: float, pause: float = 0.2) -> None:
+    """Wait until the server process `proc` answers GET url/health with 200; fails with the tail of its stderr
+    if it exits first or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(pause)
+
+
 def post(url, body, *, timeout=60, **kw):
     """POST /v1/completions with a JSON (or raw bytes) body."""
     return httpx.post(url + "/v1/completions", content=body if isinstance(body, bytes) else json.dumps(body),

@@ -58,6 +58,14 @@ def rows_once(path, key="id") -> dict:
     return by
 
 
+def wait_rows(out, n: int, proc) -> None:
+    """Wait until the job `proc` has written n lines to out (it must still run)."""
+    deadline = time.time() + TIMEOUT
+    while not (out.exists() and out.read_text().count("\n") >= n):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.01)
+
+
 def slow_rows(n: int, tokens: int = 100) -> list[dict]:
     return [{"id": i, "prompt": f"the quick {i}", "max_tokens": tokens, "temperature": 0, "ignore_eos": True}
             for i in range(n)]
@@ -156,10 +164,7 @@ def test_a_second_job_on_the_same_output_is_one_clear_error_and_rows_are_written
     first = subprocess.Popen(batch_args(inp, out, onnx_dir, "--batch-size", "4"), stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + TIMEOUT
-        while not (out.exists() and out.read_text().count("\n") >= 4):
-            assert first.poll() is None and time.time() < deadline, first.stderr.read()[-2000:]
-            time.sleep(0.01)
+        wait_rows(out, 4, first)
         first.send_signal(signal.SIGSTOP)
         try:
             second = cli(*batch_args(inp, out, onnx_dir)[3:])
@@ -233,10 +238,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tiny, tmp_path):
     p = subprocess.Popen(batch_args(inp, out, onnx_dir, "--batch-size", "8"), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + TIMEOUT
-        while not (out.exists() and out.read_text().count("\n") >= 8):
-            assert p.poll() is None and time.time() < deadline, p.stderr.read()[-2000:]
-            time.sleep(0.01)
+        wait_rows(out, 8, p)
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:

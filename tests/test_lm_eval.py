@@ -9,11 +9,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from helpers import wait_healthy
 
 from gpt2_onnx.models import BUNDLED
 
@@ -43,15 +42,7 @@ def test_lm_eval_local_completions_equals_its_hf_backend(tmp_path):
     server = subprocess.Popen([sys.executable, "-m", "gpt2_onnx.cli", "serve", "--port", str(port)], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.time() < deadline, server.stderr.read()[-2000:]
-            time.sleep(0.2)
+        wait_healthy(f"http://127.0.0.1:{port}", server, 300)
         ours = _lm_eval(tmp_path / "remote", env, "--model", "local-completions", "--model_args",
                         f"base_url=http://127.0.0.1:{port}/v1/completions,model=tiny-shakespeare,max_length=256,"
                         "tokenizer_backend=remote,tokenized_requests=True")

@@ -9,11 +9,10 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from helpers import wait_healthy
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TAGS = {"offline", "server", "server-start", "hub", "gpu", "fresh-machine", "no-run"}
@@ -50,15 +49,7 @@ def test_server_blocks_run_against_the_documented_server(env, tmp_path):
     server = subprocess.Popen(["bash", "-c", "exec " + start.split("#")[0].strip()], env=env, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get("http://127.0.0.1:8000/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert server.poll() is None and time.time() < deadline, server.stderr.read()[-2000:]
-            time.sleep(0.2)
+        wait_healthy("http://127.0.0.1:8000", server, 300)
         for lang, tag, code in BLOCKS:
             if tag == "server":
                 r = _run(lang, code, env, tmp_path)

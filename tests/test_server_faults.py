@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpt2_onnx.server import create_app
-from helpers import Server, post
+from helpers import Server, post, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -153,15 +153,7 @@ def test_sigterm_during_16_streams_ends_each_with_done_or_an_error_event(tmp_pat
                                "1", "--threads", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert server.poll() is None and time.time() < deadline, server.stderr.read()[-2000:]
-        time.sleep(0.2)
+    wait_healthy(url, server, 300)
 
     def stream(i: int) -> tuple[list[str], int]:
         lines = []

@@ -16,7 +16,7 @@ import time
 
 import httpx
 import pytest
-from helpers import _free_port, post
+from helpers import _free_port, post, wait_healthy
 
 from gpt2_onnx.server import create_app
 from gpt2_onnx.server.limits import Limits, server
@@ -214,15 +214,7 @@ def test_sigterm_keeps_the_listener_up_answering_503_until_the_requests_in_fligh
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
-            time.sleep(0.1)
+        wait_healthy(url, proc, 60, pause=0.1)
         lines, first = [], threading.Event()
 
         def stream() -> None:  # 100 tokens: 5 s, longer than the grace period
