@@ -259,7 +259,8 @@ ASKS = [  # (method, path, headers, body): every route, and each way create_app 
     ("POST", "/v1/chat/completions", {**JSON, **AUTH}, {"messages": [], "echo": True}),
     ("POST", "/v1/chat/completions", {**JSON, **AUTH}, {"messages": [{"role": "user", "content": "x"}],
                                                        "guided_regex": "a("}),
-    ("POST", "/v1/completions", {**JSON, **AUTH}, {"prompt": "x", "max_tokens": 4, "guided_choice": ["yes", "no"]}),
+    ("POST", "/v1/completions", {**JSON, **AUTH}, {"prompt": "x", "max_tokens": 4, "seed": 5,  # sampled: seeded
+                                                  "guided_choice": ["yes", "no"]}),
 ]
 
 
