@@ -23,8 +23,8 @@ from gpt2_onnx.kv_cache import KVCache
 from gpt2_onnx.lora import LoraStacks
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# <export>/prepacked/<key>/: model.onnx as onnxruntime optimized it on this machine, its data file holding the
-# weights and their prepacked copies, which onnxruntime then maps from the file instead of making on the heap
+# GPT2_ONNX_PREPACKED=1: <export>/prepacked/<key>/, model.onnx as onnxruntime optimized it on this machine, its
+# data file holding the weights and their prepacked copies, which onnxruntime then maps instead of keeping on the heap
 PREPACKED = "prepacked"
 PREPACKED_INFO = "prepacked.json"  # in each key folder: what the key was made of and the files' sizes
 PREPACKED_KEEP = 2  # key folders kept per export (another machine's or onnxruntime's beside this one's)
@@ -171,9 +171,20 @@ class Model:
         return opts
 
     def _prepacked(self, path: Path) -> Path:
-        """This machine's prepacked model.onnx for the export, made if missing (a temp folder renamed into
-        place: concurrent loads each make one and the first rename wins); `path` itself when the export's
-        folder cannot be written (the weights are then prepacked on the heap at each load, as without it)."""
+        """With GPT2_ONNX_PREPACKED=1, this machine's prepacked model.onnx for the export, made if missing (a temp
+        folder renamed into place: concurrent loads each make one and the first rename wins); else, or when the
+        export's folder cannot be written, `path` itself (the weights are prepacked on the heap at each load).
+
+        onnxruntime 1.32 still prepacks each weight at load and then swaps in the mapped copy, so a process's
+        peak RSS grows by its largest weight twice over (124M shape, fp32: 870 MB against 584 MB) while its
+        anonymous memory falls (74 MB against 529 MB): processes that load one export share the packed weights
+        in the page cache (two processes: 329 MB PSS each against 553 MB). Hence off by default."""
+        switch = os.environ.get("GPT2_ONNX_PREPACKED", "0")
+        if switch not in ("0", "1"):
+            raise ValueError(f"GPT2_ONNX_PREPACKED must be 0 (prepack the weights in memory at each load, the default) "
+                             f"or 1 (map this machine's prepacked weights from a file beside the export), got {switch!r}")
+        if switch == "0":
+            return path
         key, facts = prepacked_key(self.folder, self.cfg)
         root = self.folder / PREPACKED
         dst = root / key

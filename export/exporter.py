@@ -497,19 +497,24 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
 def save_with_external_data(proto, onnx_path: Path, data_path: Path) -> None:
     """model.onnx holds the graph, model.onnx.data every weight of 1 KB or more, each at an offset that
     is a multiple of the page size: onnxruntime then maps the file instead of copying it (no second
-    copy of the weights at load, and rows the model never reads are never resident)."""
+    copy of the weights at load, and rows the model never reads are never resident). Initializers with equal
+    bytes (a tied LM head's and the embedding's) are stored once, each pointing at the same place."""
     import onnx
 
+    stored: dict[bytes, int] = {}  # sha256 of the bytes -> their offset
     with open(data_path, "wb") as f:
         for t in proto.graph.initializer:
             if len(t.raw_data) < 1024:
                 continue
-            f.write(b"\0" * (-f.tell() % PAGE))
-            offset = f.tell()
-            f.write(t.raw_data)
+            digest = hashlib.sha256(t.raw_data).digest()
+            if digest not in stored:
+                f.write(b"\0" * (-f.tell() % PAGE))
+                stored[digest] = f.tell()
+                f.write(t.raw_data)
+            offset, length = stored[digest], len(t.raw_data)
             t.ClearField("raw_data")
             t.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(f.tell() - offset))):
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
                 entry = t.external_data.add()
                 entry.key, entry.value = key, value
     onnx.save_model(proto, str(onnx_path))
