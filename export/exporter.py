@@ -17,7 +17,7 @@ import numpy as np
 from gpt2_onnx import config as C
 from gpt2_onnx.errors import option_error
 from gpt2_onnx.export import EXPORTER_VERSION, bottleneck, checkpoint
-from gpt2_onnx.export.graph import build, build_embeds, build_kv_copy
+from gpt2_onnx.export.graph import build, build_embeds, build_kv_copy, lm_head_first
 
 DATA_NAME = "model.onnx.data"
 PAGE = 4096  # external data offsets are multiples of this, so that the file can be memory-mapped
@@ -445,6 +445,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     ck, cfg, eps, scales, quantizer = read_checkpoint(model, dtype, quantize, adapter, say, lora)
     say(f"building graph ({cfg.n_layer} layers, n_embd {cfg.n_embd}, {dtype}{', ' + quantize if quantize else ''})")
     proto = build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer, bottleneck=ck.bottleneck)
+    lm_head_first(proto)
     del ck.weights
 
     try:
