@@ -2,6 +2,10 @@
 
     python -m benchmarks.prepack [--checkpoint DIR] [--quantize none,int8,int4] [--batches 1,8] [--reps 3]
 
+writes benchmarks/results/prepack_file.{json,md} (prepack.json is this module's earlier comparison of heap
+prepacking with none: `--cases heap,unpacked --quantize none`). The variants are exported into the cache as
+Engine.load would (the 124M-shape random-init checkpoint unless --checkpoint).
+
 Each case is a process of its own (peak RSS is per process), interleaved case by case over --reps rounds;
 medians are reported. Cases, per model variant (exported once into the cache):
   heap    GPT2_ONNX_PREPACKED=0: onnxruntime prepacks each MatMul weight into an MLAS layout on the heap
@@ -86,7 +90,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8", help="batch sizes to time")
     ap.add_argument("--reps", type=int, default=3, help="interleaved rounds")
     ap.add_argument("--runs", type=int, default=3, help="timed generations per measurement")
-    ap.add_argument("--name", default="prepack", help="results file stem")
+    ap.add_argument("--name", default="prepack_file", help="results file stem")
     add_out(ap)
     args = ap.parse_args()
     from gpt2_onnx.model import PREPACKED
