@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +23,12 @@ from gpt2_onnx.kv_cache import KVCache
 from gpt2_onnx.lora import LoraStacks
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# GPT2_ONNX_PREPACKED=1: <export>/prepacked/<key>/, model.onnx as onnxruntime optimized it on this machine, its
+# data file holding the weights and their prepacked copies, which onnxruntime then maps instead of keeping on the heap
+PREPACKED = "prepacked"
+PREPACKED_INFO = "prepacked.json"  # in each key folder: what the key was made of and the files' sizes
+PREPACKED_KEEP = 2  # key folders kept per export (another machine's or onnxruntime's beside this one's)
+log = logging.getLogger(__name__)
 
 
 def resolve_provider(provider: str) -> str:
@@ -41,6 +56,40 @@ def _check_file(path: Path, expected: int, what: str) -> None:
     if expected and size != expected:
         raise ValueError(f"{path} has {size} bytes but the manifest says {expected}: the file is truncated "
                          "or was changed; copy it again or re-export")
+
+
+def cpu_features() -> dict[str, str]:
+    """The CPU's architecture, model and instruction-set flags: prepacked weight layouts depend on them."""
+    info = {"machine": platform.machine(), "processor": platform.processor()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():  # the first core's (Linux: "flags" on x86, "Features" on Arm)
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key in ("model name", "flags", "Features", "CPU implementer", "CPU part") and key not in info:
+            info[key] = " ".join(sorted(value.split())) if key in ("flags", "Features") else value
+    return info
+
+
+def prepacked_key(folder: Path, cfg: C.ModelConfig) -> tuple[str, dict]:
+    """(16 hex digits, the facts they hash): onnxruntime's version, the CPU, the export's weights digest,
+    model.onnx's bytes and the identity of its data file (size, mtime, inode: a replaced file gets a new key)."""
+    facts = {"onnxruntime": ort.__version__, **cpu_features(), "weights_digest": cfg.weights_digest,
+             C.MODEL_NAME: hashlib.sha256((folder / C.MODEL_NAME).read_bytes()).hexdigest()}
+    if cfg.external_data:
+        st = (folder / cfg.external_data).stat()
+        facts[cfg.external_data] = f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16], facts
+
+
+def _prepacked_valid(folder: Path) -> bool:
+    """A key folder whose files have the sizes its info file recorded when it was made."""
+    try:
+        sizes = json.loads((folder / PREPACKED_INFO).read_text())["bytes"]
+        return all((folder / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _session(path: Path, opts: ort.SessionOptions, providers: list) -> ort.InferenceSession:
@@ -75,7 +124,17 @@ class Model:
         self._opts = opts = self.session_options()
         if cuda_graph and self.provider != "cuda":
             raise ValueError("cuda_graph=True needs provider='cuda'")
-        self.session = _session(path, opts, [PROVIDERS[self.provider]])
+        # CPU: this machine's prepacked model (made on first load, mapped on later ones), or model.onnx
+        load = self._prepacked(path) if self.provider == "cpu" else path
+        try:
+            self.session = _session(load, opts, [PROVIDERS[self.provider]])
+        except ValueError:
+            if load == path:
+                raise
+            log.warning("%s could not be loaded; loading %s", load, path)
+            shutil.rmtree(load.parent, ignore_errors=True)  # made again by the next load
+            self.session = _session(path, opts, [PROVIDERS[self.provider]])
+        self.prepacked = load if load != path else None  # the prepacked model loaded, or None
         # decode steps replay captured CUDA graphs; they need their own session (static shapes only)
         self.step_session = (_session(path, opts, [(PROVIDERS["cuda"], {"enable_cuda_graph": "1"})]) if cuda_graph
                              else self.session)
@@ -110,6 +169,72 @@ class Model:
         # 0.55 MB without it, same tok/s within noise): resident memory must stay flat.
         opts.enable_cpu_mem_arena = self.provider != "cpu"
         return opts
+
+    def _prepacked(self, path: Path) -> Path:
+        """With GPT2_ONNX_PREPACKED=1, this machine's prepacked model.onnx for the export, made if missing (a temp
+        folder renamed into place: concurrent loads each make one and the first rename wins); else, or when the
+        export's folder cannot be written, `path` itself (the weights are prepacked on the heap at each load).
+
+        onnxruntime 1.32 still prepacks each weight at load and then swaps in the mapped copy, so a process's
+        peak RSS grows by its largest weight twice over (124M shape, fp32: 870 MB against 584 MB) while its
+        anonymous memory falls (74 MB against 529 MB): processes that load one export share the packed weights
+        in the page cache (two processes: 329 MB PSS each against 553 MB). Hence off by default."""
+        switch = os.environ.get("GPT2_ONNX_PREPACKED", "0")
+        if switch not in ("0", "1"):
+            raise ValueError(f"GPT2_ONNX_PREPACKED must be 0 (prepack the weights in memory at each load, the default) "
+                             f"or 1 (map this machine's prepacked weights from a file beside the export), got {switch!r}")
+        if switch == "0":
+            return path
+        key, facts = prepacked_key(self.folder, self.cfg)
+        root = self.folder / PREPACKED
+        dst = root / key
+        if _prepacked_valid(dst):
+            return dst / C.MODEL_NAME
+        try:
+            root.mkdir(exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
+        except OSError as e:
+            log.info("%s cannot be written (%s): weights are prepacked in memory at each load", self.folder,
+                     e.strerror)
+            return path
+        try:
+            shutil.rmtree(dst, ignore_errors=True)  # a damaged one (sizes not as recorded): made again
+            opts = self.session_options()
+            opts.optimized_model_filepath = str(tmp / C.MODEL_NAME)
+            data = C.MODEL_NAME + ".data"
+            for k, v in (("session.optimized_model_external_initializers_file_name", data),
+                         ("session.optimized_model_external_initializers_min_size_in_bytes", "1024"),
+                         ("session.save_external_prepacked_constant_initializers", "1")):
+                opts.add_session_config_entry(k, v)
+            ort.InferenceSession(str(path), opts, providers=[PROVIDERS["cpu"]])  # writes the model, then is dropped
+            sizes = {n: (tmp / n).stat().st_size for n in (C.MODEL_NAME, data) if (tmp / n).exists()}
+            (tmp / PREPACKED_INFO).write_text(json.dumps({**facts, "bytes": sizes}, indent=2) + "\n")
+            os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide it from other users of a shared export
+            os.rename(tmp, dst)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not _prepacked_valid(dst):  # not another load's
+                log.info("no prepacked model for %s (%s): weights are prepacked in memory", self.folder, e)
+                return path
+        except Exception as e:  # onnxruntime's own: loading model.onnx itself reports it
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.info("no prepacked model for %s (%s)", self.folder, str(e).strip()[:200])
+            return path
+        self._prune_prepacked(root, key)
+        return dst / C.MODEL_NAME
+
+    @staticmethod
+    def _prune_prepacked(root: Path, key: str) -> None:
+        """Keep the newest PREPACKED_KEEP key folders (`key` among them) and no temp folder older than an hour
+        (a killed load's)."""
+        try:
+            folders = sorted(((f.stat().st_mtime, f) for f in root.iterdir() if f.is_dir()), reverse=True)
+        except OSError:  # a folder removed meanwhile by another load: the next load prunes
+            return
+        keys = [f for _, f in folders if not f.name.startswith(".") and f.name != key]
+        old = keys[PREPACKED_KEEP - 1:] + [f for t, f in folders if f.name.startswith(".tmp-") and time.time() - t > 3600]
+        for f in old:
+            shutil.rmtree(f, ignore_errors=True)
 
     def _check_graph(self, folder: Path, path: Path) -> None:
         """The manifest must describe this graph: its KV and logits shapes and the facts in its metadata."""

@@ -17,7 +17,7 @@ import numpy as np
 from gpt2_onnx import config as C
 from gpt2_onnx.errors import option_error
 from gpt2_onnx.export import EXPORTER_VERSION, bottleneck, checkpoint
-from gpt2_onnx.export.graph import build, build_embeds, build_kv_copy
+from gpt2_onnx.export.graph import build, build_embeds, build_kv_copy, lm_head_first
 
 DATA_NAME = "model.onnx.data"
 PAGE = 4096  # external data offsets are multiples of this, so that the file can be memory-mapped
@@ -445,6 +445,7 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
     ck, cfg, eps, scales, quantizer = read_checkpoint(model, dtype, quantize, adapter, say, lora)
     say(f"building graph ({cfg.n_layer} layers, n_embd {cfg.n_embd}, {dtype}{', ' + quantize if quantize else ''})")
     proto = build(cfg, ck.weights, eps=eps, attn_scales=scales, quantize=quantizer, bottleneck=ck.bottleneck)
+    lm_head_first(proto)
     del ck.weights
 
     try:
@@ -497,19 +498,24 @@ def export_model(model: str, out: str | Path, *, dtype: str = "float32", quantiz
 def save_with_external_data(proto, onnx_path: Path, data_path: Path) -> None:
     """model.onnx holds the graph, model.onnx.data every weight of 1 KB or more, each at an offset that
     is a multiple of the page size: onnxruntime then maps the file instead of copying it (no second
-    copy of the weights at load, and rows the model never reads are never resident)."""
+    copy of the weights at load, and rows the model never reads are never resident). Initializers with equal
+    bytes (a tied LM head's and the embedding's) are stored once, each pointing at the same place."""
     import onnx
 
+    stored: dict[bytes, int] = {}  # sha256 of the bytes -> their offset
     with open(data_path, "wb") as f:
         for t in proto.graph.initializer:
             if len(t.raw_data) < 1024:
                 continue
-            f.write(b"\0" * (-f.tell() % PAGE))
-            offset = f.tell()
-            f.write(t.raw_data)
+            digest = hashlib.sha256(t.raw_data).digest()
+            if digest not in stored:
+                f.write(b"\0" * (-f.tell() % PAGE))
+                stored[digest] = f.tell()
+                f.write(t.raw_data)
+            offset, length = stored[digest], len(t.raw_data)
             t.ClearField("raw_data")
             t.data_location = onnx.TensorProto.EXTERNAL
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(f.tell() - offset))):
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(length))):
                 entry = t.external_data.add()
                 entry.key, entry.value = key, value
     onnx.save_model(proto, str(onnx_path))
