@@ -94,7 +94,7 @@ class Served:
         self.url = f"http://127.0.0.1:{self.port}"
         try:
             wait_healthy(self.url, self.proc, timeout=timeout, what=what, tail=self.tail)
-        except SystemExit:
+        except BaseException:  # did not start, or interrupted: nothing of it is left running
             self._signal(signal.SIGKILL)
             raise
         self.startup_s = time.perf_counter() - t
@@ -301,12 +301,13 @@ def prepare_anchors(args, ck: Path) -> None:
         if args.llama_server:
             binary = llama_server()
             gguf(ck, "f32")
-            args.anchor_versions["llama-server"] = subprocess.run(
-                [str(binary), "--version"], capture_output=True, text=True, check=False).stderr.strip().splitlines()[0]
+            out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False).stderr
+            first = (out.splitlines() or ["version unknown"])[0].removeprefix("version: ")
+            args.anchor_versions["llama-server"] = f"llama.cpp {first}, vendored in {binary.parents[2].name}"
         if args.vllm:
             vllm_python()
     except Unavailable as e:
-        raise SystemExit(f"cannot run the anchor: {e}") from None
+        raise SystemExit(f"an anchor cannot run here: {e}") from None
 
 
 def shared_prefix(args) -> dict:
