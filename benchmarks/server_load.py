@@ -198,7 +198,7 @@ class LlamaServed(Served):
             cmd = [str(llama_server()), "-m", str(gguf(ck, qtype)), "--host", "127.0.0.1", "--port", str(self.port),
                    "-np", str(max_batch), "-c", str(max_batch * ctx), "-t", str(threads), "-tb", str(threads), *extra]
             try:
-                self._start(cmd, None, 300, "llama-server " + " ".join(extra))
+                self._start(cmd, None, 300, " ".join(["llama-server", *extra]))
                 break
             except SystemExit:
                 if extra or self.proc.returncode is None or self.proc.returncode >= 0:
