@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import onnxruntime as ort
 
 from gpt2_onnx.config import ModelConfig
+
+
+def small_pages(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """Zeros in anonymous memory kept off transparent huge pages (where the OS has them).
+
+    A row uses a prefix of each head's (max_length, kv_head_size) block, so only the pages it writes
+    should become resident. numpy advises huge pages for large arrays: a row's first write then faulted
+    in whole 2 MB pages (124M shape, 64 rows of 1024: +4.6 GB resident and 12.7 s for the first 32-token
+    prefill of every row, against +176 MB and 2.3 s on 4 KB pages; decode no slower).
+    """
+    count = int(np.prod(shape))
+    if not hasattr(mmap, "MADV_NOHUGEPAGE") or count == 0:  # no transparent huge pages to keep off here
+        return np.zeros(shape, dtype)
+    buf = mmap.mmap(-1, count * np.dtype(dtype).itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 class KVCache:
@@ -29,7 +47,7 @@ class KVCache:
         self.dtype = cfg.np_dtype
         self.host_reads = 0  # copies of whole buffers to host memory (tests check that serving makes none)
         if device == "cpu":
-            self._host = [np.zeros(self.shape, self.dtype) for _ in range(2 * cfg.n_layer)]
+            self._host = [small_pages(self.shape, self.dtype) for _ in range(2 * cfg.n_layer)]
             self.values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._host]  # shares the numpy memory
         else:  # positions past a row's length are never read, so device memory needs no clearing
             self._host = None

@@ -489,3 +489,26 @@ def test_fifo_order_holds_within_one_request(tiny):
         core.step()
         order += [s.row for s in core.running if s.row not in order]
     assert order == sorted(order)
+
+
+def _rss_mb() -> float:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS")).split()[1]) / 1024
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_NOHUGEPAGE"), reason="no transparent huge pages here")
+def test_a_kv_pool_is_resident_only_where_rows_were_written(bundled_onnx):
+    """Rows use a prefix of each head's block: a pool of 256 rows x n_positions, 32 rows of it prefilled
+    with 8 tokens, grows resident memory by those pages, not by the pool (2 MB huge pages made it ~0.8 GB)."""
+    engine = Engine.load(bundled_onnx, provider="cpu")
+    cache = engine.model.new_cache(256, engine.config.n_positions)
+    assert cache.nbytes > 700 * 2**20
+    before = _rss_mb()
+    ids = np.arange(8, dtype=np.int64)[None] + 100
+    for row in range(0, 256, 8):
+        engine.model.run(cache, ids, np.array([8]), np.array([[7]]), start=row)
+    grew = _rss_mb() - before
+    assert grew < 64, f"resident memory grew by {grew:.0f} MB for 32 rows of 8 tokens"
+    ref = engine.model.new_cache(1, 8)
+    engine.model.run(ref, ids, np.array([8]), np.array([[7]]))
+    for a, b in zip(cache.host_arrays(), ref.host_arrays()):  # each row holds exactly its own KV
+        np.testing.assert_array_equal(a[248, :, :8], b[0, :, :8])
