@@ -1,6 +1,6 @@
 """AsyncEngine: one generation core shared by any number of threads and asyncio tasks in this process.
 
-    llm = AsyncEngine.load()                                   # or AsyncEngine(engine, max_batch=16)
+    llm = AsyncEngine.load()                                   # or AsyncEngine(engine, max_batch=32)
     request = llm.submit("ROMEO:", GenerationOptions(max_new_tokens=20))
     for step in request: ...                                   # or: async for step in request
     results = request.result()                                 # or: results = await request
@@ -32,6 +32,12 @@ from gpt2_onnx.types import GenerationOptions, GenerationResult, Lora, Prefix, S
 if TYPE_CHECKING:
     from gpt2_onnx.sequence import Sequence as Seq
     from gpt2_onnx.sync_engine import Engine, Prompt
+
+
+# KV rows decoded together when max_batch is not given. CPU: throughput still grows from 16 to 64 rows
+# (benchmarks/results/server_anchors.md) and the pool is resident only where rows are written; a GPU's pool
+# is allocated whole on the device at start, so it stays at 16 there.
+MAX_BATCH = {"cpu": 64, "cuda": 16}
 
 
 def _wake(future: asyncio.Future) -> None:
@@ -213,8 +219,10 @@ class AsyncEngine:
 
     POLL_S = 0.5  # the step thread's longest sleep: a dropped request (flags only, no lock) is seen within it
 
-    def __init__(self, engine: Engine, *, max_batch: int = 16, max_queue: int = 256, prefix_cache_mb: float = 512,
-                 buffer: int = 16, read_timeout: float | None = None):
+    def __init__(self, engine: Engine, *, max_batch: int | None = None, max_queue: int = 256,
+                 prefix_cache_mb: float = 512, buffer: int = 16, read_timeout: float | None = None):
+        if max_batch is None:
+            max_batch = MAX_BATCH[engine.model.device]
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0), ("buffer", buffer, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise InvalidInput(f"must be >= {low}, got {value!r}", name, lead=True)
@@ -234,7 +242,7 @@ class AsyncEngine:
         self.thread.start()
 
     @classmethod
-    def load(cls, model: str | None = None, *, max_batch: int = 16, max_queue: int = 256,
+    def load(cls, model: str | None = None, *, max_batch: int | None = None, max_queue: int = 256,
              prefix_cache_mb: float = 512, buffer: int = 16, read_timeout: float | None = None,
              **load_options) -> "AsyncEngine":
         """Engine.load(model, **load_options) behind an AsyncEngine."""

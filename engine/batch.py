@@ -376,7 +376,7 @@ class BatchWorker:
     class, and the in-process runner's. A batch is {"row": array of raw JSON lines}; so is what it returns."""
 
     def __init__(self, model: str | None = None, *, provider: str = "auto", threads: int | None = None,
-                 max_batch: int = 16, prefix_cache_mb: float = 512, loras: dict[str, str] | None = None):
+                 max_batch: int | None = None, prefix_cache_mb: float = 512, loras: dict[str, str] | None = None):
         from gpt2_onnx import AsyncEngine, Engine
         from gpt2_onnx.server.completions import Served
 
@@ -510,11 +510,11 @@ class BatchWorker:
             self.loop.close()
 
 
-def prepare(input_path: Path, output_path: Path, *, batch_size: int = 64, max_batch: int = 16,
+def prepare(input_path: Path, output_path: Path, *, batch_size: int = 64, max_batch: int | None = None,
             replicas: int | None = None, ray_address: str | None = None) -> Job:
     """Check the options and INPUT, cut a torn last line off OUTPUT: what is left to do. ValueError if bad."""
     for name, value in (("batch_size", batch_size), ("max_batch", max_batch), ("replicas", replicas)):
-        if (value is not None or name != "replicas") and (isinstance(value, bool) or not isinstance(value, int)
+        if (value is not None or name == "batch_size") and (isinstance(value, bool) or not isinstance(value, int)
                                                          or value < 1):
             raise option_error(name, f"must be an integer >= 1, got {value!r}")
     if ray_address is not None and replicas is None:
@@ -525,7 +525,7 @@ def prepare(input_path: Path, output_path: Path, *, batch_size: int = 64, max_ba
 
 
 def execute(job: Job, output_path: Path, *, model: str | None = None, provider: str = "auto",
-            threads: int | None = None, max_batch: int = 16, prefix_cache_mb: float = 512, batch_size: int = 64,
+            threads: int | None = None, max_batch: int | None = None, prefix_cache_mb: float = 512, batch_size: int = 64,
             replicas: int | None = None, ray_address: str | None = None,
             progress: Callable[[int, int], None] | None = None, loras: dict[str, str] | None = None) -> Output:
     """Answer the job's pending rows into OUTPUT: here (replicas None) or on Ray Data with `replicas` actors.
@@ -578,7 +578,7 @@ def answer_refused(row: dict) -> dict:
 
 
 def run(input_path: Path, output_path: Path, *, model: str | None = None, provider: str = "auto",
-        threads: int | None = None, max_batch: int = 16, prefix_cache_mb: float = 512, batch_size: int = 64,
+        threads: int | None = None, max_batch: int | None = None, prefix_cache_mb: float = 512, batch_size: int = 64,
         replicas: int | None = None, ray_address: str | None = None,
         progress: Callable[[int, int], None] | None = None, loras: dict[str, str] | None = None) -> Output:
     """Answer every row of INPUT not yet in OUTPUT (prepare, then execute)."""

@@ -383,7 +383,8 @@ def serve(ctx: typer.Context, model: Optional[str] = typer.Option(None, "-m", "-
                                                      "/tokenizer_info (printable ASCII)"),
           served_model_name: Optional[str] = typer.Option(None, help="model id clients send (default: the "
                                                                      "model's name, e.g. tiny-shakespeare or gpt2)"),
-          max_batch: int = typer.Option(16, help="sequences decoded together (KV rows)"),
+          max_batch: Optional[int] = typer.Option(None, help="sequences decoded together (KV rows) [default: 64 on "
+                                                             "the CPU, 16 on CUDA]"),
           max_queue: int = typer.Option(256, help="waiting sequences before 429"),
           prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
           prefix_adapter: Optional[list[str]] = typer.Option(None, help="NAME=DIR: a peft prefix-tuning, "
@@ -508,7 +509,8 @@ def batch(input: Path = typer.Argument(..., help="JSONL: one {\"id\": ..., \"pro
           ray_address: Optional[str] = typer.Option(None, help="Ray cluster for --replicas (default: start a local "
                                                                "Ray instance)"),
           batch_size: int = typer.Option(64, help="rows per batch (written and flushed together)"),
-          max_batch: int = typer.Option(16, help="sequences decoded together per engine (KV rows)"),
+          max_batch: Optional[int] = typer.Option(None, help="sequences decoded together per engine (KV rows) "
+                                                             "[default: 64 on the CPU, 16 on CUDA]"),
           prefix_cache_mb: float = typer.Option(512, help="memory for the automatic prefix cache (0 = off)"),
           lora: Optional[list[str]] = typer.Option(None, "--lora", help="NAME=DIR: a peft LoRA adapter rows choose by "
                                                                        "\"model\": NAME (repeatable; an export with "

@@ -328,7 +328,7 @@ def test_the_package_imports_without_ray_and_batch_does_not_import_it():
 def test_two_replicas_and_the_ingress_fit_two_cpus():
     o = ServeOptions(replicas=2, threads=1)
     r, i = o.replica_deployment(), o.ingress_deployment()
-    assert r["num_replicas"] == 2 and r["max_ongoing_requests"] == o.max_batch
+    assert r["num_replicas"] == 2 and r["max_ongoing_requests"] == o.rows == 64  # max_batch: the CPU default
     assert 2 * r["ray_actor_options"]["num_cpus"] + i["ray_actor_options"]["num_cpus"] <= 2
     a = ServeOptions(replicas=2, min_replicas=1, max_replicas=4, target_ongoing_requests=6).replica_deployment()
     assert "num_replicas" not in a and a["autoscaling_config"] == {

@@ -280,7 +280,7 @@ def body_fields() -> dict[str, list[str]]:
     return out
 
 
-def create_app(engine, *, model_id: str | None = None, api_key: str | None = None, max_batch: int = 16,
+def create_app(engine, *, model_id: str | None = None, api_key: str | None = None, max_batch: int | None = None,
                max_queue: int = 256, shutdown_timeout: float = 10.0, prefix_cache_mb: float = 512,
                prefixes: dict[str, Prefix] | None = None, read_timeout: float | None = 60.0,
                chat_template: str | None = None, metrics_auth: bool = False,

@@ -68,7 +68,8 @@ class ServeOptions:
     ray_address: str | None = None  # the Ray cluster to deploy on [default: a local Ray instance]
     served_model_name: str | None = None
     api_key: str | None = None  # None: the replica's $GPT2_ONNX_API_KEY if set, else no authentication
-    max_batch: int = 16  # KV rows per replica; also the requests Ray lets a replica run at once
+    max_batch: int | None = None  # KV rows per replica; also the requests Ray lets a replica run at once
+    #                               [default: AsyncEngine's, 64 on the CPU, 16 on CUDA]
     max_queue: int = 256  # requests waiting for a replica before 429
     prefix_cache_mb: float = 512
     prefix_adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft prefix/prompt/P-tuning folder
@@ -202,16 +203,23 @@ class ServeOptions:
         template = read_template(self.chat_template) if self.chat_template is not None else None
         return Served(llm, model_id, prefixes, chat_template=template, loras=loras)
 
+    @property
+    def rows(self) -> int:
+        """KV rows per replica: max_batch, or the engine's default for the provider asked for."""
+        from gpt2_onnx.async_engine import MAX_BATCH
+
+        return self.max_batch or MAX_BATCH["cuda" if self.provider == "cuda" else "cpu"]
+
     def replica_deployment(self) -> dict:
         """serve.deployment() options of the replicas."""
-        kw = dict(ray_actor_options={"num_cpus": actor_cpus(self.replica_threads, self.replica_cpus)}, max_ongoing_requests=self.max_batch,
+        kw = dict(ray_actor_options={"num_cpus": actor_cpus(self.replica_threads, self.replica_cpus)}, max_ongoing_requests=self.rows,
                   max_queued_requests=self.max_queue, graceful_shutdown_timeout_s=self.grace_period,
                   graceful_shutdown_wait_loop_s=min(self.grace_period, 0.5) or 0.1)
         if self.autoscaling:
             lo, hi = self.bounds()
             kw["autoscaling_config"] = {
                 "min_replicas": lo, "max_replicas": hi, "initial_replicas": self.replicas,
-                "target_ongoing_requests": self.target_ongoing_requests or max(self.max_batch / 2, 1)}
+                "target_ongoing_requests": self.target_ongoing_requests or max(self.rows / 2, 1)}
         else:
             kw["num_replicas"] = self.replicas
         return kw
@@ -220,7 +228,7 @@ class ServeOptions:
         """serve.deployment() options of the ingress: it holds only coroutines waiting on replicas."""
         most = self.bounds()[1]
         return dict(num_replicas=1, ray_actor_options={"num_cpus": self.ingress_cpus},
-                    max_ongoing_requests=max(1024, self.max_queue + 2 * self.max_batch * most))
+                    max_ongoing_requests=max(1024, self.max_queue + 2 * self.rows * most))
 
 
 _NAMES = [f.name for f in fields(ServeOptions)]
