@@ -1,7 +1,7 @@
 """Hugging Face GPT-2 checkpoint -> ONNX model folder (model.onnx, kv_copy.onnx, embeds.onnx, manifest.json,
 tokenizer.json)."""
 
-EXPORTER_VERSION = "0.7.0"  # part of the export cache key: bump when exports change
+EXPORTER_VERSION = "0.8.0"  # part of the export cache key: bump when exports change
 
 __all__ = ["export_model", "EXPORTER_VERSION"]
 
