@@ -15,6 +15,7 @@ and the Ray replicas are clients of this class.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import threading
 import time
 import weakref
@@ -35,9 +36,9 @@ if TYPE_CHECKING:
 
 
 # KV rows decoded together when max_batch is not given. CPU: throughput still grows from 16 to 64 rows
-# (benchmarks/results/server_anchors.md) and the pool is resident only where rows are written; a GPU's pool
-# is allocated whole on the device at start, so it stays at 16 there.
-MAX_BATCH = {"cpu": 64, "cuda": 16}
+# (benchmarks/results/server_anchors.md) and on Linux the pool is resident only where rows are written
+# (kv_cache.small_pages); elsewhere, and on a GPU, whose pool is allocated whole at start, it stays at 16.
+MAX_BATCH = {"cpu": 64 if hasattr(mmap, "MADV_NOHUGEPAGE") else 16, "cuda": 16}
 
 
 def _wake(future: asyncio.Future) -> None:

@@ -22,7 +22,10 @@ def small_pages(shape: tuple[int, ...], dtype) -> np.ndarray:
     if not hasattr(mmap, "MADV_NOHUGEPAGE") or count == 0:  # no transparent huge pages to keep off here
         return np.zeros(shape, dtype)
     buf = mmap.mmap(-1, count * np.dtype(dtype).itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_NOHUGEPAGE)
+    try:
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    except OSError:  # EINVAL: a kernel built without transparent huge pages, nothing to keep off
+        pass
     return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 

@@ -132,7 +132,8 @@ class Model:
             if load == path:
                 raise
             log.warning("%s could not be loaded; loading %s", load, path)
-            shutil.rmtree(load.parent, ignore_errors=True)  # made again by the next load
+            if not _prepacked_valid(load.parent):  # damaged: made again by the next load (a valid one may be
+                shutil.rmtree(load.parent, ignore_errors=True)  # another process's, failing here for want of memory)
             self.session = _session(path, opts, [PROVIDERS[self.provider]])
         self.prepacked = load if load != path else None  # the prepacked model loaded, or None
         # decode steps replay captured CUDA graphs; they need their own session (static shapes only)
@@ -198,7 +199,8 @@ class Model:
                      e.strerror)
             return path
         try:
-            shutil.rmtree(dst, ignore_errors=True)  # a damaged one (sizes not as recorded): made again
+            if dst.exists() and not _prepacked_valid(dst):  # a damaged one (sizes not as recorded): made again
+                shutil.rmtree(dst, ignore_errors=True)  # (not one another load has just renamed into place)
             opts = self.session_options()
             opts.optimized_model_filepath = str(tmp / C.MODEL_NAME)
             data = C.MODEL_NAME + ".data"

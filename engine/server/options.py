@@ -205,10 +205,12 @@ class ServeOptions:
 
     @property
     def rows(self) -> int:
-        """KV rows per replica: max_batch, or the engine's default for the provider asked for."""
+        """KV rows per replica: max_batch, or the engine's default on the provider the replicas resolve (auto:
+        CUDA where this machine's onnxruntime offers it, as on the replicas of one image)."""
         from gpt2_onnx.async_engine import MAX_BATCH
+        from gpt2_onnx.model import resolve_provider
 
-        return self.max_batch or MAX_BATCH["cuda" if self.provider == "cuda" else "cpu"]
+        return self.max_batch or MAX_BATCH[self.provider if self.provider != "auto" else resolve_provider("auto")]
 
     def replica_deployment(self) -> dict:
         """serve.deployment() options of the replicas."""
