@@ -69,7 +69,7 @@ class ServeOptions:
     served_model_name: str | None = None
     api_key: str | None = None  # None: the replica's $GPT2_ONNX_API_KEY if set, else no authentication
     max_batch: int | None = None  # KV rows per replica; also the requests Ray lets a replica run at once
-    #                               [default: AsyncEngine's, 64 on the CPU, 16 on CUDA]
+    #                               [default: AsyncEngine's, 64 on a Linux CPU, else 16]
     max_queue: int = 256  # requests waiting for a replica before 429
     prefix_cache_mb: float = 512
     prefix_adapters: dict[str, str] = field(default_factory=dict)  # served name -> peft prefix/prompt/P-tuning folder
