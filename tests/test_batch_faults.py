@@ -233,9 +233,9 @@ def test_enospc_mid_job_keeps_the_rows_written_and_the_rerun_finishes(tiny, tmp_
 # ---- Ctrl-C -----------------------------------------------------------------------------------------------
 def test_ctrl_c_is_one_line_exit_130_and_the_rerun_resumes(tiny, tmp_path):
     _, _, _, onnx_dir = tiny
-    rows = slow_rows(300, tokens=100)  # 4 rows at a time: seconds of work, so the signal lands mid-job
+    rows = slow_rows(300, tokens=30)
     inp, out = write_rows(tmp_path / "in.jsonl", rows), tmp_path / "out.jsonl"
-    p = subprocess.Popen(batch_args(inp, out, onnx_dir, "--batch-size", "8", "--max-batch", "4"), stdout=subprocess.DEVNULL,
+    p = subprocess.Popen(batch_args(inp, out, onnx_dir, "--batch-size", "8"), stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
     try:
         wait_rows(out, 8, p)
